@@ -1,0 +1,59 @@
+"""Every on-disk name and folder layout of the pipeline, defined once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# --- activation store (one folder per hook point) -------------------------------------------
+MANIFEST = "manifest.json"
+STORE_FORMAT_VERSION = 1
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def tmp_name(final: Path) -> Path:
+    """Where a file is written before the atomic rename to `final`."""
+    return final.with_name(final.name + ".tmp")
+
+
+def store_dir(out_dir: Path, hook_name: str) -> Path:
+    """Folder of the store for one hook point; `:` and `/` of module hooks become safe characters."""
+    safe = hook_name.replace("/", "_").replace(":", "__")
+    return Path(out_dir) / safe
+
+
+# --- SAE run folders ------------------------------------------------------------------------
+RUN_CONFIG = "config.json"
+CHECKPOINTS = "checkpoints"
+FINAL_SAE = "sae"
+SAE_WEIGHTS = "sae.safetensors"
+SAE_CONFIG = "config.json"
+TRAIN_STATE = "state.safetensors"  # optimizer moments
+TRAIN_META = "state.json"  # step, tokens, RNG and reader position
+TRAIN_LOG = "train_log.jsonl"
+EVAL = "eval"
+METRICS = "metrics.json"
+DENSITY_PLOT = "feature_density.png"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:09d}"
+
+
+# --- sweeps ---------------------------------------------------------------------------------
+SWEEP_TABLE_CSV = "sweep.csv"
+SWEEP_TABLE_MD = "sweep.md"
+PARETO_LOSS_PLOT = "pareto_l0_loss_recovered.png"
+PARETO_FVU_PLOT = "pareto_l0_fvu.png"
+
+
+# --- embedded default assets ----------------------------------------------------------------
+def cache_root() -> Path:
+    """Where fetched wheels and converted assets live (override with SAE_PIPELINE_CACHE)."""
+    env = os.environ.get("SAE_PIPELINE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sae_pipeline"
