@@ -229,8 +229,8 @@ def run(cfg: DictConfig) -> list[Path]:
 register_configs()
 
 
-@report_user_errors
 @hydra.main(version_base="1.3", config_path="conf", config_name="harvest")
+@report_user_errors  # inside hydra.main, which would otherwise report the error with its own wrapper
 def main(cfg: DictConfig) -> None:
     OmegaConf.resolve(cfg)
     run(cfg)

@@ -54,6 +54,9 @@ def load_model(model_cfg: Any, device: str | torch.device = "auto"):
 
     `model_cfg` is a ModelConfig, a DictConfig or the plain dict a store manifest records."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars are the ones that matter
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
     name = _get(model_cfg, "name")

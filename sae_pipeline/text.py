@@ -45,8 +45,8 @@ def _load_split(data_cfg: Any, split: str):
             split=split,
             streaming=bool(_get(data_cfg, "streaming", False)),
         )
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except Exception as err:  # datasets raises many types (missing files, empty files, hub errors)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "no rows could be read"
         raise UserError(
             f"could not load data.name={_get(data_cfg, 'name')!r} split {split!r} ({first})"
         ) from None

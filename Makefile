@@ -1,0 +1,69 @@
+# sae_pipeline — `make help` lists every target. `make demo` and `make test` set themselves up.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch stays small; a GPU user runs `make setup TORCH_SPEC=torch` (a CUDA build)
+# or installs torch before `make setup` (an installed torch is kept).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+ROOT ?= runs
+DEMO_STORE := $(ROOT)/stores/smollm2-135m/shakespeare/blocks.9.hook_resid_post
+DEMO_RUN := $(ROOT)/demo/topk
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export WANDB_SILENT ?= true
+
+.PHONY: help setup assets demo sweep test test-fast lint format bench clean distclean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv, install everything, fetch the embedded model and text
+	$(PY) -m sae_pipeline.assets
+
+assets: $(STAMP) ## fetch and convert the embedded model and text only
+	$(PY) -m sae_pipeline.assets
+
+demo: setup ## the main job: harvest -> train -> eval on the embedded default (CPU: a few minutes)
+	$(VENV)/bin/sae-harvest paths.root=$(ROOT) harvest.n_tokens=200000
+	$(VENV)/bin/sae-train paths.root=$(ROOT) store=$(DEMO_STORE) sae=topk train=demo train.run_dir=$(DEMO_RUN) train.overwrite=true
+	$(VENV)/bin/sae-eval paths.root=$(ROOT) sae_path=$(DEMO_RUN)
+
+sweep: setup ## a small L1 sweep (Hydra multirun) on the embedded default, then its Pareto table and plots
+	$(VENV)/bin/sae-harvest paths.root=$(ROOT) harvest.n_tokens=200000
+	$(VENV)/bin/sae-train -m paths.root=$(ROOT) store=$(DEMO_STORE) sae=relu train=demo \
+		sae.l1_coefficient=1,3,10,30 hydra.sweep.dir=$(ROOT)/sweeps/demo-relu
+	$(VENV)/bin/sae-eval paths.root=$(ROOT) sae_path=$(ROOT)/sweeps/demo-relu
+
+test: setup ## the test suite CI runs (unit tests, CLI tests, one end-to-end run on SmolLM2)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP) ## the tests without the end-to-end SmolLM2 ones
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP) ## ruff lint and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP) ## apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+bench: setup ## benchmarks: harvest early exit, SAE training roofline, reader throughput
+	$(PY) scripts/bench_harvest.py
+	$(PY) scripts/bench_sae.py
+	$(PY) scripts/bench_train.py
+
+clean: ## remove outputs and caches of this checkout (keeps .venv and the asset cache)
+	rm -rf $(ROOT) outputs multirun wandb .pytest_cache .ruff_cache
+
+distclean: clean ## also remove the virtual environment
+	rm -rf $(VENV)
