@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).parent / "conf"
 
@@ -91,3 +91,17 @@ def register_configs() -> None:
 def to_container(cfg: DictConfig) -> dict:
     """A plain, fully resolved dict (for manifests, config.json and W&B)."""
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
+
+
+def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose a stage's config without the command line (notebooks, tests, benchmarks).
+
+    Example: `harvest.run(compose("harvest", ["hook.layer=3"]))`.
+    `hydra:` interpolations are not available this way; every stage has a plain default for them.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    register_configs()
+    with initialize_config_module("sae_pipeline.conf", version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []))

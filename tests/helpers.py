@@ -8,11 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from sae_pipeline.config import compose
 from tests.tiny_models import TINY_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,11 +69,7 @@ def tiny_overrides(tmp_path: Path, model_dir: Path, corpus: Path) -> list[str]:
 
 
 def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
-    from sae_pipeline.config import register_configs
-
-    register_configs()
-    with initialize_config_module("sae_pipeline.conf", version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
+    return compose(config_name, overrides)
 
 
 def run_cli(module: str, args: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
