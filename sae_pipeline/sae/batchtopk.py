@@ -1,0 +1,114 @@
+"""BatchTopK SAE (Bussmann et al. 2024): training keeps the k*B largest activations of the whole batch.
+
+Training selection is exact but cheap: take each row's top-m candidates (m = 4k, doubled when needed), find
+the (k*B)-th largest candidate value t, and keep every candidate >= t and > 0. This equals the global batch
+top-k whenever no row has its m-th candidate >= t (then no element outside the candidates can reach t);
+otherwise m doubles and we retry.
+
+Inference (`encode`) must not couple rows, so it uses one learned scalar threshold: a buffer holding the
+exponential moving average (momentum `threshold_momentum`) of the per-batch threshold t, i.e. the smallest
+activation kept by batch top-k in that training batch (the first batch sets it directly). At inference a
+latent is active iff its pre-activation exceeds that threshold, so each row's code depends on that row only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sae_pipeline.errors import UserError
+
+from .base import TrainOutput, gather_encode, scatter_dense, sparse_decode
+from .topk import TopKConfig, TopKSAE
+
+
+@dataclass
+class BatchTopKConfig(TopKConfig):
+    """BatchTopK SAE: k is the average number of active latents per row."""
+
+    arch: str = "batchtopk"
+    threshold_momentum: float = 0.99  # EMA momentum of the inference threshold estimate (per training step)
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.threshold_momentum < 1.0:
+            raise UserError(f"sae.threshold_momentum must be in [0, 1), got {self.threshold_momentum}.")
+
+
+class BatchTopKSAE(TopKSAE):
+    config_class = BatchTopKConfig
+    cfg: BatchTopKConfig
+
+    def _init_extra(self) -> None:
+        super()._init_extra()
+        self.register_buffer("threshold", torch.zeros(()))  # inference threshold (pre-activation units)
+        self.register_buffer("threshold_updates", torch.zeros((), dtype=torch.int64))  # EMA updates so far
+
+    def _fold_extra(self, inv: float) -> None:
+        self.threshold.mul_(inv)
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        pre_BF = self.pre_acts(x_BD)
+        return torch.where(pre_BF > self.threshold.clamp_min(0), pre_BF, 0.0)
+
+    def forward(self, x_BD: Tensor) -> Tensor:
+        return self.decode(self.encode(x_BD))
+
+    @torch.no_grad()
+    def _batch_select(self, pre_BF: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(idx_BM, keep_BM, t): per-row candidate indices, which of them batch top-k keeps, its threshold."""
+        n_rows, d_sae = pre_BF.shape
+        n_keep = self.cfg.k * n_rows
+        if pre_BF.numel() <= 1 << 18:  # small batch: exact threshold over all entries directly
+            t = pre_BF.reshape(-1).topk(n_keep, sorted=False).values.min()
+            m_eff = max(1, int(((pre_BF >= t) & (pre_BF > 0)).sum(1).max()))
+            vals_BM, idx_BM = pre_BF.topk(m_eff, dim=1, sorted=True)
+            return idx_BM, (vals_BM >= t) & (vals_BM > 0), t
+        m = min(4 * self.cfg.k, d_sae)
+        while True:
+            cand_vals_BM, cand_idx_BM = pre_BF.topk(m, dim=1, sorted=True)
+            flat = cand_vals_BM.reshape(-1)
+            t = flat.kthvalue(flat.numel() - n_keep + 1).values  # n_keep-th largest candidate
+            last_B = cand_vals_BM[:, -1]
+            if m == d_sae or not bool(((last_B >= t) & (last_B > 0)).any()):
+                break
+            m = min(2 * m, d_sae)
+        keep_BM = (cand_vals_BM >= t) & (cand_vals_BM > 0)
+        m_eff = max(1, int(keep_BM.sum(1).max()))  # candidates are sorted, so kept ones form a prefix
+        return cand_idx_BM[:, :m_eff], keep_BM[:, :m_eff], t
+
+    @torch.no_grad()
+    def _update_threshold(self, t: Tensor) -> None:
+        if not t > 0:
+            return
+        if int(self.threshold_updates) == 0:
+            self.threshold.copy_(t)
+        else:
+            self.threshold.lerp_(t.to(self.threshold.dtype), 1.0 - self.cfg.threshold_momentum)
+        self.threshold_updates += 1
+
+    def training_forward(
+        self, x_BD: Tensor, sparsity_scale: float = 1.0, dead_mask_F: Tensor | None = None
+    ) -> TrainOutput:
+        bias_F = self._enc_bias_F(self.b_enc_F)
+        with torch.no_grad():
+            pre_BF = torch.addmm(bias_F, x_BD, self.W_enc_DF)
+            idx_BM, keep_BM, t = self._batch_select(pre_BF)
+            self._update_threshold(t)
+        vals_BM = gather_encode(x_BD, self.W_enc_DF, bias_F, pre_BF, idx_BM) * keep_BM
+        x_hat_BD = sparse_decode(idx_BM, vals_BM, self.W_dec_FD, self.b_dec_D)
+        mse = self.mse(x_hat_BD, x_BD)
+        loss = mse
+        parts = {"mse": mse.detach()}
+        if self.cfg.aux_k_coefficient > 0 and dead_mask_F is not None:
+            aux = self._aux_k_loss(x_BD, x_hat_BD.detach(), pre_BF, bias_F, dead_mask_F)
+            loss = loss + self.cfg.aux_k_coefficient * aux
+            parts["aux_k"] = aux.detach()
+        return TrainOutput(
+            loss=loss,
+            parts=parts,
+            acts_BF=scatter_dense(idx_BM, vals_BM, self.d_sae),
+            x_hat_BD=x_hat_BD.detach(),
+        )

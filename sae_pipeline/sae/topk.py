@@ -1,0 +1,113 @@
+"""TopK SAE (Gao et al. 2024): keep the k largest pre-activations per row, ReLU them, decode sparsely.
+
+Cost per training token: one dense encoder matmul (2*D*F FLOP); the top-k, the decode and every backward
+product touch only the K selected latents (see `gather_encode` / `sparse_decode` in base.py).
+AuxK: the residual x - x_hat (detached) is reconstructed from the aux_k largest pre-activations among the
+latents the trainer marks dead, scored by normalised MSE ||e - e_hat||^2 / ||e - mean(e)||^2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sae_pipeline.errors import UserError
+
+from .base import SAE, SAEConfig, TrainOutput, gather_encode, scatter_dense, sparse_decode
+
+
+@dataclass
+class TopKConfig(SAEConfig):
+    """TopK SAE: sparsity is fixed by k, so there is no penalty coefficient to tune."""
+
+    arch: str = "topk"
+    k: int = 32  # active latents per row
+    aux_k: int = 0  # dead latents used by the AuxK loss; 0 means d_in // 2 (OpenAI's choice)
+    aux_k_coefficient: float = (
+        1 / 32
+    )  # weight of the (normalised, hence O(1)) AuxK loss, as in OpenAI's paper
+
+    def validate(self) -> None:
+        super().validate()
+        if self.k < 1:
+            raise UserError(f"sae.k must be >= 1, got {self.k}.")
+        if self.aux_k < 0:
+            raise UserError(f"sae.aux_k must be >= 0 (0 means d_in // 2), got {self.aux_k}.")
+        self._check_nonnegative("aux_k_coefficient", self.aux_k_coefficient)
+
+
+class TopKSAE(SAE):
+    config_class = TopKConfig
+    cfg: TopKConfig
+
+    def _init_extra(self) -> None:
+        if self.cfg.k > self.d_sae:
+            raise UserError(f"sae.k={self.cfg.k} must be <= d_sae={self.d_sae}.")
+
+    @property
+    def aux_k(self) -> int:
+        return self.cfg.aux_k if self.cfg.aux_k > 0 else max(1, self.d_in // 2)
+
+    # ----- sparse code: (indices, values) -----
+    def _select(self, pre_BF: Tensor) -> Tensor:
+        """Indices of the latents kept for each row."""
+        return pre_BF.topk(self.cfg.k, dim=1, sorted=False).indices
+
+    def encode_sparse(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
+        """(idx_BK, vals_BK): kept latents and their (non-negative) activations, differentiable."""
+        bias_F = self._enc_bias_F(self.b_enc_F)
+        with torch.no_grad():
+            pre_BF = torch.addmm(bias_F, x_BD, self.W_enc_DF)
+            idx_BK = self._select(pre_BF)
+        vals_BK = gather_encode(x_BD, self.W_enc_DF, bias_F, pre_BF, idx_BK).relu()
+        return idx_BK, vals_BK
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        idx_BK, vals_BK = self.encode_sparse(x_BD)
+        out_BF = torch.zeros(x_BD.shape[0], self.d_sae, dtype=vals_BK.dtype, device=vals_BK.device)
+        return out_BF.scatter(1, idx_BK, vals_BK)
+
+    def forward(self, x_BD: Tensor) -> Tensor:
+        idx_BK, vals_BK = self.encode_sparse(x_BD)
+        return sparse_decode(idx_BK, vals_BK, self.W_dec_FD, self.b_dec_D)
+
+    def training_forward(
+        self, x_BD: Tensor, sparsity_scale: float = 1.0, dead_mask_F: Tensor | None = None
+    ) -> TrainOutput:
+        bias_F = self._enc_bias_F(self.b_enc_F)
+        with torch.no_grad():
+            pre_BF = torch.addmm(bias_F, x_BD, self.W_enc_DF)
+            idx_BK = self._select(pre_BF)
+        vals_BK = gather_encode(x_BD, self.W_enc_DF, bias_F, pre_BF, idx_BK).relu()
+        x_hat_BD = sparse_decode(idx_BK, vals_BK, self.W_dec_FD, self.b_dec_D)
+        mse = self.mse(x_hat_BD, x_BD)
+        loss = mse
+        parts = {"mse": mse.detach()}
+        if self.cfg.aux_k_coefficient > 0 and dead_mask_F is not None:
+            aux = self._aux_k_loss(x_BD, x_hat_BD.detach(), pre_BF, bias_F, dead_mask_F)
+            loss = loss + self.cfg.aux_k_coefficient * aux
+            parts["aux_k"] = aux.detach()
+        return TrainOutput(
+            loss=loss,
+            parts=parts,
+            acts_BF=scatter_dense(idx_BK, vals_BK, self.d_sae),
+            x_hat_BD=x_hat_BD.detach(),
+        )
+
+    def _aux_k_loss(
+        self, x_BD: Tensor, x_hat_BD: Tensor, pre_BF: Tensor, bias_F: Tensor, dead_mask_F: Tensor
+    ) -> Tensor:
+        dead_idx = dead_mask_F.to(pre_BF.device).nonzero().squeeze(1)
+        if dead_idx.numel() == 0:
+            return pre_BF.new_zeros(())
+        k_aux = min(self.aux_k, dead_idx.numel())
+        with torch.no_grad():
+            sub_idx_BA = pre_BF.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False).indices
+            idx_BA = dead_idx[sub_idx_BA]
+        vals_BA = gather_encode(x_BD, self.W_enc_DF, bias_F, pre_BF, idx_BA).relu()
+        resid_BD = x_BD - x_hat_BD
+        resid_hat_BD = sparse_decode(idx_BA, vals_BA, self.W_dec_FD, None)
+        denom = (resid_BD - resid_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
+        return (resid_hat_BD - resid_BD).pow(2).sum() / denom
