@@ -37,6 +37,12 @@ TRAIN_LOG = "train_log.jsonl"
 EVAL = "eval"
 METRICS = "metrics.json"
 DENSITY_PLOT = "feature_density.png"
+FEATURES = "features"  # <run>/features/: the latent browser
+FEATURES_JSON = "features.json"
+FEATURES_DATA_JS = "features_data.js"  # the same data as a script the page loads (file:// cannot fetch)
+FEATURES_HTML = "index.html"
+STEER = "steer"  # <run>/steer/: steering / clamping / ablation results
+STEER_JSON = "steer.json"
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

@@ -1,0 +1,166 @@
+"""The shuffled streaming reader: determinism, coverage, held-out validation, exact resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sae_pipeline.errors import UserError
+from sae_pipeline.reader import ShuffledReader
+from sae_pipeline.store import ActivationStore, StoreWriter
+
+
+def make_store(
+    folder: Path,
+    n_contexts: int = 48,
+    context_size: int = 16,
+    d_in: int = 8,
+    contexts_per_shard: int = 16,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    model: dict | None = None,
+    tag_rows: bool = True,
+) -> Path:
+    """A tiny finished store of random activations (no model needed).
+
+    With `tag_rows`, the first element of each row is its global id (context * context_size +
+    position) so tests can tell rows apart; the rest is Gaussian. Without it, rows are sparse
+    sums of random directions (sae_pipeline.synthetic), something an SAE can learn."""
+    from sae_pipeline.synthetic import SyntheticFeatures
+
+    features = SyntheticFeatures(n_features=4 * d_in, d=d_in, mean_active=3.0, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    dtype_name = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
+    header = {
+        "d_in": d_in,
+        "dtype": dtype_name,
+        "context_size": context_size,
+        "hook": {
+            "name": "blocks.0.hook_resid_post",
+            "module_path": "model.layers.0",
+            "io": "output",
+            "layer": 0,
+        },
+        "model": model or {"name": str(folder / "no-model-here"), "id": "none"},
+    }
+    writer = StoreWriter(folder, header, fingerprint=f"test-{seed}-{d_in}", overwrite=True)
+    for shard, first in enumerate(range(0, n_contexts, contexts_per_shard)):
+        n_ctx = min(contexts_per_shard, n_contexts - first)
+        n = n_ctx * context_size
+        ctx = torch.arange(first, first + n_ctx, dtype=torch.int32).repeat_interleave(context_size)
+        pos = torch.arange(context_size, dtype=torch.int32).repeat(n_ctx)
+        if tag_rows:
+            acts = torch.randn(n, d_in, generator=gen) * 3.0 + 0.5
+            acts[:, 0] = (ctx * context_size + pos).float()
+        else:
+            acts = features.sample(n) * 7.0 + 0.3
+        perm = torch.randperm(n, generator=gen)
+        tensors = {
+            "activations": acts[perm].to(dtype),
+            "token_ids": torch.randint(0, 100, (n,), generator=gen, dtype=torch.int32)[perm],
+            "context_ids": ctx[perm],
+            "positions": pos[perm],
+        }
+        writer.write_shard(shard, tensors, first_context=first, n_contexts=n_ctx)
+    writer.finish({})
+    return folder
+
+
+def row_ids(x_BD: torch.Tensor) -> list[int]:
+    return x_BD[:, 0].round().long().tolist()
+
+
+def read_all(reader: ShuffledReader, n_batches: int) -> list[int]:
+    out = []
+    for _ in range(n_batches):
+        out += row_ids(reader.next_batch())
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> ActivationStore:
+    return ActivationStore(make_store(tmp_path_factory.mktemp("store") / "s"))
+
+
+def test_deterministic_and_seed_dependent(store):
+    kw = dict(batch_size=40, val_tokens=50, buffer_rows=96, chunk_rows=32)
+    with ShuffledReader(store, seed=1, **kw) as a, ShuffledReader(store, seed=1, **kw) as b:
+        first = read_all(a, 30)
+        assert first == read_all(b, 30)
+    with ShuffledReader(store, seed=2, **kw) as c:
+        assert read_all(c, 30) != first
+
+
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_each_training_row_exactly_once_per_pass_and_validation_held_out(store, prefetch):
+    reader = ShuffledReader(
+        store, batch_size=25, seed=0, val_tokens=40, buffer_rows=64, chunk_rows=16, prefetch=prefetch
+    )
+    val = set(row_ids(reader.validation_rows()))
+    assert len(val) == reader.n_validation_rows >= 40
+    # validation = whole contexts (16 rows each) of the last shard
+    assert len(val) % 16 == 0 and min(val) >= 32 * 16
+    n = reader.epoch_rows
+    assert n + len(val) == store.n_rows
+    ids = read_all(reader, (3 * n) // 25 + 1)
+    reader.close()
+    for p in range(3):
+        one_pass = ids[p * n : (p + 1) * n]
+        assert sorted(one_pass) == sorted(set(range(store.n_rows)) - val)
+    assert ids[:n] != ids[n : 2 * n]  # a new order each pass
+    assert reader.epoch == 3
+
+
+def test_state_round_trip_reproduces_the_stream(store):
+    kw = dict(batch_size=24, seed=5, val_tokens=20, buffer_rows=80, chunk_rows=20)
+    full = ShuffledReader(store, **kw)
+    expected = read_all(full, 70)  # spans several passes
+    full.close()
+    for cut in (0, 1, 13, 31, 44):
+        a = ShuffledReader(store, **kw)
+        read_all(a, cut)
+        state = a.state()
+        a.close()
+        b = ShuffledReader(store, state=dict(state), **kw)
+        assert read_all(b, 70 - cut) == expected[cut * 24 :], cut
+        b.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_store_becomes_float32(tmp_path, dtype):
+    st = ActivationStore(make_store(tmp_path / "s", n_contexts=4, contexts_per_shard=2, dtype=dtype))
+    with ShuffledReader(st, batch_size=16, seed=0) as reader:
+        x = reader.next_batch()
+    assert x.dtype == torch.float32 and x.shape == (16, 8)
+
+
+def test_sample_does_not_move_the_stream(store):
+    kw = dict(batch_size=16, seed=3, buffer_rows=64, chunk_rows=16)
+    with ShuffledReader(store, **kw) as a, ShuffledReader(store, **kw) as b:
+        s = a.sample(100)
+        assert s.shape == (100, 8)
+        assert read_all(a, 5) == read_all(b, 5)
+        assert row_ids(s)[:80] == read_all(ShuffledReader(store, **kw), 5)
+
+
+def test_truncated_shard_is_named(tmp_path):
+    folder = make_store(tmp_path / "s", n_contexts=8, contexts_per_shard=4)
+    st = ActivationStore(folder)
+    shard = st.shards[1].path
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 300])
+    with pytest.raises(UserError, match="shard-00001"):
+        ShuffledReader(st, batch_size=8)
+
+
+def test_error_in_reader_thread_surfaces_as_user_error(tmp_path):
+    folder = make_store(tmp_path / "s", n_contexts=8, contexts_per_shard=4)
+    st = ActivationStore(folder)
+    reader = ShuffledReader(st, batch_size=8, seed=0, buffer_rows=16, chunk_rows=16)
+    for shard in st.shards:  # truncate after the reader opened the store
+        shard.path.write_bytes(shard.path.read_bytes()[:200])
+    with pytest.raises(UserError, match=r"shard-0000\d"):
+        read_all(reader, 10)
+    reader.close()
