@@ -97,8 +97,15 @@ class BatchTopKSAE(TopKSAE):
             pre_BF = torch.addmm(bias_F, x_BD, self.W_enc_DF)
             idx_BM, keep_BM, t = self._batch_select(pre_BF)
             self._update_threshold(t)
-        vals_BM = gather_encode(x_BD, self.W_enc_DF, bias_F, pre_BF, idx_BM) * keep_BM
-        x_hat_BD = sparse_decode(idx_BM, vals_BM, self.W_dec_FD, self.b_dec_D)
+            # Compact the kept entries (rows own different numbers of them) into flat per-row bags, so the
+            # decode and the encoder backward touch only the k*B kept entries, not the padded B x m_eff.
+            n_rows = pre_BF.shape[0]
+            rows_N = keep_BM.nonzero()[:, 0]  # row-major: entries grouped by row
+            idx_N = idx_BM[keep_BM]
+            offsets_B = torch.zeros(n_rows, dtype=idx_N.dtype, device=idx_N.device)
+            torch.cumsum(keep_BM.sum(1)[:-1], 0, out=offsets_B[1:])
+        vals_N = gather_encode(x_BD, self.W_enc_DF, bias_F, pre_BF, idx_N, rows_N, offsets_B)
+        x_hat_BD = sparse_decode(idx_N, vals_N, self.W_dec_FD, self.b_dec_D, offsets_B)
         mse = self.mse(x_hat_BD, x_BD)
         loss = mse
         parts = {"mse": mse.detach()}
@@ -109,6 +116,6 @@ class BatchTopKSAE(TopKSAE):
         return TrainOutput(
             loss=loss,
             parts=parts,
-            acts_BF=scatter_dense(idx_BM, vals_BM, self.d_sae),
+            acts_BF=scatter_dense(idx_N, vals_N, self.d_sae, rows_N, n_rows),
             x_hat_BD=x_hat_BD.detach(),
         )
