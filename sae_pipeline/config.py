@@ -83,9 +83,13 @@ class HarvestJob:
 
 
 def register_configs() -> None:
-    """Register the schemas; group YAML files pick theirs up through `defaults`."""
-    cs = ConfigStore.instance()
-    cs.store(name="harvest_schema", node=HarvestJob)
+    """Register every stage's schema; group YAML files pick theirs up through `defaults`."""
+    from sae_pipeline import eval_config, features_config, train_config  # they import this module
+
+    ConfigStore.instance().store(name="harvest_schema", node=HarvestJob)
+    train_config.register_configs()
+    eval_config.register_eval_configs()
+    features_config.register_features_configs()
 
 
 def to_container(cfg: DictConfig) -> dict:

@@ -1,0 +1,158 @@
+"""The latent browser in a real headless Chromium: loads from disk, renders highlighted contexts, escapes
+tokens, searches, and logs nothing to the console.
+
+Needs the Debian package `chromium` (/usr/bin/chromium); skipped when it is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from sae_pipeline import browser, paths
+from sae_pipeline.features import run
+from tests.test_features import DEAD, features_cfg, make_sae_run
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(
+    shutil.which(CHROMIUM) is None, reason=f"{CHROMIUM} is absent (apt-get install chromium)"
+)
+NASTY = ['<b id="inj">x</b>', "&amp; 'q' \"qq\"", "</script><i>", "\n"]
+
+
+def dump_dom(page: Path, fragment: str, tmp: Path) -> tuple[str, list[str]]:
+    """The DOM after the page's scripts ran, and the console lines Chromium logged."""
+    cmd = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        f"--user-data-dir={tmp / 'chromium-profile'}", "--enable-logging=stderr", "--v=0",
+        "--virtual-time-budget=5000", "--dump-dom", page.resolve().as_uri() + fragment,
+    ]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout, [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+
+
+class Nodes(HTMLParser):
+    """Flat list of (tag, attrs, text) for every element, text being its direct text."""
+
+    def __init__(self, html: str):
+        super().__init__(convert_charrefs=True)
+        self.nodes: list[list] = []
+        self.stack: list[list] = []
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        node = [tag, dict(attrs), ""]
+        self.nodes.append(node)
+        if tag not in ("meta", "br", "input", "link", "img"):
+            self.stack.append(node)
+
+    def handle_endtag(self, tag):
+        while self.stack and self.stack.pop()[0] != tag:
+            pass
+
+    def handle_data(self, data):
+        if self.stack:
+            self.stack[-1][2] += data
+
+    def find(self, tag=None, cls=None, **attrs):
+        return [
+            n
+            for n in self.nodes
+            if (tag is None or n[0] == tag)
+            and (cls is None or cls in n[1].get("class", "").split())
+            and all(n[1].get(k.replace("_", "-")) == v for k, v in attrs.items())
+        ]
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    """A real features report, with a few token strings replaced by text that must be escaped."""
+    tmp = tmp_path_factory.mktemp("browser")
+    out = run(features_cfg(make_sae_run(tmp), f"features.out_dir={tmp / 'features'}", "features.n_weak=2"))
+    report = json.loads((out / paths.FEATURES_JSON).read_text())
+    live = next(r for r in report["latents"] if not r["dead"])
+    peak = live["top"][0]
+    for tok_id, text in zip(dict.fromkeys(peak["toks"]), NASTY, strict=False):
+        report["tokens"][str(tok_id)] = text
+    browser.write_browser(out, report)
+    return out / paths.FEATURES_HTML, report, live, tmp
+
+
+def test_latent_view_highlights_its_contexts(page):
+    html_path, report, live, tmp = page
+    dom, console = dump_dom(html_path, f"#latent-{live['id']}", tmp)
+    assert console == [], console
+    nodes = Nodes(dom)
+    assert nodes.find("body")[0][1].get("data-view") == f"latent-{live['id']}"
+    assert nodes.find("div", id="errors")[0][2] == ""
+    assert nodes.find("h2")[0][2] == f"Latent {live['id']}"
+    highlighted = nodes.find("span", cls="hl")
+    examples = live["top"] + live["weak"]
+    assert len(highlighted) == sum(a > 0 for ex in examples for a in ex["acts"])
+    assert all("255, 152, 0" in n[1]["style"] and "\u2192" in n[1]["title"] for n in highlighted)
+    assert len(nodes.find("span", cls="peak")) == len(examples)
+    shown = {n[2] for n in nodes.find("span", cls="tok")}
+    for text in NASTY[:3]:  # shown literally, never parsed as markup
+        assert text in shown
+    assert "\u21b5" in shown  # the newline token is drawn as a visible symbol
+    assert not nodes.find("b", id="inj") and not nodes.find("i")
+    assert nodes.find("svg") and len(nodes.find("rect", cls="bar")) == len(live["hist"]["counts"])
+    assert len(nodes.find("span", cls="up")) == len(live["promoted"])
+
+
+def test_dead_latent_and_index(page):
+    html_path, report, live, tmp = page
+    dom, console = dump_dom(html_path, f"#latent-{DEAD[0]}", tmp)
+    assert console == [], console
+    assert "Dead: never fired" in dom and "(dead)" in dom
+    dom, console = dump_dom(html_path, "", tmp)
+    assert console == [], console
+    nodes = Nodes(dom)
+    assert nodes.find("body")[0][1].get("data-view") == "index"
+    rows = nodes.find("tr", cls=None)[1:]  # the header row first
+    assert len(rows) == len(report["latents"])
+    dead_rows = nodes.find("tr", cls="dead")
+    assert sorted(int(r[1]["data-latent"]) for r in dead_rows) == sorted(DEAD)
+    densities = [r["density"] for r in sorted(report["latents"], key=lambda r: (-r["density"], r["id"]))]
+    order = [int(r[1]["data-latent"]) for r in rows]
+    assert [next(x["density"] for x in report["latents"] if x["id"] == i) for i in order] == densities
+
+
+def test_search_by_token_and_id(page):
+    html_path, report, live, tmp = page
+
+    def latents_with(word: str) -> list[int]:
+        def has(ids) -> bool:
+            return any(report["tokens"][str(t)].strip().lower() == word for t in ids)
+
+        return sorted(
+            r["id"]
+            for r in report["latents"]
+            if any(has(ex["toks"]) for ex in r["top"]) or has(t for t, _ in r.get("promoted", []))
+        )
+
+    # a token some latents show and others do not, so the search must filter
+    word = next(w for w in "kqgvyzwjxbcdfhlmnoprstu" if 0 < len(latents_with(w)) < len(report["latents"]) - 2)
+    want = latents_with(word)
+    dom, console = dump_dom(html_path, f"#q={word}", tmp)
+    assert console == [], console
+    got = sorted(int(n[1]["data-latent"]) for n in Nodes(dom).find("tr") if "data-latent" in n[1])
+    assert got == want
+    dom, _ = dump_dom(html_path, f"#q={live['id']}", tmp)
+    got = [int(n[1]["data-latent"]) for n in Nodes(dom).find("tr") if "data-latent" in n[1]]
+    assert live["id"] in got
+
+
+def test_missing_data_script_is_reported(page, tmp_path):
+    html_path, *_ = page
+    lonely = tmp_path / paths.FEATURES_HTML
+    lonely.write_text(html_path.read_text())
+    dom, _ = dump_dom(lonely, "", tmp_path)
+    assert "features_data.js did not load" in dom
