@@ -17,13 +17,13 @@ block to the OS: each fresh B x F buffer (75 MB here) otherwise costs ~18k page 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import statistics
 import time
 
 import torch
 
+from sae_pipeline.runtime import keep_freed_memory
 from sae_pipeline.sae import CONFIG_CLASSES, build_sae
 
 
@@ -39,15 +39,6 @@ def step_times(fn, repeats: int) -> list[float]:
 
 def best_time(fn, repeats: int) -> float:
     return min(step_times(fn, repeats))
-
-
-def malloc_tune() -> bool:
-    """glibc only: serve large blocks from the heap and never trim it (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, 1 << 30)) and bool(libc.mallopt(-1, 2**31 - 1))
-    except (OSError, AttributeError):
-        return False
 
 
 def matmul_flops(batch: int, d_in: int, d_sae: int, repeats: int) -> float:
@@ -108,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    tuned = malloc_tune() if args.malloc_tune else False
+    tuned = keep_freed_memory() if args.malloc_tune else False
     d_sae = round(args.expansion * args.d_in)
     flops_seen = [matmul_flops(args.batch, args.d_in, d_sae, args.ref_repeats)]
     print(

@@ -1,0 +1,26 @@
+"""Process-wide CPU settings that make training steps fast on the machines we have."""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed large blocks instead of returning them to the OS.
+
+    A training step allocates several batch x dictionary buffers (75 MB at 4096 x 4608); by default
+    each one is mmap'ed fresh and page-faulted in, which costs ~60 ms per buffer here against ~8 ms for
+    a reused one. The price is that peak memory is not given back until the process ends.
+    Returns False where this is not glibc (the setting is then simply skipped)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+        )
+    except (OSError, AttributeError):
+        return False
