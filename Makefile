@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_SILENT ?= true
 
-.PHONY: help setup assets demo sweep test test-fast lint format bench clean distclean
+.PHONY: help setup assets browser demo sweep steer test test-fast lint format bench clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -32,10 +32,15 @@ setup: $(STAMP) ## create .venv, install everything, fetch the embedded model an
 assets: $(STAMP) ## fetch and convert the embedded model and text only
 	$(PY) -m sae_pipeline.assets
 
-demo: setup ## the main job: harvest -> train -> eval on the embedded default (CPU: a few minutes)
+demo: setup ## the main job: harvest -> train -> eval -> feature browser on the embedded default (CPU: ~10 min)
 	$(VENV)/bin/sae-harvest paths.root=$(ROOT) harvest.n_tokens=200000
 	$(VENV)/bin/sae-train paths.root=$(ROOT) store=$(DEMO_STORE) sae=topk train=demo train.run_dir=$(DEMO_RUN) train.overwrite=true
-	$(VENV)/bin/sae-eval paths.root=$(ROOT) sae_path=$(DEMO_RUN)
+	$(VENV)/bin/sae-eval paths.root=$(ROOT) sae_path=$(DEMO_RUN) eval.n_tokens=4096
+	$(VENV)/bin/sae-features paths.root=$(ROOT) sae_path=$(DEMO_RUN) features.n_tokens=8192
+	@echo "feature browser: open $(DEMO_RUN)/features/index.html"
+
+steer: setup ## steer SmolLM2 with a latent of the demo SAE (run `make demo` first)
+	$(VENV)/bin/sae-steer paths.root=$(ROOT) sae_path=$(DEMO_RUN) 'steer.latents=[0]' 'steer.scales=[8.0]'
 
 sweep: setup ## a small L1 sweep (Hydra multirun) on the embedded default, then its Pareto table and plots
 	$(VENV)/bin/sae-harvest paths.root=$(ROOT) harvest.n_tokens=200000
@@ -43,7 +48,12 @@ sweep: setup ## a small L1 sweep (Hydra multirun) on the embedded default, then 
 		sae.l1_coefficient=1,3,10,30 hydra.sweep.dir=$(ROOT)/sweeps/demo-relu
 	$(VENV)/bin/sae-eval paths.root=$(ROOT) sae_path=$(ROOT)/sweeps/demo-relu
 
-test: setup ## the test suite CI runs (unit tests, CLI tests, one end-to-end run on SmolLM2)
+browser: ## install Debian's Chromium for the feature-browser test (the test is skipped without it)
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "note: chromium is not installed; the browser test will be skipped"
+
+test: setup browser ## the test suite CI runs (unit tests, CLI tests, one end-to-end run on SmolLM2)
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP) ## the tests without the end-to-end SmolLM2 ones
@@ -61,6 +71,7 @@ bench: setup ## benchmarks: harvest early exit, SAE training roofline, reader th
 	$(PY) scripts/bench_harvest.py
 	$(PY) scripts/bench_sae.py
 	$(PY) scripts/bench_train.py
+	$(PY) scripts/bench_sweep_group.py
 
 clean: ## remove outputs and caches of this checkout (keeps .venv and the asset cache)
 	rm -rf $(ROOT) outputs multirun wandb .pytest_cache .ruff_cache
