@@ -10,8 +10,9 @@ on the same three shapes in this run. "fraction" = achieved tokens/s * 10 * d_in
 
 The machine may be shared, so the matmul reference is re-measured before and after every architecture and
 the best FLOP/s seen anywhere in the run is the roofline; step times are the minimum of --steps (the median
-is printed too). --malloc-tune keeps freed memory in glibc's heap instead of returning every large (>32 MB)
-block to the OS: each fresh B x F buffer (75 MB here) otherwise costs ~18k page faults (~90 ms measured).
+is printed too). Like sae-train on the CPU, it keeps freed memory in glibc's heap instead of returning every
+large (>32 MB) block to the OS (each fresh B x F buffer, 75 MB here, otherwise costs ~18k page faults);
+--no-malloc-tune measures the allocator's default behaviour.
 """
 
 from __future__ import annotations
@@ -95,7 +96,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     parser.add_argument("--json", type=str, default=None, help="write the results here")
     parser.add_argument("--ref-repeats", type=int, default=2, help="matmul reference repeats per measurement")
-    parser.add_argument("--malloc-tune", action="store_true", help="keep freed memory in the heap (glibc)")
+    parser.add_argument(
+        "--no-malloc-tune",
+        dest="malloc_tune",
+        action="store_false",
+        help="glibc's default: return freed memory",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -77,3 +77,7 @@ def test_harvest_train_eval_on_smollm2(tmp_path):
     assert metrics["ce_clean"] < metrics["ce_zero"]
     assert metrics["n_tokens"] >= 512
     assert "loss recovered" in proc.stdout.lower() or "loss recovered" in proc.stderr.lower()
+
+    _ok(run_cli("features", [f"paths.root={root}", f"sae_path={run}", "features.n_tokens=512"], cwd=tmp_path))
+    report = json.loads((run / paths.FEATURES / paths.FEATURES_JSON).read_text())
+    assert report and (run / paths.FEATURES / paths.FEATURES_HTML).exists()
