@@ -106,16 +106,5 @@ class BatchTopKSAE(TopKSAE):
             torch.cumsum(keep_BM.sum(1)[:-1], 0, out=offsets_B[1:])
         vals_N = gather_encode(x_BD, self.W_enc_DF, bias_F, pre_BF, idx_N, rows_N, offsets_B)
         x_hat_BD = sparse_decode(idx_N, vals_N, self.W_dec_FD, self.b_dec_D, offsets_B)
-        mse = self.mse(x_hat_BD, x_BD)
-        loss = mse
-        parts = {"mse": mse.detach()}
-        if self.cfg.aux_k_coefficient > 0 and dead_mask_F is not None:
-            aux = self._aux_k_loss(x_BD, x_hat_BD.detach(), pre_BF, bias_F, dead_mask_F)
-            loss = loss + self.cfg.aux_k_coefficient * aux
-            parts["aux_k"] = aux.detach()
-        return TrainOutput(
-            loss=loss,
-            parts=parts,
-            acts_BF=scatter_dense(idx_N, vals_N, self.d_sae, rows_N, n_rows),
-            x_hat_BD=x_hat_BD.detach(),
-        )
+        acts_BF = scatter_dense(idx_N, vals_N, self.d_sae, rows_N, n_rows)
+        return self._output(x_BD, x_hat_BD, pre_BF, bias_F, dead_mask_F, acts_BF)

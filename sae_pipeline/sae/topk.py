@@ -82,6 +82,11 @@ class TopKSAE(SAE):
             idx_BK = self._select(pre_BF)
         vals_BK = gather_encode(x_BD, self.W_enc_DF, bias_F, pre_BF, idx_BK).relu()
         x_hat_BD = sparse_decode(idx_BK, vals_BK, self.W_dec_FD, self.b_dec_D)
+        acts_BF = scatter_dense(idx_BK, vals_BK, self.d_sae)
+        return self._output(x_BD, x_hat_BD, pre_BF, bias_F, dead_mask_F, acts_BF)
+
+    def _output(self, x_BD, x_hat_BD, pre_BF, bias_F, dead_mask_F, acts_BF) -> TrainOutput:
+        """Reconstruction loss plus AuxK on the dead latents (shared with BatchTopK)."""
         mse = self.mse(x_hat_BD, x_BD)
         loss = mse
         parts = {"mse": mse.detach()}
@@ -89,12 +94,7 @@ class TopKSAE(SAE):
             aux = self._aux_k_loss(x_BD, x_hat_BD.detach(), pre_BF, bias_F, dead_mask_F)
             loss = loss + self.cfg.aux_k_coefficient * aux
             parts["aux_k"] = aux.detach()
-        return TrainOutput(
-            loss=loss,
-            parts=parts,
-            acts_BF=scatter_dense(idx_BK, vals_BK, self.d_sae),
-            x_hat_BD=x_hat_BD.detach(),
-        )
+        return TrainOutput(loss=loss, parts=parts, acts_BF=acts_BF, x_hat_BD=x_hat_BD.detach())
 
     def _aux_k_loss(
         self, x_BD: Tensor, x_hat_BD: Tensor, pre_BF: Tensor, bias_F: Tensor, dead_mask_F: Tensor
