@@ -29,6 +29,9 @@ from sae_pipeline.errors import UserError
 
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHARD_KEYS = ("activations", "token_ids", "context_ids", "positions")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
 
 
 def store_dtype(name: str) -> torch.dtype:
