@@ -45,7 +45,7 @@ steer: setup ## steer SmolLM2 with a latent of the demo SAE (run `make demo` fir
 sweep: setup ## a small L1 sweep (Hydra multirun) on the embedded default, then its Pareto table and plots
 	$(VENV)/bin/sae-harvest paths.root=$(ROOT) harvest.n_tokens=200000
 	$(VENV)/bin/sae-train -m paths.root=$(ROOT) store=$(DEMO_STORE) sae=relu train=demo train.eval_every=0 train.overwrite=true \
-		sae.l1_coefficient=1,3,10,30 hydra.sweep.dir=$(ROOT)/sweeps/demo-relu
+		sae.l1_coefficient=0.5,1,2,4 hydra.sweep.dir=$(ROOT)/sweeps/demo-relu
 	$(VENV)/bin/sae-eval paths.root=$(ROOT) sae_path=$(ROOT)/sweeps/demo-relu eval.n_tokens=4096
 	@echo "Pareto plots: $(ROOT)/sweeps/demo-relu/pareto_l0_loss_recovered.png, pareto_l0_fvu.png"
 
