@@ -51,7 +51,7 @@ def write_corpus(path: Path, n_docs: int = 12, words_per_doc: int = 400, seed: i
     return path
 
 
-def tiny_overrides(tmp_path: Path, model_dir: Path, corpus: Path) -> list[str]:
+def tiny_overrides(tmp_path: Path, model_dir: Path, corpus: Path, n_tokens: int = 1500) -> list[str]:
     return [
         f"paths.root={tmp_path / 'runs'}",
         f"model.name={model_dir}",
@@ -63,7 +63,7 @@ def tiny_overrides(tmp_path: Path, model_dir: Path, corpus: Path) -> list[str]:
         "hook.layer=1",
         "harvest.context_size=32",
         "harvest.batch_size=4",
-        "harvest.n_tokens=1500",
+        f"harvest.n_tokens={n_tokens}",
         "harvest.shard_size=400",
     ]
 

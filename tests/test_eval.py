@@ -17,7 +17,7 @@ from sae_pipeline.hooks import capture, resolve_hook, splice
 from sae_pipeline.sae import CONFIG_CLASSES, build_sae, save_sae
 from sae_pipeline.sweep import collect_rows, pareto_mask, write_sweep
 from sae_pipeline.sweep import main as sweep_main
-from tests.helpers import compose_config, run_cli, save_tiny_model, write_corpus
+from tests.helpers import compose_config, run_cli, save_tiny_model, tiny_overrides, write_corpus
 from tests.tiny_models import D_MODEL, random_tokens, tiny_llama
 
 register_eval_configs()  # `eval_schema`, for compose_config("eval", ...)
@@ -250,20 +250,7 @@ def tiny_sweep(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval_cli")
     model_dir = save_tiny_model(tmp / "model", "llama")
     corpus = write_corpus(tmp / "corpus.jsonl", n_docs=8, words_per_doc=150)
-    overrides = [
-        f"paths.root={tmp / 'runs'}",
-        f"model.name={model_dir}",
-        "model.id=tiny",
-        "data.name=json",
-        f"data.data_files={corpus}",
-        "data.id=corpus",
-        "data.eval_documents=2",
-        "hook.layer=1",
-        "harvest.context_size=32",
-        "harvest.batch_size=4",
-        "harvest.n_tokens=300",
-        "harvest.shard_size=400",
-    ]
+    overrides = tiny_overrides(tmp, model_dir, corpus, n_tokens=300)
     (store,) = harvest.run(compose_config("harvest", overrides))
     manifest = json.loads((store / paths.MANIFEST).read_text())
     sweep = tmp / "sweep"

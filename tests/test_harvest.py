@@ -109,7 +109,9 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, assets, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _harvest(tmp_path / "b", assets)
     monkeypatch.setattr(store.StoreWriter, "write_shard", real_write)
-    killed = paths.store_dir(tmp_path / "b" / "runs" / "stores" / "tiny" / "corpus", "blocks.1.hook_resid_post")
+    killed = paths.store_dir(
+        tmp_path / "b" / "runs" / "stores" / "tiny" / "corpus", "blocks.1.hook_resid_post"
+    )
     assert len(store.read_manifest(killed)["shards"]) == 2 and not store.read_manifest(killed)["complete"]
     (resumed,) = _harvest(tmp_path / "b", assets)
     a, b = store.read_manifest(clean), store.read_manifest(resumed)
@@ -139,7 +141,10 @@ def test_no_space_left_keeps_complete_shards(tmp_path, assets, monkeypatch):
         return real_save(tensors, filename, metadata=metadata)
 
     monkeypatch.setattr(store, "save_file", full_disk)
-    with pytest.raises(UserError, match="no space left on the device while writing .*shard-00002.*keeps its 2 complete shards"):
+    with pytest.raises(
+        UserError,
+        match="no space left on the device while writing .*shard-00002.*keeps its 2 complete shards",
+    ):
         _harvest(tmp_path, assets)
     folder = paths.store_dir(tmp_path / "runs" / "stores" / "tiny" / "corpus", "blocks.1.hook_resid_post")
     manifest = store.read_manifest(folder)
@@ -155,7 +160,10 @@ def test_no_space_left_keeps_complete_shards(tmp_path, assets, monkeypatch):
         (["hook.layer=7"], "layer"),
         (["hook.points=[]", "hook.names=[module:model.nope:output]"], "model.nope"),
         (["data.text_column=body"], "data.text_column='body' is not a column.*'text'"),
-        (["harvest.context_size=4096"], "harvest.context_size=4096 is longer than the model's maximum of 128"),
+        (
+            ["harvest.context_size=4096"],
+            "harvest.context_size=4096 is longer than the model's maximum of 128",
+        ),
         (["harvest.dtype=int8"], "harvest.dtype='int8' is not a store dtype"),
         (["data.eval_documents=12"], "data.eval_documents=12 holds out every one"),
         (["model.gguf_file=missing.gguf"], "model.gguf_file='missing.gguf' is not a file"),

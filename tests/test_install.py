@@ -12,7 +12,18 @@ from tests.helpers import REPO
 def test_regular_install_finds_configs(tmp_path):
     site = tmp_path / "site"
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site), str(REPO)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(REPO),
+        ],
         capture_output=True,
         text=True,
         timeout=300,
