@@ -32,7 +32,7 @@ setup: $(STAMP) ## create .venv, install everything, fetch the embedded model an
 assets: $(STAMP) ## fetch and convert the embedded model and text only
 	$(PY) -m sae_pipeline.assets
 
-demo: setup ## the main job: harvest -> train -> eval -> feature browser on the embedded default (CPU: ~10 min)
+demo: setup ## the main job: harvest -> train -> eval -> feature browser on the embedded default (CPU: ~8 min)
 	$(VENV)/bin/sae-harvest paths.root=$(ROOT) harvest.n_tokens=200000
 	$(VENV)/bin/sae-train paths.root=$(ROOT) store=$(DEMO_STORE) sae=topk train=demo train.run_dir=$(DEMO_RUN) train.overwrite=true
 	$(VENV)/bin/sae-eval paths.root=$(ROOT) sae_path=$(DEMO_RUN) eval.n_tokens=4096
