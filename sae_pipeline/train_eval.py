@@ -35,23 +35,29 @@ def validate(member, val_ND: torch.Tensor, batch_size: int, device) -> dict:
 
 
 class LossRecovered:
-    """Loads the store's model once (lazily) and scores SAEs spliced into it."""
+    """Loads the store's model once (lazily) and scores SAEs spliced into it.
+
+    One SpliceEvaluator serves every call, so the SAE-independent baselines (zero and mean
+    ablation) are measured once per run, not at every evaluation step."""
 
     def __init__(self, store, tcfg, device, logger):
         self.store, self.tcfg, self.device, self.logger = store, tcfg, device, logger
-        self.state = None  # (model, hook, input_ids, loss_mask) once loaded
+        self.evaluator = None  # a SpliceEvaluator on the held-out tokens, once loaded
         self.disabled = False
 
     def _load(self, step: int) -> bool:
-        if self.state is not None or self.disabled:
+        if self.evaluator is not None or self.disabled:
             return not self.disabled
         try:
             from sae_pipeline import hooks, models, text
+            from sae_pipeline.evaluate import SpliceEvaluator
 
             model, tokenizer = models.load_model(self.store.manifest["model"], device=self.device)
             hook = hooks.resolve_hook(model, self.store.hook_name)
             ids_NT, mask_NT = text.heldout_contexts(self.store.manifest, tokenizer, self.tcfg.eval_tokens)
-            self.state = (model, hook, ids_NT, mask_NT)
+            self.evaluator = SpliceEvaluator(
+                model, hook, ids_NT, mask_NT, batch_size=self.tcfg.eval_batch_size
+            )
         except (UserError, OSError, ImportError, KeyError, ValueError) as err:
             self.disabled = True
             self.logger.event(step, f"loss recovered is skipped: the store's model cannot be loaded ({err})")
@@ -60,13 +66,8 @@ class LossRecovered:
     def __call__(self, member, step: int) -> None:
         if not self._load(step):
             return
-        from sae_pipeline.evaluate import spliced_metrics
-
-        model, hook, ids_NT, mask_NT = self.state
         rng = torch.get_rng_state()
-        out = spliced_metrics(
-            model, hook, member.folded(), ids_NT, mask_NT, batch_size=self.tcfg.eval_batch_size
-        )
+        out = self.evaluator.evaluate(member.folded(), activation=False)
         torch.set_rng_state(rng)
         keys = ("ce_clean", "ce_zero", "ce_mean", "ce_sae", "loss_recovered", "ce_increase", "kl")
         member.logger.log(step, {f"eval/{k}": float(out[k]) for k in keys if k in out})
