@@ -3,9 +3,13 @@
 gen = SyntheticFeatures(n_features=128, d=64, mean_active=3.0, seed=0)
 x_BD = gen.sample(4096)                      # sum of a few active unit directions with positive magnitudes
 recovered_fraction(gen.dirs_FD, sae.W_dec_FD)  # share of true directions matched at cosine > 0.9
+write_store(folder, [x_BD], context_size=16)  # a finished activation store of given rows (no model)
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -66,3 +70,55 @@ def max_cosines(true_dirs_FD: Tensor, learned_dec_FD: Tensor) -> Tensor:
 def recovered_fraction(true_dirs_FD: Tensor, learned_dec_FD: Tensor, threshold: float = 0.9) -> float:
     """Fraction of true directions whose best cosine with a learned decoder row exceeds threshold."""
     return (max_cosines(true_dirs_FD, learned_dec_FD) > threshold).float().mean().item()
+
+
+def write_store(
+    folder: Path,
+    shard_activations: Iterable[Tensor],
+    context_size: int,
+    model: dict | None = None,
+    seed: int = 0,
+) -> Path:
+    """A finished activation store (for tests and benchmarks: no model runs) holding the given rows.
+
+    Each tensor is one shard's activations [n_rows, d_in] in context order (whole contexts of
+    `context_size` rows, numbered on from the previous shard); the store's dtype is theirs. As in a
+    harvested store, rows are shuffled within each shard together with their context ids and positions.
+    """
+    from sae_pipeline.store import STORE_DTYPES, StoreWriter
+
+    dtype_names = {dtype: name for name, dtype in STORE_DTYPES.items()}
+    gen = torch.Generator().manual_seed(seed)
+    writer, first = None, 0
+    for index, acts_ND in enumerate(shard_activations):
+        n_rows, d_in = acts_ND.shape
+        if writer is None:
+            header = {
+                "d_in": d_in,
+                "dtype": dtype_names[acts_ND.dtype],
+                "context_size": context_size,
+                "hook": {
+                    "name": "blocks.0.hook_resid_post",
+                    "module_path": "model.layers.0",
+                    "io": "output",
+                    "layer": 0,
+                },
+                "model": model or {"name": str(Path(folder) / "no-model-here"), "id": "none"},
+            }
+            writer = StoreWriter(folder, header, fingerprint=f"synthetic-{seed}-{d_in}", overwrite=True)
+        n_ctx = n_rows // context_size
+        perm = torch.randperm(n_rows, generator=gen)
+        tensors = {
+            "activations": acts_ND[perm],
+            "token_ids": torch.randint(0, 100, (n_rows,), generator=gen, dtype=torch.int32),
+            "context_ids": torch.arange(first, first + n_ctx, dtype=torch.int32).repeat_interleave(
+                context_size
+            )[perm],
+            "positions": torch.arange(context_size, dtype=torch.int32).repeat(n_ctx)[perm],
+        }
+        writer.write_shard(index, tensors, first_context=first, n_contexts=n_ctx)
+        first += n_ctx
+    if writer is None:
+        raise ValueError("write_store needs at least one shard")
+    writer.finish({})
+    return Path(folder)

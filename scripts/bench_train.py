@@ -27,36 +27,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sae_pipeline.reader import ShuffledReader  # noqa: E402
-from sae_pipeline.store import ActivationStore, StoreWriter  # noqa: E402
+from sae_pipeline.store import ActivationStore  # noqa: E402
+from sae_pipeline.synthetic import write_store  # noqa: E402
 
 
 def make_store(folder: Path, n_shards: int, shard_rows: int, d_in: int, context_size: int = 128) -> Path:
-    header = {
-        "d_in": d_in,
-        "dtype": "float32",
-        "context_size": context_size,
-        "hook": {
-            "name": "blocks.0.hook_resid_post",
-            "module_path": "model.layers.0",
-            "io": "output",
-            "layer": 0,
-        },
-        "model": {"name": "none", "id": "none"},
-    }
-    writer = StoreWriter(folder, header, fingerprint=f"bench-{n_shards}", overwrite=True)
-    n_ctx = shard_rows // context_size
     gen = torch.Generator().manual_seed(0)
-    for i in range(n_shards):
-        ctx = torch.arange(i * n_ctx, (i + 1) * n_ctx, dtype=torch.int32).repeat_interleave(context_size)
-        tensors = {
-            "activations": torch.randn(shard_rows, d_in, generator=gen),
-            "token_ids": torch.zeros(shard_rows, dtype=torch.int32),
-            "context_ids": ctx,
-            "positions": torch.arange(context_size, dtype=torch.int32).repeat(n_ctx),
-        }
-        writer.write_shard(i, tensors, first_context=i * n_ctx, n_contexts=n_ctx)
-    writer.finish({})
-    return folder
+    shards = (torch.randn(shard_rows, d_in, generator=gen) for _ in range(n_shards))
+    return write_store(folder, shards, context_size)
 
 
 def read_pass(store: Path, batch_size: int) -> dict:

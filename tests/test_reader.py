@@ -9,7 +9,8 @@ import torch
 
 from sae_pipeline.errors import UserError
 from sae_pipeline.reader import ShuffledReader
-from sae_pipeline.store import ActivationStore, StoreWriter
+from sae_pipeline.store import ActivationStore
+from sae_pipeline.synthetic import SyntheticFeatures, write_store
 
 
 def make_store(
@@ -28,44 +29,18 @@ def make_store(
     With `tag_rows`, the first element of each row is its global id (context * context_size +
     position) so tests can tell rows apart; the rest is Gaussian. Without it, rows are sparse
     sums of random directions (sae_pipeline.synthetic), something an SAE can learn."""
-    from sae_pipeline.synthetic import SyntheticFeatures
-
     features = SyntheticFeatures(n_features=4 * d_in, d=d_in, mean_active=3.0, seed=seed)
     gen = torch.Generator().manual_seed(seed)
-    dtype_name = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype]
-    header = {
-        "d_in": d_in,
-        "dtype": dtype_name,
-        "context_size": context_size,
-        "hook": {
-            "name": "blocks.0.hook_resid_post",
-            "module_path": "model.layers.0",
-            "io": "output",
-            "layer": 0,
-        },
-        "model": model or {"name": str(folder / "no-model-here"), "id": "none"},
-    }
-    writer = StoreWriter(folder, header, fingerprint=f"test-{seed}-{d_in}", overwrite=True)
-    for shard, first in enumerate(range(0, n_contexts, contexts_per_shard)):
-        n_ctx = min(contexts_per_shard, n_contexts - first)
-        n = n_ctx * context_size
-        ctx = torch.arange(first, first + n_ctx, dtype=torch.int32).repeat_interleave(context_size)
-        pos = torch.arange(context_size, dtype=torch.int32).repeat(n_ctx)
+    shards = []
+    for first in range(0, n_contexts, contexts_per_shard):
+        n = min(contexts_per_shard, n_contexts - first) * context_size
         if tag_rows:
             acts = torch.randn(n, d_in, generator=gen) * 3.0 + 0.5
-            acts[:, 0] = (ctx * context_size + pos).float()
+            acts[:, 0] = torch.arange(first * context_size, first * context_size + n).float()
         else:
             acts = features.sample(n) * 7.0 + 0.3
-        perm = torch.randperm(n, generator=gen)
-        tensors = {
-            "activations": acts[perm].to(dtype),
-            "token_ids": torch.randint(0, 100, (n,), generator=gen, dtype=torch.int32)[perm],
-            "context_ids": ctx[perm],
-            "positions": pos[perm],
-        }
-        writer.write_shard(shard, tensors, first_context=first, n_contexts=n_ctx)
-    writer.finish({})
-    return folder
+        shards.append(acts.to(dtype))
+    return write_store(folder, shards, context_size, model=model, seed=seed)
 
 
 def row_ids(x_BD: torch.Tensor) -> list[int]:
