@@ -87,7 +87,7 @@ def register_configs() -> None:
     from sae_pipeline import eval_config, features_config, train_config  # they import this module
 
     ConfigStore.instance().store(name="harvest_schema", node=HarvestJob)
-    train_config.register_configs()
+    train_config.register_train_configs()
     eval_config.register_eval_configs()
     features_config.register_features_configs()
 

@@ -25,8 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from sae_pipeline import metrics as M
 from sae_pipeline import paths, sweep, text
+from sae_pipeline.config import register_configs
 from sae_pipeline.errors import UserError, report_user_errors
-from sae_pipeline.eval_config import check_eval_config, eval_data_config, register_eval_configs
+from sae_pipeline.eval_config import check_eval_config, eval_data_config
 from sae_pipeline.evaluate import SpliceEvaluator
 from sae_pipeline.hooks import resolve_hook
 from sae_pipeline.models import load_model, resolve_device
@@ -336,16 +337,14 @@ def run(cfg: DictConfig) -> dict:
     return {"metrics": results, "sweep": swept}
 
 
-register_eval_configs()
+register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 @report_user_errors  # inside hydra.main, so a UserError is one line instead of Hydra's traceback
-def _main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> None:
     run(cfg)
 
-
-main = report_user_errors(_main)
 
 if __name__ == "__main__":
     main()

@@ -31,9 +31,10 @@ from torch import Tensor
 from tqdm import tqdm
 
 from sae_pipeline import browser, paths, text
+from sae_pipeline.config import register_configs
 from sae_pipeline.errors import UserError, report_user_errors
 from sae_pipeline.eval import Spec, Target, find_targets, load_spec
-from sae_pipeline.features_config import check_features_config, register_features_configs
+from sae_pipeline.features_config import check_features_config
 from sae_pipeline.hooks import capture, resolve_hook
 from sae_pipeline.models import load_model, resolve_device
 from sae_pipeline.sae import SAE, load_sae
@@ -396,7 +397,7 @@ def run(cfg: DictConfig) -> Path:
     return out_dir
 
 
-register_features_configs()
+register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="features")

@@ -31,9 +31,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from sae_pipeline import paths
+from sae_pipeline.config import register_configs
 from sae_pipeline.errors import UserError, report_user_errors
 from sae_pipeline.features import load_all, token_strings, top_logit_tokens
-from sae_pipeline.features_config import check_steer_config, register_features_configs
+from sae_pipeline.features_config import check_steer_config
 from sae_pipeline.hooks import capture, splice
 from sae_pipeline.models import max_context
 from sae_pipeline.sae import SAE
@@ -228,7 +229,7 @@ def print_report(report: dict) -> None:
         print()
 
 
-register_features_configs()
+register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="steer")

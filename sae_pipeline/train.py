@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig
 
 from sae_pipeline import checkpoint, paths
-from sae_pipeline.config import to_container
+from sae_pipeline.config import register_configs, to_container
 from sae_pipeline.errors import UserError, report_user_errors
 from sae_pipeline.models import resolve_device
 from sae_pipeline.reader import ShuffledReader
@@ -35,7 +35,7 @@ from sae_pipeline.runlog import LatentStats, RunLogger
 from sae_pipeline.runtime import keep_freed_memory
 from sae_pipeline.sae import build_sae, save_sae
 from sae_pipeline.store import ActivationStore, write_json_atomic
-from sae_pipeline.train_config import lr_at, member_specs, register_configs, sparsity_scale_at
+from sae_pipeline.train_config import lr_at, member_specs, sparsity_scale_at
 from sae_pipeline.train_eval import LossRecovered, validate
 
 

@@ -85,7 +85,7 @@ class TrainJob:
 LOGGER_MODES = ("auto", "offline", "online")
 
 
-def register_configs() -> None:
+def register_train_configs() -> None:
     from sae_pipeline.sae import CONFIG_CLASSES
 
     cs = ConfigStore.instance()

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from sae_pipeline import paths
-from sae_pipeline.eval_config import register_eval_configs
 from sae_pipeline.evaluate import activation_metrics, evaluate_sae, spliced_metrics
 from sae_pipeline.hooks import capture, resolve_hook, splice
 from sae_pipeline.sae import CONFIG_CLASSES, build_sae, save_sae
@@ -19,8 +18,6 @@ from sae_pipeline.sweep import collect_rows, pareto_mask, write_sweep
 from sae_pipeline.sweep import main as sweep_main
 from tests.helpers import compose_config, run_cli, save_tiny_model, tiny_overrides, write_corpus
 from tests.tiny_models import D_MODEL, random_tokens, tiny_llama
-
-register_eval_configs()  # `eval_schema`, for compose_config("eval", ...)
 
 HOOK = "blocks.2.hook_resid_post"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
