@@ -92,9 +92,8 @@ class BatchTopKSAE(TopKSAE):
     def training_forward(
         self, x_BD: Tensor, sparsity_scale: float = 1.0, dead_mask_F: Tensor | None = None
     ) -> TrainOutput:
-        bias_F = self._enc_bias_F(self.b_enc_F)
+        bias_F, pre_BF = self._dense_pre(x_BD)
         with torch.no_grad():
-            pre_BF = torch.addmm(bias_F, x_BD, self.W_enc_DF)
             idx_BM, keep_BM, t = self._batch_select(pre_BF)
             self._update_threshold(t)
             # Compact the kept entries (rows own different numbers of them) into flat per-row bags, so the

@@ -55,14 +55,23 @@ class TopKSAE(SAE):
         """Indices of the latents kept for each row."""
         return pre_BF.topk(self.cfg.k, dim=1, sorted=False).indices
 
-    def encode_sparse(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
-        """(idx_BK, vals_BK): kept latents and their (non-negative) activations, differentiable."""
+    def _dense_pre(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
+        """(encoder bias, pre-activations) with no autograd graph: gradients flow only through the
+        selected entries (`gather_encode`)."""
         bias_F = self._enc_bias_F(self.b_enc_F)
         with torch.no_grad():
-            pre_BF = torch.addmm(bias_F, x_BD, self.W_enc_DF)
-            idx_BK = self._select(pre_BF)
+            return bias_F, torch.addmm(bias_F, x_BD, self.W_enc_DF)
+
+    def _sparse_code(self, x_BD: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(bias_F, pre_BF, idx_BK, vals_BK): the kept latents and their (non-negative) activations."""
+        bias_F, pre_BF = self._dense_pre(x_BD)
+        idx_BK = self._select(pre_BF)
         vals_BK = gather_encode(x_BD, self.W_enc_DF, bias_F, pre_BF, idx_BK).relu()
-        return idx_BK, vals_BK
+        return bias_F, pre_BF, idx_BK, vals_BK
+
+    def encode_sparse(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
+        """(idx_BK, vals_BK): kept latents and their (non-negative) activations, differentiable."""
+        return self._sparse_code(x_BD)[2:]
 
     def encode(self, x_BD: Tensor) -> Tensor:
         idx_BK, vals_BK = self.encode_sparse(x_BD)
@@ -76,11 +85,7 @@ class TopKSAE(SAE):
     def training_forward(
         self, x_BD: Tensor, sparsity_scale: float = 1.0, dead_mask_F: Tensor | None = None
     ) -> TrainOutput:
-        bias_F = self._enc_bias_F(self.b_enc_F)
-        with torch.no_grad():
-            pre_BF = torch.addmm(bias_F, x_BD, self.W_enc_DF)
-            idx_BK = self._select(pre_BF)
-        vals_BK = gather_encode(x_BD, self.W_enc_DF, bias_F, pre_BF, idx_BK).relu()
+        bias_F, pre_BF, idx_BK, vals_BK = self._sparse_code(x_BD)
         x_hat_BD = sparse_decode(idx_BK, vals_BK, self.W_dec_FD, self.b_dec_D)
         acts_BF = scatter_dense(idx_BK, vals_BK, self.d_sae)
         return self._output(x_BD, x_hat_BD, pre_BF, bias_F, dead_mask_F, acts_BF)
