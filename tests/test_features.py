@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from sae_pipeline import paths, text
 from sae_pipeline.errors import UserError
-from sae_pipeline.features import collect, final_norm_scale, load_all, run, top_logit_tokens
+from sae_pipeline.feature_stats import collect
+from sae_pipeline.features import final_norm_scale, load_all, run, top_logit_tokens
 from sae_pipeline.sae import CONFIG_CLASSES, build_sae, save_sae
 from sae_pipeline.store import read_manifest
 from tests import helpers
