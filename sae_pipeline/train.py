@@ -13,6 +13,7 @@ whose weights take raw activations (the input scale is folded in). A group membe
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -152,9 +153,8 @@ def _prepare_run_dir(run_dir: Path, tcfg) -> bool:
     return False
 
 
-def _check_resumable(member_dir: Path, record: dict, store: ActivationStore) -> None:
-    import json
-
+def _check_resumable(member_dir: Path, record: dict, store: ActivationStore) -> dict:
+    """The run's recorded config.json, once checked against what this resume would train."""
     old = json.loads((member_dir / paths.RUN_CONFIG).read_text())
     if old.get("d_in") != store.d_in:
         raise UserError(
@@ -169,6 +169,7 @@ def _check_resumable(member_dir: Path, record: dict, store: ActivationStore) -> 
         raise UserError(
             f"the store {store.folder} changed since the run {member_dir} started (its manifest hash differs)"
         )
+    return old
 
 
 def _input_scale(sae_cfg, store: ActivationStore, sample_ND) -> float:
@@ -254,8 +255,7 @@ def run(cfg: DictConfig) -> Path:
             "hook": store.hook_name, "model": store.manifest.get("model"), "input_scale": m.input_scale,
         }  # fmt: skip
         if resuming and (m.run_dir / paths.RUN_CONFIG).exists():
-            _check_resumable(m.run_dir, record, store)
-            record["wandb_id"] = _read_json(m.run_dir / paths.RUN_CONFIG).get("wandb_id")
+            record["wandb_id"] = _check_resumable(m.run_dir, record, store).get("wandb_id")
         if common:
             meta, extra = checkpoint.load(found[common[-1]], m.sae, m.opt)
             m.rng = {k: v for k, v in extra.items() if k.startswith("rng_")}
@@ -287,12 +287,6 @@ def run(cfg: DictConfig) -> Path:
             if m.logger is not None:
                 m.logger.finish(exit_code)
     return run_dir
-
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text())
 
 
 def _train_loop(members, reader, store, tcfg, device, autocast, step: int, resuming: bool) -> None:
