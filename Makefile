@@ -26,15 +26,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-setup: $(STAMP) ## create .venv, install everything, fetch the embedded model and text
-	$(PY) -m sae_pipeline.assets
+setup: $(STAMP) browser ## create .venv, install everything (Chromium too, as root), fetch the embedded model and text
+	$(PY) -m sae_pipeline.model.assets
 
 assets: $(STAMP) ## fetch and convert the embedded model and text only
-	$(PY) -m sae_pipeline.assets
+	$(PY) -m sae_pipeline.model.assets
 
 demo: setup ## the main job: harvest -> train -> eval -> feature browser on the embedded default (CPU: ~8 min)
 	$(VENV)/bin/sae-harvest paths.root=$(ROOT) harvest.n_tokens=200000
-	$(VENV)/bin/sae-train paths.root=$(ROOT) store=$(DEMO_STORE) sae=topk train=demo train.run_dir=$(DEMO_RUN) train.overwrite=true
+	$(VENV)/bin/sae-train paths.root=$(ROOT) store=$(DEMO_STORE) experiment=demo train.run_dir=$(DEMO_RUN) train.overwrite=true
 	$(VENV)/bin/sae-eval paths.root=$(ROOT) sae_path=$(DEMO_RUN) eval.n_tokens=4096
 	$(VENV)/bin/sae-features paths.root=$(ROOT) sae_path=$(DEMO_RUN) features.n_tokens=8192
 	@echo "feature browser: open $(DEMO_RUN)/features/index.html"
@@ -49,12 +49,12 @@ sweep: setup ## a small L1 sweep (Hydra multirun) on the embedded default, then 
 	$(VENV)/bin/sae-eval paths.root=$(ROOT) sae_path=$(ROOT)/sweeps/demo-relu eval.n_tokens=4096
 	@echo "Pareto plots: $(ROOT)/sweeps/demo-relu/pareto_l0_loss_recovered.png, pareto_l0_fvu.png"
 
-browser: ## install Debian's Chromium for the feature-browser test (the test is skipped without it)
+browser: ## install Debian's Chromium for the feature-browser test (part of setup; the test skips without it)
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
 		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "note: chromium is not installed; the browser test will be skipped"
 
-test: setup browser ## the test suite CI runs (unit tests, CLI tests, one end-to-end run on SmolLM2)
+test: setup ## the test suite CI runs (unit tests, CLI tests, one end-to-end run on SmolLM2)
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP) ## the tests without the end-to-end SmolLM2 ones

@@ -1,11 +1,29 @@
-"""Process-wide CPU settings that make training steps fast on the machines we have."""
+"""Where and how the process computes: the device, and process-wide CPU settings that make steps fast."""
 
 from __future__ import annotations
 
 import ctypes
 import sys
 
+import torch
+
+from sae_pipeline.errors import UserError
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            f"device={name!r} was asked for but this machine has no CUDA GPU; use device=auto or cpu"
+        )
+    return device
 
 
 def keep_freed_memory() -> bool:

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import torch
 
-from sae_pipeline import harvest, hooks, store, text
-from sae_pipeline.config import compose
-from sae_pipeline.models import load_model
+from sae_pipeline import harvest
+from sae_pipeline.data import store, text
+from sae_pipeline.model import hook_points, hooks
+from sae_pipeline.model.loading import load_model
+from sae_pipeline.schema import compose
 
 
 def _time(fn, batches) -> float:
@@ -47,7 +49,7 @@ def main() -> None:
         data_cfg, tokenizer, "train", args.context, True, n * (args.context - 1), 0
     )
     batches = list(ids.split(args.batch_size))
-    hp = hooks.resolve_hook(model, hooks.hook_name("resid_post", args.layer))
+    hp = hook_points.resolve_hook(model, hook_points.hook_name("resid_post", args.layer))
     tokens = ids.numel()
 
     early_s = _time(lambda b: hooks.capture(model, b, None, [hp], early_exit=True), batches)

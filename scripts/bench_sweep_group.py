@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sae_pipeline import train  # noqa: E402
-from sae_pipeline.config import compose  # noqa: E402
+from sae_pipeline.schema import compose  # noqa: E402
 from scripts.bench_train import make_store  # noqa: E402
 
 

@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sae_pipeline.reader import ShuffledReader  # noqa: E402
-from sae_pipeline.store import ActivationStore  # noqa: E402
-from sae_pipeline.synthetic import write_store  # noqa: E402
+from sae_pipeline.data.reader import ShuffledReader  # noqa: E402
+from sae_pipeline.data.store import ActivationStore  # noqa: E402
+from tests.synthetic import write_store  # noqa: E402
 
 
 def make_store(folder: Path, n_shards: int, shard_rows: int, d_in: int, context_size: int = 128) -> Path:
@@ -59,8 +59,8 @@ def train_rate(arch: str, d_in: int, expansion: int, batch_size: int, steps: int
     from omegaconf import OmegaConf
 
     from sae_pipeline.sae import CONFIG_CLASSES
-    from sae_pipeline.train import Member
-    from sae_pipeline.train_config import TrainConfig
+    from sae_pipeline.schema.train import TrainConfig
+    from sae_pipeline.training.member import Member
 
     tcfg = OmegaConf.structured(TrainConfig(batch_size=batch_size))
     member = Member(

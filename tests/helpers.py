@@ -8,11 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
+from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from sae_pipeline.config import compose
+from sae_pipeline import layout
+from sae_pipeline.data.store import read_manifest
+from sae_pipeline.sae import CONFIG_CLASSES, build_sae, save_sae
+from sae_pipeline.schema import compose
+from tests.synthetic import SyntheticFeatures, write_store
 from tests.tiny_models import TINY_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,4 +89,86 @@ def run_cli(module: str, args: list[str], cwd: Path, env: dict | None = None) ->
         capture_output=True,
         text=True,
         timeout=600,
+    )
+
+
+def make_store(
+    folder: Path,
+    n_contexts: int = 48,
+    context_size: int = 16,
+    d_in: int = 8,
+    contexts_per_shard: int = 16,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    model: dict | None = None,
+    tag_rows: bool = True,
+) -> Path:
+    """A tiny finished store of random activations (no model needed).
+
+    With `tag_rows`, the first element of each row is its global id (context * context_size +
+    position) so tests can tell rows apart; the rest is Gaussian. Without it, rows are sparse
+    sums of random directions (sae_pipeline.synthetic), something an SAE can learn."""
+    features = SyntheticFeatures(n_features=4 * d_in, d=d_in, mean_active=3.0, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    shards = []
+    for first in range(0, n_contexts, contexts_per_shard):
+        n = min(contexts_per_shard, n_contexts - first) * context_size
+        if tag_rows:
+            acts = torch.randn(n, d_in, generator=gen) * 3.0 + 0.5
+            acts[:, 0] = torch.arange(first * context_size, first * context_size + n).float()
+        else:
+            acts = features.sample(n) * 7.0 + 0.3
+        shards.append(acts.to(dtype))
+    return write_store(folder, shards, context_size, model=model, seed=seed)
+
+
+D_SAE = 48
+DEAD = (5, 17)
+
+
+def make_sae_run(tmp: Path, family: str = "llama", seed: int = 0) -> Path:
+    """A tiny model, a harvested store, and a random ReLU SAE with varied densities and two dead latents."""
+    from sae_pipeline import harvest
+
+    model_dir = save_tiny_model(tmp / "model", family)
+    with torch.no_grad():  # a non-trivial final-norm scale, so the logit lens must apply it
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        g = torch.Generator().manual_seed(1)
+        for name, p in model.named_parameters():
+            if name.endswith(("model.norm.weight", "ln_f.weight", "final_layer_norm.weight")):
+                p.copy_(torch.rand(p.shape, generator=g) * 2 + 0.2)
+        model.save_pretrained(model_dir)
+    corpus = write_corpus(tmp / "corpus.jsonl", n_docs=8, words_per_doc=200)
+    cfg = compose_config("harvest", tiny_overrides(tmp, model_dir, corpus))
+    (store,) = harvest.run(cfg)
+    manifest = read_manifest(store)
+    x_ND = load_file(str(store / layout.shard_name(0)))["activations"].float()
+    sae = build_sae(CONFIG_CLASSES["relu"](d_sae=D_SAE, normalize_input=False), d_in=x_ND.shape[1], seed=seed)
+    with torch.no_grad():
+        pre_NF = x_ND @ sae.W_enc_DF
+        frac_F = torch.linspace(0.5, 0.995, D_SAE)  # latent f fires on roughly 1 - frac of tokens
+        b_F = -torch.stack([pre_NF[:, f].quantile(frac_F[f]) for f in range(D_SAE)])
+        b_F[list(DEAD)] = -1e4
+        sae.b_enc_F.copy_(b_F)
+    run_dir = tmp / "run"
+    extra = {"store": str(store), "hook": manifest["hook"]["name"], "model": manifest["model"]}
+    save_sae(sae, run_dir / layout.FINAL_SAE, extra=extra)
+    (run_dir / layout.CONFIG).write_text(json.dumps({"store": str(store)}))
+    return run_dir
+
+
+def features_cfg(run_dir: Path, *extra: str):
+    return compose_config(
+        "features",
+        [
+            f"sae_path={run_dir}",
+            f"paths.root={run_dir.parent / 'runs'}",
+            "features.n_tokens=600",
+            "features.top_k=5",
+            "features.batch_size=3",
+            "features.device=cpu",
+            *extra,
+        ],
     )

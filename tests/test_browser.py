@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from sae_pipeline import browser, paths
+from sae_pipeline import layout
 from sae_pipeline.features import run
-from tests.test_features import DEAD, features_cfg, make_sae_run
+from sae_pipeline.interpret import browser
+from tests.helpers import DEAD, features_cfg, make_sae_run
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(
@@ -76,13 +77,13 @@ def page(tmp_path_factory):
     """A real features report, with a few token strings replaced by text that must be escaped."""
     tmp = tmp_path_factory.mktemp("browser")
     out = run(features_cfg(make_sae_run(tmp), f"features.out_dir={tmp / 'features'}", "features.n_weak=2"))
-    report = json.loads((out / paths.FEATURES_JSON).read_text())
+    report = json.loads((out / layout.FEATURES_JSON).read_text())
     live = next(r for r in report["latents"] if not r["dead"])
     peak = live["top"][0]
     for tok_id, text in zip(dict.fromkeys(peak["toks"]), NASTY, strict=False):
         report["tokens"][str(tok_id)] = text
     browser.write_browser(out, report)
-    return out / paths.FEATURES_HTML, report, live, tmp
+    return out / layout.FEATURES_HTML, report, live, tmp
 
 
 def test_latent_view_highlights_its_contexts(page):
@@ -152,7 +153,7 @@ def test_search_by_token_and_id(page):
 
 def test_missing_data_script_is_reported(page, tmp_path):
     html_path, *_ = page
-    lonely = tmp_path / paths.FEATURES_HTML
+    lonely = tmp_path / layout.FEATURES_HTML
     lonely.write_text(html_path.read_text())
     dom, _ = dump_dom(lonely, "", tmp_path)
     assert "features_data.js did not load" in dom

@@ -10,7 +10,8 @@ import json
 
 import pytest
 
-from sae_pipeline import paths, store
+from sae_pipeline import layout
+from sae_pipeline.data import store
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.slow
@@ -62,8 +63,8 @@ def test_harvest_train_eval_on_smollm2(tmp_path):
             cwd=tmp_path,
         )
     )
-    assert (run / paths.FINAL_SAE / paths.SAE_WEIGHTS).exists()
-    log = [json.loads(line) for line in (run / paths.TRAIN_LOG).read_text().splitlines()]
+    assert (run / layout.FINAL_SAE / layout.SAE_WEIGHTS).exists()
+    log = [json.loads(line) for line in (run / layout.TRAIN_LOG).read_text().splitlines()]
     assert any("fvu" in row for row in log)
     assert list((run / "wandb").glob("offline-run-*")), "a W&B offline run folder"
 
@@ -71,7 +72,7 @@ def test_harvest_train_eval_on_smollm2(tmp_path):
         "eval", [f"paths.root={root}", f"sae_path={run}", "eval.n_tokens=512", "logger=none"], cwd=tmp_path
     )
     _ok(proc)
-    metrics = json.loads((run / paths.EVAL / paths.METRICS).read_text())
+    metrics = json.loads((run / layout.EVAL / layout.METRICS).read_text())
     assert 0 < metrics["l0"] <= 16 + 1e-6
     assert 0 < metrics["fvu"] < 1.5
     assert metrics["ce_clean"] < metrics["ce_zero"]
@@ -79,5 +80,5 @@ def test_harvest_train_eval_on_smollm2(tmp_path):
     assert "loss recovered" in proc.stdout.lower() or "loss recovered" in proc.stderr.lower()
 
     _ok(run_cli("features", [f"paths.root={root}", f"sae_path={run}", "features.n_tokens=512"], cwd=tmp_path))
-    report = json.loads((run / paths.FEATURES / paths.FEATURES_JSON).read_text())
-    assert report and (run / paths.FEATURES / paths.FEATURES_HTML).exists()
+    report = json.loads((run / layout.FEATURES / layout.FEATURES_JSON).read_text())
+    assert report and (run / layout.FEATURES / layout.FEATURES_HTML).exists()

@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sae_pipeline import paths
-from sae_pipeline.evaluate import activation_metrics, evaluate_sae, spliced_metrics
-from sae_pipeline.hooks import capture, resolve_hook, splice
+from sae_pipeline import layout
+from sae_pipeline.errors import UserError
+from sae_pipeline.evaluation.splice import activation_metrics, evaluate_sae, spliced_metrics
+from sae_pipeline.evaluation.sweep import collect_rows, pareto_mask, write_sweep
+from sae_pipeline.model.hook_points import resolve_hook
+from sae_pipeline.model.hooks import capture, splice
 from sae_pipeline.sae import CONFIG_CLASSES, build_sae, save_sae
-from sae_pipeline.sweep import collect_rows, pareto_mask, write_sweep
-from sae_pipeline.sweep import main as sweep_main
 from tests.helpers import compose_config, run_cli, save_tiny_model, tiny_overrides, write_corpus
 from tests.tiny_models import D_MODEL, random_tokens, tiny_llama
 
@@ -133,7 +134,7 @@ def test_mean_ablation_and_sae_splice_match_manual_splices(model, data):
     ],
 )
 def test_prefix_replay_is_exact_and_skips_early_blocks(model, data, family, hook_name):
-    from sae_pipeline.hooks import find_blocks
+    from sae_pipeline.model.hook_points import find_blocks
     from tests.tiny_models import TINY_MODELS
 
     model = model if family == "llama" else TINY_MODELS[family]()
@@ -189,9 +190,9 @@ def test_sweep_tables_and_plots(tmp_path):
         "4_sae=jumprelu": _fake_metrics("jumprelu", "l0_coefficient", 1.0, 10.0, 0.90, 0.18),
     }
     for name, m in runs.items():
-        folder = tmp_path / name / paths.EVAL
+        folder = tmp_path / name / layout.EVAL
         folder.mkdir(parents=True)
-        (folder / paths.METRICS).write_text(json.dumps(m))
+        (folder / layout.METRICS).write_text(json.dumps(m))
     assert len(collect_rows(tmp_path)) == 5
     out = write_sweep(tmp_path)
     with open(out["csv"]) as f:
@@ -212,12 +213,11 @@ def test_sweep_tables_and_plots(tmp_path):
         assert raw[:8] == PNG_SIGNATURE
         image = matplotlib.image.imread(out[key])
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
-    # the stand-alone entry point redoes them from the metrics files; an empty folder is one sentence
-    sweep_main([str(tmp_path)])
+    # they are redone from the metrics files alone; a folder without any is one sentence
+    assert write_sweep(tmp_path)["md"].read_text() == out["md"].read_text()
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit) as exc:
-        sweep_main([str(tmp_path / "empty")])
-    assert exc.value.code == 2
+    with pytest.raises(UserError, match="no eval/metrics.json found"):
+        write_sweep(tmp_path / "empty")
 
 
 def test_launcher_configs_compose():
@@ -249,7 +249,7 @@ def tiny_sweep(tmp_path_factory):
     corpus = write_corpus(tmp / "corpus.jsonl", n_docs=8, words_per_doc=150)
     overrides = tiny_overrides(tmp, model_dir, corpus, n_tokens=300)
     (store,) = harvest.run(compose_config("harvest", overrides))
-    manifest = json.loads((store / paths.MANIFEST).read_text())
+    manifest = json.loads((store / layout.MANIFEST).read_text())
     sweep = tmp / "sweep"
     for i, cfg in enumerate([CONFIG_CLASSES["relu"](expansion_factor=2.0), CONFIG_CLASSES["topk"](k=4)]):
         sae = build_sae(cfg, d_in=manifest["d_in"], seed=i)
@@ -259,7 +259,7 @@ def tiny_sweep(tmp_path_factory):
             "model": manifest["model"],
             "input_scale_folded": True,
         }
-        save_sae(sae, sweep / f"{i}_sae={cfg.arch}" / paths.FINAL_SAE, extra)
+        save_sae(sae, sweep / f"{i}_sae={cfg.arch}" / layout.FINAL_SAE, extra)
     return tmp, store, sweep
 
 
@@ -272,7 +272,7 @@ def test_sae_eval_cli_on_a_multirun_folder(tiny_sweep):
     lines = [ln for ln in result.stdout.splitlines() if "loss recovered" in ln]
     assert len(lines) == 2 and "0_sae=relu" in lines[0]
     for run in ("0_sae=relu", "1_sae=topk"):
-        m = json.loads((sweep / run / paths.EVAL / paths.METRICS).read_text())
+        m = json.loads((sweep / run / layout.EVAL / layout.METRICS).read_text())
         assert m["n_tokens"] >= 200 and m["eval_data"]["source"] == "store held-out documents"
         for key in (
             "l0",
@@ -286,11 +286,16 @@ def test_sae_eval_cli_on_a_multirun_folder(tiny_sweep):
         ):
             assert isinstance(m[key], float), key
         assert m["definitions"]["version"] >= 1
-        assert (sweep / run / paths.EVAL / paths.DENSITY_PLOT).read_bytes()[:8] == PNG_SIGNATURE
-        assert list((sweep / run / paths.EVAL).glob("wandb/offline-run-*")), "no offline W&B run folder"
+        assert (sweep / run / layout.EVAL / layout.DENSITY_PLOT).read_bytes()[:8] == PNG_SIGNATURE
+        assert list((sweep / run / layout.EVAL).glob("wandb/offline-run-*")), "no offline W&B run folder"
     assert m["l0"] <= 4  # TopK k=4
     assert m["baseline_reused"]  # the second SAE at the same hook reused the zero/mean-ablation CE
-    for name in (paths.SWEEP_TABLE_CSV, paths.SWEEP_TABLE_MD, paths.PARETO_LOSS_PLOT, paths.PARETO_FVU_PLOT):
+    for name in (
+        layout.SWEEP_TABLE_CSV,
+        layout.SWEEP_TABLE_MD,
+        layout.PARETO_LOSS_PLOT,
+        layout.PARETO_FVU_PLOT,
+    ):
         assert (sweep / name).is_file(), name
 
 
@@ -308,10 +313,10 @@ def test_sae_eval_errors_are_one_sentence(tiny_sweep, tmp_path):
     with pytest.raises(UserError, match="no SAE found under"):
         run(cfg)
 
-    manifest = json.loads((store / paths.MANIFEST).read_text())
+    manifest = json.loads((store / layout.MANIFEST).read_text())
     bad = tmp_path / "bad_run"
     sae = build_sae(CONFIG_CLASSES["relu"](expansion_factor=2.0), d_in=manifest["d_in"] + 3, seed=0)
-    save_sae(sae, bad / paths.FINAL_SAE, {"store": str(store), "hook": manifest["hook"]})
+    save_sae(sae, bad / layout.FINAL_SAE, {"store": str(store), "hook": manifest["hook"]})
     cfg = compose_config("eval", [f"sae_path={bad}", "logger=none", "eval.n_tokens=64"])
     with pytest.raises(UserError, match=f"d_in={manifest['d_in'] + 3}"):
         run(cfg)
@@ -324,8 +329,8 @@ def test_sae_eval_run_folder_with_a_data_override_and_skip_existing(tiny_sweep, 
     run_dir = tmp / "single_run"
     import shutil
 
-    shutil.copytree(sweep / "1_sae=topk" / paths.FINAL_SAE, run_dir / paths.FINAL_SAE)
-    (run_dir / paths.RUN_CONFIG).write_text("{}")
+    shutil.copytree(sweep / "1_sae=topk" / layout.FINAL_SAE, run_dir / layout.FINAL_SAE)
+    (run_dir / layout.CONFIG).write_text("{}")
     data = f"{{name:json,data_files:{tmp / 'corpus.jsonl'},eval_documents:3}}"
     overrides = [
         f"sae_path={run_dir}",
@@ -339,8 +344,8 @@ def test_sae_eval_run_folder_with_a_data_override_and_skip_existing(tiny_sweep, 
     assert out["sweep"] is None
     assert m["eval_data"]["source"] == "eval.data override" and m["eval_data"]["data"]["eval_documents"] == 3
     assert m["n_tokens"] == 93 and m["eval_data"]["n_contexts"] == 3  # whole contexts of 31 scored tokens
-    assert (run_dir / paths.EVAL / paths.METRICS).is_file()
-    assert not (run_dir / paths.EVAL / "wandb").exists()
+    assert (run_dir / layout.EVAL / layout.METRICS).is_file()
+    assert not (run_dir / layout.EVAL / "wandb").exists()
     again = run(compose_config("eval", overrides))  # same settings and weights: kept, not recomputed
     assert (
         again["metrics"] == out["metrics"] or next(iter(again["metrics"].values()))["wall_s"] == m["wall_s"]
@@ -349,7 +354,7 @@ def test_sae_eval_run_folder_with_a_data_override_and_skip_existing(tiny_sweep, 
 
 
 def test_evaluator_reuses_baselines_across_saes(model, data):
-    from sae_pipeline.evaluate import SpliceEvaluator
+    from sae_pipeline.evaluation.splice import SpliceEvaluator
 
     ids, mask = data
     hook = resolve_hook(model, HOOK)
@@ -373,22 +378,22 @@ def test_evaluator_reuses_baselines_across_saes(model, data):
 
 def test_find_targets_layouts(tmp_path):
     from sae_pipeline.errors import UserError
-    from sae_pipeline.eval import find_targets
+    from sae_pipeline.runs import find_targets
 
     def fake_sae(folder):
         folder.mkdir(parents=True)
-        (folder / paths.SAE_CONFIG).write_text("{}")
-        (folder / paths.SAE_WEIGHTS).write_bytes(b"")
+        (folder / layout.CONFIG).write_text("{}")
+        (folder / layout.SAE_WEIGHTS).write_bytes(b"")
 
     run = tmp_path / "run"
-    (run / paths.FINAL_SAE).parent.mkdir(parents=True)
-    (run / paths.RUN_CONFIG).write_text("{}")
+    (run / layout.FINAL_SAE).parent.mkdir(parents=True)
+    (run / layout.CONFIG).write_text("{}")
     with pytest.raises(UserError, match="has no final SAE"):
         find_targets(run)
-    fake_sae(run / paths.FINAL_SAE)
+    fake_sae(run / layout.FINAL_SAE)
     (t,), many = find_targets(run)
-    assert not many and t.run_dir == run and t.eval_dir == run / paths.EVAL
-    (t,), _ = find_targets(run / paths.FINAL_SAE)  # the SAE folder itself
+    assert not many and t.run_dir == run and t.eval_dir == run / layout.EVAL
+    (t,), _ = find_targets(run / layout.FINAL_SAE)  # the SAE folder itself
     assert t.run_dir == run
     for member in ("sweep/0_a/sae", "sweep/1_b/m0/sae", "sweep/1_b/m1/sae"):
         fake_sae(tmp_path / member)

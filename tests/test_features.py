@@ -7,71 +7,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from sae_pipeline import paths, text
+from sae_pipeline import layout
+from sae_pipeline.data import text
 from sae_pipeline.errors import UserError
-from sae_pipeline.feature_stats import collect
-from sae_pipeline.features import final_norm_scale, load_all, run, top_logit_tokens
-from sae_pipeline.sae import CONFIG_CLASSES, build_sae, save_sae
-from sae_pipeline.store import read_manifest
+from sae_pipeline.features import run
+from sae_pipeline.interpret.feature_stats import collect
+from sae_pipeline.interpret.logit_lens import final_norm_scale, top_logit_tokens
+from sae_pipeline.runs import load_all
 from tests import helpers
-
-D_SAE = 48
-DEAD = (5, 17)
-
-
-def make_sae_run(tmp: Path, family: str = "llama", seed: int = 0) -> Path:
-    """A tiny model, a harvested store, and a random ReLU SAE with varied densities and two dead latents."""
-    from sae_pipeline import harvest
-
-    model_dir = helpers.save_tiny_model(tmp / "model", family)
-    with torch.no_grad():  # a non-trivial final-norm scale, so the logit lens must apply it
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        g = torch.Generator().manual_seed(1)
-        for name, p in model.named_parameters():
-            if name.endswith(("model.norm.weight", "ln_f.weight", "final_layer_norm.weight")):
-                p.copy_(torch.rand(p.shape, generator=g) * 2 + 0.2)
-        model.save_pretrained(model_dir)
-    corpus = helpers.write_corpus(tmp / "corpus.jsonl", n_docs=8, words_per_doc=200)
-    cfg = helpers.compose_config("harvest", helpers.tiny_overrides(tmp, model_dir, corpus))
-    (store,) = harvest.run(cfg)
-    manifest = read_manifest(store)
-    x_ND = load_file(str(store / paths.shard_name(0)))["activations"].float()
-    sae = build_sae(CONFIG_CLASSES["relu"](d_sae=D_SAE, normalize_input=False), d_in=x_ND.shape[1], seed=seed)
-    with torch.no_grad():
-        pre_NF = x_ND @ sae.W_enc_DF
-        frac_F = torch.linspace(0.5, 0.995, D_SAE)  # latent f fires on roughly 1 - frac of tokens
-        b_F = -torch.stack([pre_NF[:, f].quantile(frac_F[f]) for f in range(D_SAE)])
-        b_F[list(DEAD)] = -1e4
-        sae.b_enc_F.copy_(b_F)
-    run_dir = tmp / "run"
-    extra = {"store": str(store), "hook": manifest["hook"]["name"], "model": manifest["model"]}
-    save_sae(sae, run_dir / paths.FINAL_SAE, extra=extra)
-    (run_dir / paths.RUN_CONFIG).write_text(json.dumps({"store": str(store)}))
-    return run_dir
+from tests.helpers import D_SAE, DEAD, features_cfg, make_sae_run
 
 
 @pytest.fixture(scope="module")
 def sae_run(tmp_path_factory) -> Path:
     return make_sae_run(tmp_path_factory.mktemp("features"))
-
-
-def features_cfg(run_dir: Path, *extra: str):
-    return helpers.compose_config(
-        "features",
-        [
-            f"sae_path={run_dir}",
-            f"paths.root={run_dir.parent / 'runs'}",
-            "features.n_tokens=600",
-            "features.top_k=5",
-            "features.batch_size=3",
-            "features.device=cpu",
-            *extra,
-        ],
-    )
 
 
 def brute_force(run_dir: Path, n_tokens: int):
@@ -189,7 +139,7 @@ def test_logit_lens_finds_each_familys_final_norm(family):
 
 def test_run_writes_report(sae_run, tmp_path):
     out = run(features_cfg(sae_run, f"features.out_dir={tmp_path / 'f'}", "features.n_weak=3"))
-    report = json.loads((out / paths.FEATURES_JSON).read_text())
+    report = json.loads((out / layout.FEATURES_JSON).read_text())
     assert len(report["latents"]) == D_SAE and report["n_dead"] == len(DEAD)
     by_id = {r["id"]: r for r in report["latents"]}
     assert all(by_id[f]["dead"] and not by_id[f]["top"] for f in DEAD)
@@ -200,9 +150,9 @@ def test_run_writes_report(sae_run, tmp_path):
         assert ex["acts"][ex["peak"]] == ex["act"] and len(ex["toks"]) == len(ex["acts"])
         assert all(str(t) in report["tokens"] for t in ex["toks"])
     assert len(live["promoted"]) == 10 and sum(live["hist"]["counts"]) == live["count"]
-    html = (out / paths.FEATURES_HTML).read_text()
+    html = (out / layout.FEATURES_HTML).read_text()
     assert (
-        paths.FEATURES_DATA_JS in html
+        layout.FEATURES_DATA_JS in html
         and "fetch(" not in html
         and "http" not in html.replace("http://www.w3.org/2000/svg", "")
     )
@@ -215,10 +165,10 @@ def test_cli_writes_json_and_html(sae_run):
         cwd=sae_run.parent,
     )
     assert result.returncode == 0, result.stderr
-    out = sae_run / paths.FEATURES
-    report = json.loads((out / paths.FEATURES_JSON).read_text())
+    out = sae_run / layout.FEATURES
+    report = json.loads((out / layout.FEATURES_JSON).read_text())
     assert [r["id"] for r in report["latents"]] == list(range(10))
-    assert (out / paths.FEATURES_HTML).is_file() and (out / paths.FEATURES_DATA_JS).is_file()
+    assert (out / layout.FEATURES_HTML).is_file() and (out / layout.FEATURES_DATA_JS).is_file()
 
 
 def test_bad_settings_are_user_errors(sae_run, tmp_path):

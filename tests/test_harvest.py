@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from sae_pipeline import harvest, paths, store
+from sae_pipeline import harvest, layout
+from sae_pipeline.data import store
 from sae_pipeline.errors import UserError
 from tests.helpers import compose_config, run_cli, save_tiny_model, tiny_overrides, write_corpus
 
@@ -109,7 +110,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, assets, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _harvest(tmp_path / "b", assets)
     monkeypatch.setattr(store.StoreWriter, "write_shard", real_write)
-    killed = paths.store_dir(
+    killed = layout.store_dir(
         tmp_path / "b" / "runs" / "stores" / "tiny" / "corpus", "blocks.1.hook_resid_post"
     )
     assert len(store.read_manifest(killed)["shards"]) == 2 and not store.read_manifest(killed)["complete"]
@@ -121,17 +122,19 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path, assets, monkeypatch):
 
 def test_existing_store_with_other_settings_is_refused(tmp_path, assets):
     (folder,) = _harvest(tmp_path, assets)
-    before = (folder / paths.MANIFEST).read_text()
+    before = (folder / layout.MANIFEST).read_text()
     with pytest.raises(UserError, match="already exists with different settings.*harvest.overwrite=true"):
         _harvest(tmp_path, assets, extra=["harvest.seed=1"])
-    assert (folder / paths.MANIFEST).read_text() == before
+    assert (folder / layout.MANIFEST).read_text() == before
     assert _harvest(tmp_path, assets) == [folder]  # same settings: complete, nothing to do
     (replaced,) = _harvest(tmp_path, assets, extra=["harvest.seed=1", "harvest.overwrite=true"])
     assert store.read_manifest(replaced)["seed"] == 1
 
 
 def test_no_space_left_keeps_complete_shards(tmp_path, assets, monkeypatch):
-    real_save = store.save_file
+    from sae_pipeline import files
+
+    real_save = files.save_file
     calls = []
 
     def full_disk(tensors, filename, metadata=None):
@@ -140,17 +143,17 @@ def test_no_space_left_keeps_complete_shards(tmp_path, assets, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(store, "save_file", full_disk)
+    monkeypatch.setattr(files, "save_file", full_disk)
     with pytest.raises(
         UserError,
         match="no space left on the device while writing .*shard-00002.*keeps its 2 complete shards",
     ):
         _harvest(tmp_path, assets)
-    folder = paths.store_dir(tmp_path / "runs" / "stores" / "tiny" / "corpus", "blocks.1.hook_resid_post")
+    folder = layout.store_dir(tmp_path / "runs" / "stores" / "tiny" / "corpus", "blocks.1.hook_resid_post")
     manifest = store.read_manifest(folder)
     assert len(manifest["shards"]) == 2
     for s in manifest["shards"]:
-        assert store.sha256_file(folder / s["file"]) == s["sha256"]
+        assert files.sha256_file(folder / s["file"]) == s["sha256"]
 
 
 @pytest.mark.parametrize(
@@ -187,8 +190,8 @@ def test_cli_harvests_and_reports_bad_input(tmp_path, assets):
     args = tiny_overrides(tmp_path, assets["llama"], assets["corpus"])
     ok = run_cli("harvest", args, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
-    folder = paths.store_dir(tmp_path / "runs" / "stores" / "tiny" / "corpus", "blocks.1.hook_resid_post")
-    assert json.loads((folder / paths.MANIFEST).read_text())["complete"]
+    folder = layout.store_dir(tmp_path / "runs" / "stores" / "tiny" / "corpus", "blocks.1.hook_resid_post")
+    assert json.loads((folder / layout.MANIFEST).read_text())["complete"]
     bad = run_cli("harvest", args + ["hook.points=[resid_mid]"], cwd=tmp_path)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("error: unknown hook point 'resid_mid'")

@@ -10,17 +10,16 @@ import torch
 from torch import nn
 
 from sae_pipeline.errors import UserError
-from sae_pipeline.hooks import (
+from sae_pipeline.model.hook_points import (
     POINTS,
     HookPoint,
-    capture,
     find_blocks,
     hook_name,
     list_hooks,
     num_layers,
     resolve_hook,
-    splice,
 )
+from sae_pipeline.model.hooks import capture, splice
 from tests.tiny_models import N_LAYERS, TINY_MODELS, random_tokens
 
 FAMILIES = list(TINY_MODELS)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sae_pipeline import metrics as M
+from sae_pipeline.evaluation import metrics as M
 
 # Two tokens in D=2. mean(x) = (2, 1); sum ||x - mean||^2 = (1 + 1) + (1 + 1) = 4.
 X = torch.tensor([[1.0, 0.0], [3.0, 2.0]])

@@ -2,45 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
+from sae_pipeline.data.reader import ShuffledReader
+from sae_pipeline.data.store import ActivationStore
 from sae_pipeline.errors import UserError
-from sae_pipeline.reader import ShuffledReader
-from sae_pipeline.store import ActivationStore
-from sae_pipeline.synthetic import SyntheticFeatures, write_store
-
-
-def make_store(
-    folder: Path,
-    n_contexts: int = 48,
-    context_size: int = 16,
-    d_in: int = 8,
-    contexts_per_shard: int = 16,
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-    model: dict | None = None,
-    tag_rows: bool = True,
-) -> Path:
-    """A tiny finished store of random activations (no model needed).
-
-    With `tag_rows`, the first element of each row is its global id (context * context_size +
-    position) so tests can tell rows apart; the rest is Gaussian. Without it, rows are sparse
-    sums of random directions (sae_pipeline.synthetic), something an SAE can learn."""
-    features = SyntheticFeatures(n_features=4 * d_in, d=d_in, mean_active=3.0, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    shards = []
-    for first in range(0, n_contexts, contexts_per_shard):
-        n = min(contexts_per_shard, n_contexts - first) * context_size
-        if tag_rows:
-            acts = torch.randn(n, d_in, generator=gen) * 3.0 + 0.5
-            acts[:, 0] = torch.arange(first * context_size, first * context_size + n).float()
-        else:
-            acts = features.sample(n) * 7.0 + 0.3
-        shards.append(acts.to(dtype))
-    return write_store(folder, shards, context_size, model=model, seed=seed)
+from tests.helpers import make_store
 
 
 def row_ids(x_BD: torch.Tensor) -> list[int]:

@@ -22,7 +22,7 @@ from sae_pipeline.sae import (
     load_sae,
     save_sae,
 )
-from sae_pipeline.sae.base import sparse_decode
+from sae_pipeline.sae.kernels import sparse_decode
 
 D, F_ = 16, 48
 ALL_CONFIGS = {

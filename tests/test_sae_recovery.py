@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sae_pipeline.sae import CONFIG_CLASSES, build_sae, input_scale_factor
-from sae_pipeline.synthetic import SyntheticFeatures, recovered_fraction
+from tests.synthetic import SyntheticFeatures, recovered_fraction
 
 D, N_FEATURES, D_SAE, STEPS, BATCH = 64, 128, 256, 1000, 256
 

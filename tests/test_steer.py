@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_pipeline import paths
+from sae_pipeline import layout
 from sae_pipeline.errors import UserError
-from sae_pipeline.features import load_all, top_logit_tokens
-from sae_pipeline.hooks import capture, splice
-from sae_pipeline.steer import FromPosition, generate, intervention, prompt_ids, run
+from sae_pipeline.interpret.logit_lens import top_logit_tokens
+from sae_pipeline.interpret.steering import FromPosition, generate, intervention, prompt_ids
+from sae_pipeline.model.hooks import capture, splice
+from sae_pipeline.runs import load_all
+from sae_pipeline.steer import run
 from tests import helpers
-from tests.test_features import make_sae_run
+from tests.helpers import make_sae_run
 
 
 @pytest.fixture(scope="module")
@@ -171,5 +173,5 @@ def test_cli_ablate(loaded):
     )
     assert result.returncode == 0, result.stderr
     assert "--- ablate latent 3" in result.stdout
-    report = json.loads((run_dir / paths.STEER / paths.STEER_JSON).read_text())
+    report = json.loads((run_dir / layout.STEER / layout.STEER_JSON).read_text())
     assert report["mode"] == "ablate" and report["results"][0]["steered"][0]["value"] == 0.0

@@ -7,7 +7,7 @@ import csv
 
 import matplotlib.image
 
-from sae_pipeline import paths
+from sae_pipeline import layout
 from tests.helpers import run_cli, save_tiny_model, tiny_overrides, write_corpus
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -47,13 +47,13 @@ def test_multirun_and_sweep_group_then_pareto(tmp_path):
     evaluated = run_cli("eval", [f"paths.root={root}", f"sae_path={sweep}", "eval.n_tokens=200", "logger=none"],
                         cwd=tmp_path)  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-    with open(sweep / paths.SWEEP_TABLE_CSV) as f:
+    with open(sweep / layout.SWEEP_TABLE_CSV) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4  # two multirun jobs + two group members
     assert {r["sparsity_key"] for r in rows} == {"l1_coefficient"}
     assert sorted(float(r["sparsity_value"]) for r in rows) == [0.3, 1.0, 3.0, 10.0]
-    for name in (paths.PARETO_LOSS_PLOT, paths.PARETO_FVU_PLOT):
+    for name in (layout.PARETO_LOSS_PLOT, layout.PARETO_FVU_PLOT):
         png = sweep / name
         assert png.read_bytes()[:8] == PNG_SIGNATURE
         assert matplotlib.image.imread(png).ndim == 3
-    assert (sweep / paths.SWEEP_TABLE_MD).read_text().count("\n") >= 5
+    assert (sweep / layout.SWEEP_TABLE_MD).read_text().count("\n") >= 5

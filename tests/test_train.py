@@ -15,14 +15,16 @@ import torch
 from hydra import compose, initialize_config_module
 from safetensors.torch import load_file
 
-from sae_pipeline import checkpoint, paths
+from sae_pipeline import layout
+from sae_pipeline.data.reader import ShuffledReader
+from sae_pipeline.data.store import ActivationStore
 from sae_pipeline.errors import UserError
-from sae_pipeline.reader import ShuffledReader
 from sae_pipeline.sae import ARCHITECTURES, build_sae, load_sae
-from sae_pipeline.store import ActivationStore
+from sae_pipeline.schema.train import TrainConfig
 from sae_pipeline.train import StopRequested, run
-from sae_pipeline.train_config import TrainConfig, lr_at, sparsity_scale_at
-from tests.test_reader import make_store
+from sae_pipeline.training import checkpoint
+from sae_pipeline.training.schedule import lr_at, sparsity_scale_at
+from tests.helpers import make_store
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
@@ -42,7 +44,7 @@ def cfg_for(store: Path, run_dir: Path, *overrides: str):
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / paths.FINAL_SAE / paths.SAE_WEIGHTS))
+    return load_file(str(run_dir / layout.FINAL_SAE / layout.SAE_WEIGHTS))
 
 
 def assert_same(a: dict, b: dict) -> None:
@@ -68,12 +70,12 @@ def test_cli_single_run_writes_the_run_layout_and_wandb_offline(store, tmp_path)
     assert res.returncode == 0, res.stderr
     (run_dir,) = (tmp_path / "runs" / "train").iterdir()
     assert run_dir.name.endswith("_relu")
-    cfg = json.loads((run_dir / paths.RUN_CONFIG).read_text())
+    cfg = json.loads((run_dir / layout.CONFIG).read_text())
     assert cfg["store"] == str(store.resolve()) and cfg["arch"] == "relu" and cfg["d_in"] == 16
     assert cfg["store_manifest_sha256"] == ActivationStore(store).manifest_hash()
-    saved = json.loads((run_dir / paths.FINAL_SAE / "config.json").read_text())
+    saved = json.loads((run_dir / layout.FINAL_SAE / "config.json").read_text())
     assert saved["hook"] == "blocks.0.hook_resid_post" and saved["input_scale_folded"] > 0
-    lines = [json.loads(ln) for ln in (run_dir / paths.TRAIN_LOG).read_text().splitlines()]
+    lines = [json.loads(ln) for ln in (run_dir / layout.TRAIN_LOG).read_text().splitlines()]
     logged = {k for ln in lines for k in ln}
     for key in ("loss", "loss/mse", "loss/l1", "mse", "fvu", "l0", "dead_latents", "dense_latents", "lr",
                 "sparsity_coefficient", "tokens_per_s", "val/mse", "val/fvu", "val/l0"):  # fmt: skip
@@ -94,7 +96,7 @@ def test_cli_multirun_gives_each_job_its_folder(store, tmp_path):
         "1_sae.l1_coefficient=3,sae=relu,train=tiny",
     ]
     for job in jobs:
-        assert load_sae(sweep / job / paths.FINAL_SAE).cfg.l1_coefficient in (1.0, 3.0)
+        assert load_sae(sweep / job / layout.FINAL_SAE).cfg.l1_coefficient in (1.0, 3.0)
 
 
 def test_cli_reports_user_errors_in_one_line(tmp_path):
@@ -118,7 +120,7 @@ def test_sigkilled_cli_run_resumes_to_the_same_weights(store, tmp_path):
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (run_dir / paths.FINAL_SAE).exists(), "the run finished before it could be killed"
+    assert not (run_dir / layout.FINAL_SAE).exists(), "the run finished before it could be killed"
     res = cli([*args, "logger=none", f"train.run_dir={run_dir}", "train.resume=true"], tmp_path)
     assert res.returncode == 0, res.stderr
     assert_same(weights(run_dir), weights(tmp_path / "ref"))
@@ -130,15 +132,17 @@ def test_stopped_run_resumes_bit_exact(store, tmp_path, arch):
     run(cfg_for(store, tmp_path / "a", f"sae={arch}"))
     with pytest.raises(StopRequested):
         run(cfg_for(store, tmp_path / "b", f"sae={arch}", "train.stop_after_steps=41"))
-    assert not (tmp_path / "b" / paths.FINAL_SAE).exists()
-    (tmp_path / "b" / paths.CHECKPOINTS / "step-000000099.tmp").mkdir()  # a save killed halfway
+    assert not (tmp_path / "b" / layout.FINAL_SAE).exists()
+    (tmp_path / "b" / layout.CHECKPOINTS / "step-000000099.tmp").mkdir()  # a save killed halfway
     with pytest.raises(UserError, match="already holds a run"):
         run(cfg_for(store, tmp_path / "b", f"sae={arch}"))
     run(cfg_for(store, tmp_path / "b", f"sae={arch}", "train.resume=true"))
     assert_same(weights(tmp_path / "a"), weights(tmp_path / "b"))
     last_a, last_b = checkpoint.latest(tmp_path / "a"), checkpoint.latest(tmp_path / "b")
-    assert_same(load_file(str(last_a / paths.TRAIN_STATE)), load_file(str(last_b / paths.TRAIN_STATE)))
-    steps = [json.loads(ln).get("step") for ln in (tmp_path / "b" / paths.TRAIN_LOG).read_text().splitlines()]
+    assert_same(load_file(str(last_a / layout.TRAIN_STATE)), load_file(str(last_b / layout.TRAIN_STATE)))
+    steps = [
+        json.loads(ln).get("step") for ln in (tmp_path / "b" / layout.TRAIN_LOG).read_text().splitlines()
+    ]
     assert steps.count(40) == 1  # log lines of the killed tail are not duplicated
 
 
@@ -147,7 +151,7 @@ def test_existing_run_is_refused_unless_overwrite(store, tmp_path):
     with pytest.raises(UserError, match=r"already holds a run.*train.resume=true"):
         run(cfg_for(store, tmp_path / "r", "train.total_tokens=640"))
     run(cfg_for(store, tmp_path / "r", "train.total_tokens=640", "train.overwrite=true"))
-    assert (tmp_path / "r" / paths.FINAL_SAE).exists()
+    assert (tmp_path / "r" / layout.FINAL_SAE).exists()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path, monkeypatch):
@@ -165,9 +169,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path, monk
         "step-000000016",
         "step-000000032",
     ]
-    assert not (tmp_path / "r" / paths.FINAL_SAE).exists()
+    assert not (tmp_path / "r" / layout.FINAL_SAE).exists()
     assert torch.isfinite(
-        load_file(str(checkpoint.latest(tmp_path / "r") / paths.SAE_WEIGHTS))["W_dec_FD"]
+        load_file(str(checkpoint.latest(tmp_path / "r") / layout.SAE_WEIGHTS))["W_dec_FD"]
     ).all()
 
 
@@ -193,7 +197,7 @@ def _with_d_in(store: Path, tmp_path: Path):
 
 def test_truncated_shard_is_named(tmp_path):
     folder = make_store(tmp_path / "s", n_contexts=16, d_in=16, contexts_per_shard=4, tag_rows=False)
-    shard = folder / paths.shard_name(2)
+    shard = folder / layout.shard_name(2)
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(UserError, match="shard-00002"):
         run(cfg_for(folder, tmp_path / "r"))
@@ -213,29 +217,27 @@ def test_sweep_group_equals_separate_runs(store, tmp_path, arch, key, values):
         run(cfg_for(store, tmp_path / "g", f"sae={arch}", f"train.group={group}", "train.resume=true"))
     else:
         run(cfg_for(store, tmp_path / "g", f"sae={arch}", f"train.group={group}"))
-    assert json.loads((tmp_path / "g" / paths.RUN_CONFIG).read_text())["group"] == [
-        f"{key}={v}" for v in values
-    ]
+    assert json.loads((tmp_path / "g" / layout.CONFIG).read_text())["group"] == [f"{key}={v}" for v in values]
     for v in values:
         run(cfg_for(store, tmp_path / f"solo{v}", f"sae={arch}", f"sae.{key}={v}"))
         member = tmp_path / "g" / f"{key}={v}"
-        assert (member / paths.TRAIN_LOG).exists() and checkpoint.latest(member) is not None
+        assert (member / layout.TRAIN_LOG).exists() and checkpoint.latest(member) is not None
         assert_same(weights(member), weights(tmp_path / f"solo{v}"))
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_every_arch_trains_and_saved_sae_takes_raw_activations(store, tmp_path, arch):
     run_dir = run(cfg_for(store, tmp_path / "r", f"sae={arch}"))
-    saved = load_sae(run_dir / paths.FINAL_SAE)
-    meta = json.loads((run_dir / paths.RUN_CONFIG).read_text())
+    saved = load_sae(run_dir / layout.FINAL_SAE)
+    meta = json.loads((run_dir / layout.CONFIG).read_text())
     scale = meta["input_scale"]
     assert scale != 1.0
     trained = build_sae(saved.cfg, saved.d_in)  # the last checkpoint holds training-unit weights
-    trained.load_state_dict(load_file(str(checkpoint.latest(run_dir) / paths.SAE_WEIGHTS)))
+    trained.load_state_dict(load_file(str(checkpoint.latest(run_dir) / layout.SAE_WEIGHTS)))
     x = ShuffledReader(ActivationStore(store), 256, val_tokens=64).validation_rows()
     with torch.no_grad():
         torch.testing.assert_close(saved(x), trained(x * scale) / scale, rtol=1e-4, atol=1e-4)
-    log = [json.loads(ln) for ln in (run_dir / paths.TRAIN_LOG).read_text().splitlines()]
+    log = [json.loads(ln) for ln in (run_dir / layout.TRAIN_LOG).read_text().splitlines()]
     val = [ln for ln in log if "val/fvu" in ln]
     assert len(val) == 4 and val[-1]["val/fvu"] < 1.0, val  # better than predicting the mean after 64 steps
 
@@ -255,14 +257,14 @@ def test_loss_recovered_is_logged_for_a_harvested_store(tmp_path):
     model, corpus = save_tiny_model(tmp_path / "model"), write_corpus(tmp_path / "corpus.jsonl")
     res = run_cli("harvest", tiny_overrides(tmp_path, model, corpus), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    (manifest,) = (tmp_path / "runs" / "stores").rglob(paths.MANIFEST)
+    (manifest,) = (tmp_path / "runs" / "stores").rglob(layout.MANIFEST)
     run_dir = run(cfg_for(manifest.parent, tmp_path / "r", "train.eval_every=32", "train.eval_tokens=256"))
-    log = [json.loads(ln) for ln in (run_dir / paths.TRAIN_LOG).read_text().splitlines()]
+    log = [json.loads(ln) for ln in (run_dir / layout.TRAIN_LOG).read_text().splitlines()]
     evals = [ln for ln in log if "eval/loss_recovered" in ln]
     assert [ln["step"] for ln in evals] == [32, 64] and all(ln["eval/kl"] >= 0 for ln in evals)
 
 
 def test_unloadable_model_skips_loss_recovered_once(store, tmp_path):
     run_dir = run(cfg_for(store, tmp_path / "r", "train.eval_every=16"))
-    events = [json.loads(ln).get("event", "") for ln in (run_dir / paths.TRAIN_LOG).read_text().splitlines()]
+    events = [json.loads(ln).get("event", "") for ln in (run_dir / layout.TRAIN_LOG).read_text().splitlines()]
     assert sum("loss recovered is skipped" in e for e in events) == 1

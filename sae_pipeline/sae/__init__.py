@@ -1,45 +1,36 @@
-"""SAE architectures behind one registry.
+"""SAE architectures behind one registry: one file per architecture, shared parts in `base.py`.
 
-from sae_pipeline.sae import CONFIG_CLASSES, build_sae, load_sae, save_sae
-sae = build_sae(CONFIG_CLASSES["topk"](k=32), d_in=576, seed=0)
+    from sae_pipeline.sae import CONFIG_CLASSES, build_sae
+    sae = build_sae(CONFIG_CLASSES["topk"](k=32), d_in=576, seed=0)
+
+base.py      config base, module base, init from data, decoder-norm constraint, input-scale folding
+kernels.py   sparse autograd kernels (gathered encode, embedding-bag decode) for the K-sparse archs
+registry.py  arch name -> class (`@register`), build_sae
+saving.py    an SAE folder on disk: save_sae / load_sae
 """
 
 from __future__ import annotations
 
-from .base import (
-    CONFIG_FILENAME,
-    SAE,
-    SAE_CLASSES,
-    WEIGHTS_FILENAME,
-    SAEConfig,
-    TrainOutput,
-    build_sae,
-    geometric_median,
-    input_scale_factor,
-    load_sae,
-    save_sae,
-)
+from . import batchtopk, gated, jumprelu, relu, topk  # noqa: F401  (each registers its class)
+from .base import SAE, SAEConfig, TrainOutput, geometric_median, input_scale_factor, scale_for_mean_norm
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
 from .gated import GatedConfig, GatedSAE
 from .jumprelu import JumpReLUConfig, JumpReLUSAE
+from .registry import SAE_CLASSES, build_sae, config_class, config_classes
 from .relu import ReLUConfig, ReLUSAE
+from .saving import load_sae, save_sae
 from .topk import TopKConfig, TopKSAE
 
-for _cls in (ReLUSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE, GatedSAE):
-    SAE_CLASSES[_cls.config_class.arch] = _cls
-
-# arch name -> config dataclass (e.g. to register Hydra structured-config schemas).
-CONFIG_CLASSES: dict[str, type[SAEConfig]] = {name: cls.config_class for name, cls in SAE_CLASSES.items()}
-ARCHITECTURES: tuple[str, ...] = tuple(CONFIG_CLASSES)
+CONFIG_CLASSES = config_classes()  # arch name -> config dataclass
+ARCHITECTURES: tuple[str, ...] = tuple(SAE_CLASSES)
 
 __all__ = [
     "ARCHITECTURES",
     "CONFIG_CLASSES",
-    "CONFIG_FILENAME",
     "SAE",
+    "SAE_CLASSES",
     "SAEConfig",
     "TrainOutput",
-    "WEIGHTS_FILENAME",
     "BatchTopKConfig",
     "BatchTopKSAE",
     "GatedConfig",
@@ -51,8 +42,11 @@ __all__ = [
     "TopKConfig",
     "TopKSAE",
     "build_sae",
+    "config_class",
+    "config_classes",
     "geometric_median",
     "input_scale_factor",
     "load_sae",
     "save_sae",
+    "scale_for_mean_norm",
 ]

@@ -20,7 +20,9 @@ from torch import Tensor
 
 from sae_pipeline.errors import UserError
 
-from .base import TrainOutput, gather_encode, scatter_dense, sparse_decode
+from .base import TrainOutput
+from .kernels import gather_encode, scatter_dense, sparse_decode
+from .registry import register
 from .topk import TopKConfig, TopKSAE
 
 
@@ -37,6 +39,7 @@ class BatchTopKConfig(TopKConfig):
             raise UserError(f"sae.threshold_momentum must be in [0, 1), got {self.threshold_momentum}.")
 
 
+@register
 class BatchTopKSAE(TopKSAE):
     config_class = BatchTopKConfig
     cfg: BatchTopKConfig

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import SAE, SAEConfig, TrainOutput
+from .registry import register
 
 
 @dataclass
@@ -99,18 +100,14 @@ class _GatedDecode(torch.autograd.Function):
         return g_h, g_bias_gate, g_scale, g_bias_mag, g_W, g_b
 
 
+@register
 class GatedSAE(SAE):
     config_class = GatedConfig
     cfg: GatedConfig
 
     def _init_extra(self) -> None:
         self.r_mag_F = nn.Parameter(torch.zeros(self.d_sae))
-        self.b_mag_F = nn.Parameter(torch.zeros(self.d_sae))
-
-    @property
-    def b_gate_F(self) -> Tensor:
-        """The gate bias is stored as b_enc_F (every SAE has that parameter)."""
-        return self.b_enc_F
+        self.b_mag_F = nn.Parameter(torch.zeros(self.d_sae))  # the gate bias is b_enc_F
 
     def _fold_extra(self, inv: float) -> None:
         self.b_mag_F.mul_(inv)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import SAE, SAEConfig, TrainOutput
+from .registry import register
 
 
 @dataclass
@@ -143,6 +144,7 @@ class _JumpReLUDecodeL0(torch.autograd.Function):
         return grad_z, grad_theta, grad_W, grad_b, None
 
 
+@register
 class JumpReLUSAE(SAE):
     config_class = JumpReLUConfig
     cfg: JumpReLUConfig

@@ -10,6 +10,7 @@ from torch import Tensor
 from sae_pipeline.errors import UserError
 
 from .base import SAE, SAEConfig, TrainOutput
+from .registry import register
 
 SPARSITY_PENALTIES = ("l1", "l1_decoder_norm")
 
@@ -38,6 +39,7 @@ class ReLUConfig(SAEConfig):
             )
 
 
+@register
 class ReLUSAE(SAE):
     config_class = ReLUConfig
     cfg: ReLUConfig

@@ -15,7 +15,9 @@ from torch import Tensor
 
 from sae_pipeline.errors import UserError
 
-from .base import SAE, SAEConfig, TrainOutput, gather_encode, scatter_dense, sparse_decode
+from .base import SAE, SAEConfig, TrainOutput
+from .kernels import gather_encode, scatter_dense, sparse_decode
+from .registry import register
 
 
 @dataclass
@@ -38,6 +40,7 @@ class TopKConfig(SAEConfig):
         self._check_nonnegative("aux_k_coefficient", self.aux_k_coefficient)
 
 
+@register
 class TopKSAE(SAE):
     config_class = TopKConfig
     cfg: TopKConfig

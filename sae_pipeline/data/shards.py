@@ -1,0 +1,70 @@
+"""Harvest's side of the store: rows collected per shard, forward batches, and what identifies a store.
+
+`store_fingerprint` is what must match for an existing store to be resumed; `ShardBuffer` collects one
+shard's rows with their context ids and positions and shuffles them (seeded) when the shard is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Iterator
+
+import torch
+from omegaconf import DictConfig
+
+from sae_pipeline.data.store import SHARD_KEYS
+from sae_pipeline.schema import to_container
+
+
+def store_fingerprint(cfg: DictConfig, hook_name: str) -> str:
+    """What must match for an existing store to be resumed (not the output folder or the device)."""
+    h = cfg.harvest
+    keys = ("context_size", "prepend_bos", "batch_size", "n_tokens", "shard_size", "dtype", "seed")
+    spec = {
+        "model": to_container(cfg.model),
+        "data": to_container(cfg.data),
+        "hook": hook_name,
+        "harvest": {k: h[k] for k in keys},
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+class ShardBuffer:
+    """Rows of one shard for one hook, collected batch by batch, shuffled at write time."""
+
+    def __init__(self):
+        self.parts: dict[str, list[torch.Tensor]] = {k: [] for k in SHARD_KEYS}
+
+    def add(self, acts_NTD: torch.Tensor, ids_NT: torch.Tensor, first_context: int, start_pos: int, dtype):
+        n, t, d = acts_NTD.shape
+        self.parts["activations"].append(acts_NTD[:, start_pos:].reshape(-1, d).to("cpu", dtype))
+        self.parts["token_ids"].append(ids_NT[:, start_pos:].reshape(-1).to(torch.int32))
+        contexts = torch.arange(first_context, first_context + n, dtype=torch.int32)
+        self.parts["context_ids"].append(contexts[:, None].expand(n, t - start_pos).reshape(-1))
+        positions = torch.arange(start_pos, t, dtype=torch.int32)
+        self.parts["positions"].append(positions[None, :].expand(n, t - start_pos).reshape(-1))
+
+    def shuffled(self, seed: int, shard_index: int) -> dict[str, torch.Tensor]:
+        tensors = {k: torch.cat(v) for k, v in self.parts.items()}
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + shard_index)
+        perm = torch.randperm(tensors["token_ids"].shape[0], generator=gen)
+        return {k: v[perm] for k, v in tensors.items()}
+
+
+def write_shard_job(
+    writer, buf: ShardBuffer, seed: int, index: int, first_context: int, n_contexts: int
+) -> None:
+    """Runs on the writer thread: shuffle the shard's rows, then write it atomically."""
+    writer.write_shard(index, buf.shuffled(seed, index), first_context, n_contexts)
+
+
+def batches(contexts: Iterator[torch.Tensor], batch_size: int, n_contexts: int) -> Iterator[torch.Tensor]:
+    taken = 0
+    while taken < n_contexts:
+        batch = list(itertools.islice(contexts, min(batch_size, n_contexts - taken)))
+        if not batch:
+            return
+        taken += len(batch)
+        yield torch.stack(batch)

@@ -1,0 +1,277 @@
+"""The activation store: safetensors shards plus a manifest, written atomically, read back safely.
+
+Layout and names come from `paths`. A shard holds
+  activations [n_rows, d_in] (store dtype), token_ids [n_rows] int32,
+  context_ids [n_rows] int32 (global context index), positions [n_rows] int32 (position in context),
+so every row can be traced back to its context and position. Rows are shuffled within a shard.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import queue
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sae_pipeline import layout
+from sae_pipeline.errors import UserError
+from sae_pipeline.files import save_tensors_atomic, sha256_file, write_json_atomic
+
+STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SHARD_KEYS = ("activations", "token_ids", "context_ids", "positions")
+
+
+def store_dtype(name: str) -> torch.dtype:
+    if name not in STORE_DTYPES:
+        raise UserError(f"harvest.dtype={name!r} is not a store dtype; choose one of {sorted(STORE_DTYPES)}")
+    return STORE_DTYPES[name]
+
+
+def read_manifest(store: Path) -> dict:
+    path = Path(store) / layout.MANIFEST
+    if not path.exists():
+        raise UserError(
+            f"no activation store at {store}: {layout.MANIFEST} is missing (run sae-harvest first)"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(
+            f"the store manifest {path} is not valid JSON ({err.msg} at line {err.lineno})"
+        ) from None
+    if manifest.get("format_version") != layout.STORE_FORMAT_VERSION:
+        raise UserError(
+            f"the store manifest {path} has format_version {manifest.get('format_version')!r}; "
+            f"this version of sae_pipeline reads {layout.STORE_FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def norm_summary(shards: list[dict]) -> dict:
+    """Mean, std, RMS and max of the rows' L2 norms, from per-shard sums."""
+    n = sum(s["n_rows"] for s in shards)
+    if n == 0:
+        return {"mean": 0.0, "std": 0.0, "rms": 0.0, "max": 0.0}
+    total = sum(s["norm_sum"] for s in shards)
+    total_sq = sum(s["norm_sq_sum"] for s in shards)
+    mean = total / n
+    return {
+        "mean": mean,
+        "std": math.sqrt(max(total_sq / n - mean * mean, 0.0)),
+        "rms": math.sqrt(total_sq / n),
+        "max": max(s["norm_max"] for s in shards),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+class StoreWriter:
+    """Writes one store folder. Shards go to a temporary name and are renamed when complete;
+    the manifest is rewritten atomically after each shard, so a killed harvest loses at most
+    the shard being written."""
+
+    def __init__(self, folder: Path, header: dict, fingerprint: str, overwrite: bool):
+        self.folder = Path(folder)
+        self.manifest = self._open(header, fingerprint, overwrite)
+
+    def _open(self, header: dict, fingerprint: str, overwrite: bool) -> dict:
+        manifest_path = self.folder / layout.MANIFEST
+        if manifest_path.exists() and not overwrite:
+            old = read_manifest(self.folder)
+            if old.get("fingerprint") != fingerprint:
+                raise UserError(
+                    f"the store {self.folder} already exists with different settings; "
+                    "pass harvest.overwrite=true to replace it or choose another harvest.out_dir"
+                )
+            return self._keep_valid_shards(old)
+        if self.folder.exists() and any(self.folder.iterdir()):
+            if not overwrite and not manifest_path.exists():
+                raise UserError(
+                    f"the folder {self.folder} exists and is not an activation store; "
+                    "pass harvest.overwrite=true to replace it or choose another harvest.out_dir"
+                )
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "format_version": layout.STORE_FORMAT_VERSION,
+            **header,
+            "fingerprint": fingerprint,
+            "complete": False,
+            "n_tokens": 0,
+            "shards": [],
+        }
+        write_json_atomic(manifest_path, manifest)
+        return manifest
+
+    def _keep_valid_shards(self, manifest: dict) -> dict:
+        """On resume, keep the leading shards whose files exist with the recorded checksum."""
+        kept = []
+        for shard in manifest["shards"]:
+            file = self.folder / shard["file"]
+            if not file.exists() or sha256_file(file) != shard["sha256"]:
+                break
+            kept.append(shard)
+        manifest["shards"] = kept
+        manifest["n_tokens"] = sum(s["n_rows"] for s in kept)
+        for leftover in self.folder.glob("*.tmp"):
+            leftover.unlink()
+        return manifest
+
+    @property
+    def n_complete_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest.get("complete"))
+
+    def write_shard(
+        self, index: int, tensors: dict[str, torch.Tensor], first_context: int, n_contexts: int
+    ) -> None:
+        if index < self.n_complete_shards:  # already on disk from an earlier, interrupted run
+            return
+        if index != self.n_complete_shards:
+            raise RuntimeError(f"shard {index} written out of order in {self.folder}")
+        file = self.folder / layout.shard_name(index)
+        acts = tensors["activations"]
+        norms = acts.float().norm(dim=-1)
+        try:
+            save_tensors_atomic(file, {k: tensors[k] for k in SHARD_KEYS}, metadata={"shard": str(index)})
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise UserError(
+                    f"no space left on the device while writing {file}; the store keeps its "
+                    f"{self.n_complete_shards} complete shards and the same command resumes from there"
+                ) from None
+            raise
+        self.manifest["shards"].append(
+            {
+                "file": file.name,
+                "n_rows": int(acts.shape[0]),
+                "sha256": sha256_file(file),
+                "first_context": first_context,
+                "n_contexts": n_contexts,
+                "norm_sum": float(norms.sum()),
+                "norm_sq_sum": float(norms.square().sum()),
+                "norm_max": float(norms.max()) if norms.numel() else 0.0,
+            }
+        )
+        self.manifest["n_tokens"] += int(acts.shape[0])
+        self.manifest["norm_stats"] = norm_summary(self.manifest["shards"])
+        write_json_atomic(self.folder / layout.MANIFEST, self.manifest)
+
+    def finish(self, extra: dict) -> None:
+        self.manifest.update(extra)
+        self.manifest["complete"] = True
+        write_json_atomic(self.folder / layout.MANIFEST, self.manifest)
+
+
+class BackgroundWriter:
+    """Runs shard writes on a thread so the model never waits for the disk.
+
+    `submit` blocks only when `max_pending` shards are already queued; an error raised on the
+    thread is re-raised in the caller at the next `submit` or at `close`."""
+
+    def __init__(self, max_pending: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, max_pending))
+        self._error: BaseException | None = None
+        self.busy_s = 0.0
+        self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import time
+
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            if self._error is None:
+                start = time.perf_counter()
+                try:
+                    job()
+                except BaseException as err:  # noqa: BLE001 - re-raised in the caller
+                    self._error = err
+                self.busy_s += time.perf_counter() - start
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, job) -> None:
+        self._raise_if_failed()
+        self._queue.put(job)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    index: int
+    path: Path
+    n_rows: int
+    sha256: str
+
+
+class ActivationStore:
+    """Read access to a finished store: its manifest, and shards validated on load."""
+
+    def __init__(self, folder: str | Path, require_complete: bool = True):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        if require_complete and not self.manifest.get("complete"):
+            raise UserError(
+                f"the store {self.folder} is incomplete ({self.manifest.get('n_tokens', 0)} rows so far); "
+                "rerun the same sae-harvest command to finish it"
+            )
+        self.shards = [
+            ShardInfo(i, self.folder / s["file"], int(s["n_rows"]), s["sha256"])
+            for i, s in enumerate(self.manifest["shards"])
+        ]
+        if not self.shards:
+            raise UserError(f"the store {self.folder} holds no shards")
+
+    @property
+    def d_in(self) -> int:
+        return int(self.manifest["d_in"])
+
+    @property
+    def n_rows(self) -> int:
+        return sum(s.n_rows for s in self.shards)
+
+    @property
+    def hook_name(self) -> str:
+        return self.manifest["hook"]["name"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return STORE_DTYPES[self.manifest["dtype"]]
+
+    def manifest_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
+
+    def verify(self) -> None:
+        """Check every shard's checksum; a mismatch names the file."""
+        for shard in self.shards:
+            if not shard.path.exists():
+                raise UserError(f"the shard {shard.path} listed in the manifest is missing")
+            if sha256_file(shard.path) != shard.sha256:
+                raise UserError(f"the shard {shard.path} is corrupt: its sha256 does not match the manifest")

@@ -1,0 +1,179 @@
+"""Text in, packed token contexts out: dataset loading, the held-out split, tokenization, packing.
+
+Packing policy: documents are tokenized without special tokens, joined with the tokenizer's EOS
+token as a separator, and cut into contexts of `context_size` tokens. With `prepend_bos`, each
+context is BOS + (context_size - 1) text tokens and the BOS position is never stored or scored.
+A trailing partial context is dropped, so there is no padding.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae_pipeline.errors import UserError
+from sae_pipeline.model import assets
+
+BUILDER_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
+
+
+def _get(cfg: Any, key: str, default=None):
+    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+
+
+def _load_split(data_cfg: Any, split: str):
+    import datasets
+
+    name = _get(data_cfg, "name")
+    data_files = _get(data_cfg, "data_files")
+    if name == assets.EMBEDDED_DATA:
+        name, data_files = "json", str(assets.shakespeare_jsonl())
+    elif Path(str(name)).suffix in BUILDER_BY_SUFFIX and Path(str(name)).is_file():
+        name, data_files = BUILDER_BY_SUFFIX[Path(str(name)).suffix], str(name)
+    if data_files is not None and not isinstance(data_files, (str, dict)):
+        data_files = list(data_files)
+    try:
+        return datasets.load_dataset(
+            name,
+            _get(data_cfg, "config_name"),
+            data_files=data_files,
+            split=split,
+            streaming=bool(_get(data_cfg, "streaming", False)),
+        )
+    except Exception as err:  # datasets raises many types (missing files, empty files, hub errors)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "no rows could be read"
+        raise UserError(
+            f"could not load data.name={_get(data_cfg, 'name')!r} split {split!r} ({first})"
+        ) from None
+
+
+def _check_column(ds, data_cfg: Any) -> str:
+    column = _get(data_cfg, "text_column", "text")
+    names = ds.column_names
+    if names is not None and column not in names:
+        raise UserError(f"data.text_column={column!r} is not a column of the dataset; it has {list(names)}")
+    return column
+
+
+def split_documents(data_cfg: Any, seed: int) -> tuple[Iterable[str], dict]:
+    """Training documents (in a seeded order) and a record of the held-out evaluation documents."""
+    split = _get(data_cfg, "split", "train")
+    ds = _load_split(data_cfg, split)
+    column = _check_column(ds, data_cfg)
+    eval_split = _get(data_cfg, "eval_split")
+    n_eval = 0 if eval_split else int(_get(data_cfg, "eval_documents", 0))
+    if _get(data_cfg, "streaming", False):
+        # A stream has no length: hold out its first documents, train on the rest in stream order.
+        record = {"eval_split": eval_split, "eval_indices": list(range(n_eval)), "eval_titles": []}
+        texts = (row[column] for i, row in enumerate(ds) if i >= n_eval)
+        return texts, record
+    n_docs = len(ds)
+    if n_docs == 0:
+        raise UserError(f"the dataset data.name={_get(data_cfg, 'name')!r} split {split!r} is empty")
+    if n_eval >= n_docs:
+        raise UserError(
+            f"data.eval_documents={n_eval} holds out every one of the {n_docs} documents; lower it or set data.eval_split"
+        )
+    order = list(range(n_docs))
+    random.Random(seed).shuffle(order)
+    eval_indices, train_indices = sorted(order[:n_eval]), order[n_eval:]
+    title_column = _get(data_cfg, "title_column")
+    titles = []
+    if title_column and title_column in ds.column_names:
+        titles = [ds[i][title_column] for i in eval_indices]
+    record = {
+        "eval_split": eval_split,
+        "eval_indices": eval_indices,
+        "eval_titles": titles,
+        "n_documents": n_docs,
+    }
+    return (ds[i][column] for i in train_indices), record
+
+
+def eval_documents(data_cfg: Any, record: dict) -> Iterator[str]:
+    """The held-out documents a store's manifest recorded (or the data's evaluation split)."""
+    if record.get("eval_split"):
+        ds = _load_split(data_cfg, record["eval_split"])
+        column = _check_column(ds, data_cfg)
+        return (row[column] for row in ds)
+    ds = _load_split(data_cfg, _get(data_cfg, "split", "train"))
+    column = _check_column(ds, data_cfg)
+    if _get(data_cfg, "streaming", False):
+        wanted = set(record["eval_indices"])
+        return (row[column] for i, row in enumerate(ds) if i in wanted)
+    return (ds[i][column] for i in record["eval_indices"])
+
+
+def bos_token_id(tokenizer, prepend_bos: bool) -> int | None:
+    if not prepend_bos:
+        return None
+    if tokenizer.bos_token_id is None:
+        raise UserError(
+            "harvest.prepend_bos=true but the tokenizer has no BOS token; set harvest.prepend_bos=false"
+        )
+    return int(tokenizer.bos_token_id)
+
+
+def pack_contexts(
+    tokenizer, texts: Iterable[str], context_size: int, bos_id: int | None
+) -> Iterator[torch.Tensor]:
+    """Yield int64 tensors of `context_size` tokens, BOS first when `bos_id` is given."""
+    body = context_size - (1 if bos_id is not None else 0)
+    if body < 1:
+        raise UserError(f"harvest.context_size={context_size} leaves no room for text after BOS")
+    sep = tokenizer.eos_token_id
+    buffer: list[int] = []
+    for text in texts:
+        if not text:
+            continue
+        buffer.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        if sep is not None:
+            buffer.append(int(sep))
+        start = 0
+        while len(buffer) - start >= body:
+            chunk = buffer[start : start + body]
+            start += body
+            if bos_id is not None:
+                chunk = [bos_id, *chunk]
+            yield torch.tensor(chunk, dtype=torch.long)
+        del buffer[:start]
+
+
+def _take(contexts: Iterator[torch.Tensor], n_tokens: int, context_size: int, has_bos: bool, source: str):
+    rows_per_context = context_size - int(has_bos)
+    n_contexts = max(1, -(-n_tokens // rows_per_context))
+    taken = list(itertools.islice(contexts, n_contexts))
+    if not taken:
+        raise UserError(f"{source} yields no complete context of {context_size} tokens")
+    input_ids = torch.stack(taken)
+    mask = torch.ones_like(input_ids, dtype=torch.bool)
+    if has_bos:
+        mask[:, 0] = False
+    return input_ids, mask
+
+
+def heldout_contexts(manifest: dict, tokenizer, n_tokens: int):
+    """(input_ids [N, T], valid mask [N, T]) of the held-out text of the store, packed like harvest."""
+    data_cfg = manifest["dataset"]["config"]
+    record = manifest["dataset"]["heldout"]
+    bos_id = manifest["bos"]["token_id"] if manifest["bos"]["prepended"] else None
+    contexts = pack_contexts(tokenizer, eval_documents(data_cfg, record), manifest["context_size"], bos_id)
+    return _take(contexts, n_tokens, manifest["context_size"], bos_id is not None, "the held-out text")
+
+
+def contexts_for_data(
+    data_cfg: Any, tokenizer, split: str, context_size: int, prepend_bos: bool, n_tokens: int, seed: int
+):
+    """(input_ids, valid mask) from any dataset: split="eval" for its held-out part, "train" otherwise."""
+    train_docs, record = split_documents(data_cfg, seed)
+    docs = eval_documents(data_cfg, record) if split == "eval" else train_docs
+    bos_id = bos_token_id(tokenizer, prepend_bos)
+    contexts = pack_contexts(tokenizer, docs, context_size, bos_id)
+    return _take(
+        contexts, n_tokens, context_size, bos_id is not None, f"data.name={_get(data_cfg, 'name')!r}"
+    )

@@ -1,0 +1,181 @@
+"""Scoring one SAE for `sae-eval` and writing what it found: metrics.json, the density plot, W&B, one line.
+
+The evaluation text is the store's held-out documents (harvest never saw them), packed the same way, or
+the `eval.data` override. `settings_fingerprint` records what a metrics.json depends on, so
+`eval.skip_existing` keeps only results made with the same settings.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sae_pipeline import layout
+from sae_pipeline.data import text
+from sae_pipeline.evaluation import metrics as M
+from sae_pipeline.evaluation.splice import SpliceEvaluator
+from sae_pipeline.files import sha256_file, write_json_atomic
+from sae_pipeline.runs import Spec, Target, check_matches_store
+from sae_pipeline.sae import load_sae
+from sae_pipeline.schema.eval import eval_data_config
+from sae_pipeline.tracking import start_wandb
+
+
+def eval_tokens(cfg: DictConfig, spec: Spec, tokenizer) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(input_ids, valid mask, description of the text) for this SAE's evaluation."""
+    e, man = cfg.eval, spec.manifest
+    if e.data is None:
+        ids, mask = text.heldout_contexts(man, tokenizer, e.n_tokens)
+        heldout = man.get("dataset", {}).get("heldout", {})
+        desc = {
+            "source": "store held-out documents",
+            "store": str(spec.store),
+            "dataset": man.get("dataset", {}).get("config", {}).get("name"),
+            "eval_split": heldout.get("eval_split"),
+            "documents": heldout.get("eval_titles") or heldout.get("eval_indices"),
+        }
+    else:
+        data = eval_data_config(e.data)
+        context_size = e.context_size or man["context_size"]
+        prepend_bos = bool(man.get("bos", {}).get("prepended", True))
+        ids, mask = text.contexts_for_data(
+            data, tokenizer, e.data_split, context_size, prepend_bos, e.n_tokens, e.seed
+        )
+        desc = {"source": "eval.data override", "data": data, "split": e.data_split, "seed": e.seed}
+    desc.update(context_size=int(ids.shape[1]), n_contexts=int(ids.shape[0]))
+    return ids, mask, desc
+
+
+def settings_fingerprint(cfg: DictConfig, target: Target, spec: Spec) -> dict:
+    """What a metrics.json depends on besides the code: skip_existing compares this."""
+    return {
+        "definitions_version": M.DEFINITIONS_VERSION,
+        "n_tokens_requested": int(cfg.eval.n_tokens),
+        "data": OmegaConf.to_container(cfg.eval.data, resolve=True) if cfg.eval.data is not None else None,
+        "data_split": cfg.eval.data_split,
+        "seed": int(cfg.eval.seed),
+        "store": str(spec.store),
+        "sae_sha256": sha256_file(target.sae_dir / layout.SAE_WEIGHTS),
+    }
+
+
+def plot_density(metrics: dict, path: Path, title: str) -> Path:
+    """Histogram of log10 latent firing frequency (dead latents counted in the title)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = metrics["log10_density_histogram"]
+    edges, counts = h["edges"], h["counts"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    widths = [b - a for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    ax.bar(edges[:-1], counts, width=widths, align="edge", edgecolor="black", linewidth=0.3)
+    ax.axvline(-1.0, color="red", ls="--", lw=1, label=f"dense (> {M.DENSE_THRESHOLD:.0%})")
+    lat = metrics["latents"]
+    ax.set_title(
+        f"{title}\n{lat['d_sae']} latents, {lat['dead']} dead, {lat['dense']} dense, {metrics['n_tokens']} tokens"
+    )
+    ax.set_xlabel("log10 firing frequency")
+    ax.set_ylabel("latents")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summary_line(name: str, m: dict) -> str:
+    return (
+        f"{name}: L0 {m['l0']:.2f} | FVU {m['fvu']:.4f} | loss recovered {m['loss_recovered']:.4f} | "
+        f"CE {m['ce_increase']:+.4f} nats | KL {m['kl']:.4f} | dead {100 * m['latents']['dead_frac']:.1f}% | "
+        f"{m['n_tokens']} tokens"
+    )
+
+
+SCALARS = (
+    "l0", "fvu", "explained_variance", "mse_per_token", "mse_per_element", "cosine", "norm_ratio",
+    "ce_clean", "ce_zero", "ce_mean", "ce_sae", "loss_recovered", "loss_recovered_mean", "ce_increase",
+    "kl", "kl_zero", "kl_mean", "n_tokens",
+)  # fmt: skip
+
+
+def log_wandb(cfg: DictConfig, target: Target, metrics: dict, group: str | None) -> str | None:
+    """One W&B run per SAE under <run>/eval/wandb (offline unless WANDB_API_KEY or logger.mode=online)."""
+    lg = cfg.logger
+    if not lg.wandb:
+        return None
+    import wandb
+
+    config = {
+        "eval": OmegaConf.to_container(cfg.eval, resolve=True),
+        "sae": metrics["sae"],
+        "hook": metrics["hook"],
+        "run": str(target.run_dir),
+    }
+    run = start_wandb(
+        lg, target.eval_dir, lg.name or f"eval-{target.name}", lg.group or group, config, job_type="eval"
+    )
+    try:
+        flat = {f"eval/{k}": metrics[k] for k in SCALARS if k in metrics}
+        flat.update({f"eval/{k}": v for k, v in metrics["latents"].items()})
+        h = metrics["log10_density_histogram"]
+        flat["eval/log10_density"] = wandb.Histogram(np_histogram=(h["counts"], h["edges"]))
+        flat["eval/density_plot"] = wandb.Image(str(target.eval_dir / layout.DENSITY_PLOT))
+        run.log(flat)
+        return str(run.dir)
+    finally:
+        run.finish()
+
+
+def evaluate_target(
+    cfg, target: Target, spec: Spec, evaluator: SpliceEvaluator, desc: dict, device, group
+) -> dict:
+    sae = load_sae(target.sae_dir, map_location=device)
+    hook = evaluator.hook
+    check_matches_store(sae, target, spec)
+    baseline_reused = evaluator.baseline is not None  # zero/mean-ablation CE measured for an earlier SAE
+    started = time.perf_counter()
+    m = evaluator.evaluate(sae)
+    wall = time.perf_counter() - started
+    m["sae"] = {"arch": sae.cfg.arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "cfg": spec.meta.get("sae", {})}
+    m.update(
+        run=str(target.run_dir),
+        sae_dir=str(target.sae_dir),
+        hook=hook.name,
+        model=spec.model_cfg,
+        n_tokens_requested=int(cfg.eval.n_tokens),
+        eval_data=desc,
+        baseline_reused=baseline_reused,
+        wall_s=round(wall, 3),
+        tokens_per_s=round(m["n_tokens"] / wall, 1) if wall > 0 else None,
+        device=str(device),
+        settings=settings_fingerprint(cfg, target, spec),
+        definitions=M.DEFINITIONS,
+    )
+    target.eval_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(target.eval_dir / layout.METRICS, m)
+    plot_density(m, target.eval_dir / layout.DENSITY_PLOT, f"{target.name} ({sae.cfg.arch})")
+    log_wandb(cfg, target, m, group)
+    if m["n_tokens"] < cfg.eval.n_tokens:
+        print(
+            f"warning: {target.name}: only {m['n_tokens']} of {cfg.eval.n_tokens} tokens available",
+            file=sys.stderr,
+        )
+    return m
+
+
+def existing_metrics(cfg, target: Target, spec: Spec) -> dict | None:
+    path = target.eval_dir / layout.METRICS
+    if not (cfg.eval.skip_existing and path.is_file()):
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return old if old.get("settings") == settings_fingerprint(cfg, target, spec) else None

@@ -1,0 +1,337 @@
+"""Score an SAE inside its model: activation-level metrics and spliced next-token metrics.
+
+    act = activation_metrics(model, hook, sae, input_ids_NT, loss_mask_NT)    # L0, FVU, dead/dense, ...
+    spl = spliced_metrics(model, hook, sae, input_ids_NT, loss_mask_NT)       # CE, loss recovered, KL
+    both = evaluate_sae(model, hook, sae, input_ids_NT, loss_mask_NT)         # both, sharing forwards
+    ev = SpliceEvaluator(model, hook, input_ids_NT, loss_mask_NT)            # many SAEs, same tokens:
+    ev.evaluate(sae_a); ev.evaluate(sae_b)                                    #   baselines measured once
+
+Only valid positions (loss_mask True: not BOS, not padding) are measured *and* replaced: BOS and
+padding keep their clean activations in every variant, since the SAE never saw them in training.
+The prediction at position t of token t+1 is scored when t and t+1 are both valid.
+
+Efficiency: the clean forward records the outputs of every decoder block before the hook's block;
+the zero / mean / SAE forwards replay those outputs instead of recomputing them (exact, since a
+block's output depends only on earlier blocks), so each variant pays only for the layers after
+the hook. The SAE's input at the hook is the same in every variant, so it is encoded once per batch,
+and the activation metrics come from the clean forward. `activation_metrics` alone uses `capture`
+with early exit (no later block, no LM head).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from sae_pipeline.errors import UserError
+from sae_pipeline.evaluation import metrics as M
+from sae_pipeline.model.hook_points import HookPoint, find_blocks
+from sae_pipeline.model.hooks import capture, splice
+
+VARIANTS = ("zero", "mean", "sae")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batches(input_ids_NT: Tensor, loss_mask_NT: Tensor, batch_size: int, device) -> Iterator:
+    if input_ids_NT.shape != loss_mask_NT.shape:
+        raise UserError(
+            f"input_ids {tuple(input_ids_NT.shape)} and loss_mask {tuple(loss_mask_NT.shape)} differ in shape."
+        )
+    for i in range(0, input_ids_NT.shape[0], batch_size):
+        yield (
+            input_ids_NT[i : i + batch_size].to(device),
+            loss_mask_NT[i : i + batch_size].to(device=device, dtype=torch.bool),
+        )
+
+
+def reconstruct(sae, x_ND: Tensor) -> tuple[Tensor, Tensor]:
+    """(x_hat, latent activations) of raw activations, through encode/decode."""
+    acts_NF = sae.encode(x_ND)
+    return sae.decode(acts_NF), acts_NF
+
+
+def check_d_in(sae, x_BTD: Tensor, hook: HookPoint) -> None:
+    d_in = getattr(sae, "d_in", None)
+    if d_in is not None and d_in != x_BTD.shape[-1]:
+        raise UserError(
+            f"the SAE has d_in={d_in} but hook {hook.name!r} produces activations of size "
+            f"{x_BTD.shape[-1]} (shape {tuple(x_BTD.shape)})."
+        )
+
+
+def _sae_param(sae):
+    params = list(sae.parameters()) if isinstance(sae, nn.Module) else []
+    return params[0] if params else None
+
+
+def _prepare_sae(sae, device):
+    if isinstance(sae, nn.Module):
+        sae.eval()
+        p = _sae_param(sae)
+        if p is not None and p.device != device:
+            sae.to(device)
+    return sae
+
+
+def _replace_valid(mask_BT: Tensor, new_of_valid: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """A splice function replacing the activation at valid positions by new_of_valid(x_ND)."""
+
+    def fn(x_BTD: Tensor) -> Tensor:
+        out = x_BTD.clone()
+        out[mask_BT] = new_of_valid(x_BTD[mask_BT]).to(out.dtype)
+        return out
+
+    return fn
+
+
+# ----------------------------------------------------------------------------- prefix replay
+
+
+class PrefixReplay:
+    """Record the outputs of the decoder blocks before the hook's block once; replay them after.
+
+    Disabled (a no-op) for hooks outside the decoder blocks (layer None) or at layer 0.
+    """
+
+    def __init__(self, model: nn.Module, hook: HookPoint, enabled: bool = True) -> None:
+        self.blocks: list[nn.Module] = []
+        if enabled and hook.layer is not None and hook.layer > 0:
+            try:
+                blocks_path, blocks = find_blocks(model)
+            except UserError:
+                blocks = None
+            inside = blocks is not None and (
+                hook.module_path == f"{blocks_path}.{hook.layer}"
+                or hook.module_path.startswith(f"{blocks_path}.{hook.layer}.")
+            )
+            if inside:
+                self.blocks = list(blocks)[: hook.layer]
+        self.outputs: list = []
+
+    @contextmanager
+    def record(self) -> Iterator[None]:
+        self.outputs = [None] * len(self.blocks)
+
+        def make(i: int):
+            def post(_mod, _args, out):
+                self.outputs[i] = out
+
+            return post
+
+        handles = [b.register_forward_hook(make(i)) for i, b in enumerate(self.blocks)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        if any(o is None for o in self.outputs):
+            raise RuntimeError("PrefixReplay.replay() before a complete record()")
+        for block, out in zip(self.blocks, self.outputs, strict=True):
+            block.forward = lambda *_a, _out=out, **_k: _out  # instance attribute shadows the method
+        try:
+            yield
+        finally:
+            for block in self.blocks:
+                del block.forward
+
+
+# ----------------------------------------------------------------------------- activation metrics
+
+
+def _activation_stats(model, hook, sae, input_ids_NT, loss_mask_NT, batch_size) -> M.ActivationStats:
+    device = _device(model)
+    sae = _prepare_sae(sae, device)
+    stats: M.ActivationStats | None = None
+    with torch.inference_mode():
+        for ids_BT, mask_BT in _batches(input_ids_NT, loss_mask_NT, batch_size, device):
+            x_BTD = capture(model, ids_BT, None, [hook], early_exit=True)[hook.name]
+            check_d_in(sae, x_BTD, hook)
+            x_ND = x_BTD[mask_BT].float()
+            p = _sae_param(sae)
+            x_hat_ND, acts_NF = reconstruct(sae, x_ND if p is None else x_ND.to(p.dtype))
+            if stats is None:
+                stats = M.ActivationStats(acts_NF.shape[-1])
+            stats.update(x_ND, x_hat_ND.float(), acts_NF)
+    if stats is None or stats.n_tokens == 0:
+        raise UserError("the evaluation text has no valid token (every loss_mask position is False).")
+    return stats
+
+
+def activation_metrics(model, hook: HookPoint, sae, input_ids_NT, loss_mask_NT, batch_size: int = 8) -> dict:
+    """L0 (mean and distribution), MSE, FVU, explained variance, cosine, norm ratio, dead/dense latents."""
+    return _activation_stats(model, hook, sae, input_ids_NT, loss_mask_NT, batch_size).compute()
+
+
+# ----------------------------------------------------------------------------- spliced metrics
+
+
+def _scored_logprobs(logits_BTV: Tensor, ids_BT: Tensor, mask_BT: Tensor) -> tuple[Tensor, Tensor]:
+    sel = M.scored_positions(mask_BT)
+    return torch.log_softmax(logits_BTV[:, :-1][sel].float(), dim=-1), ids_BT[:, 1:][sel]
+
+
+def _forward_logits(model, ids_BT) -> Tensor:
+    return model(input_ids=ids_BT, use_cache=False).logits
+
+
+def mean_activation(model, hook: HookPoint, input_ids_NT, loss_mask_NT, batch_size: int = 8) -> Tensor:
+    """Mean hook activation over the valid positions (the mean-ablation value; cache it across calls)."""
+    device = _device(model)
+    moments = M._Moments()
+    with torch.inference_mode():
+        for ids_BT, mask_BT in _batches(input_ids_NT, loss_mask_NT, batch_size, device):
+            moments.update(capture(model, ids_BT, None, [hook], early_exit=True)[hook.name][mask_BT])
+    if moments.mean_D is None:
+        raise UserError("the evaluation text has no valid token (every loss_mask position is False).")
+    return moments.mean_D.float().to(device)
+
+
+class SpliceEvaluator:
+    """Scores SAEs at one hook on fixed tokens, computing the SAE-independent baselines only once.
+
+    The first `evaluate` runs clean, zero-ablated, mean-ablated and SAE-spliced forwards; later calls
+    (other SAEs of a sweep, later training steps) reuse ce_zero / ce_mean / kl_zero / kl_mean and run
+    only the clean forward (for the KL reference and the activations) and the SAE-spliced one.
+    """
+
+    def __init__(
+        self,
+        model,
+        hook: HookPoint,
+        input_ids_NT: Tensor,
+        loss_mask_NT: Tensor,
+        batch_size: int = 8,
+        reuse_prefix: bool = True,
+        mean_act_D: Tensor | None = None,
+    ) -> None:
+        self.model, self.hook = model, hook
+        self.input_ids_NT, self.loss_mask_NT, self.batch_size = input_ids_NT, loss_mask_NT, batch_size
+        self.replay = PrefixReplay(model, hook, enabled=reuse_prefix)
+        self.mean_act_D = mean_act_D
+        self.baseline: dict | None = None  # ce_zero, ce_mean, kl_zero, kl_mean once measured
+
+    def evaluate(self, sae, activation: bool = True) -> dict:
+        """Spliced metrics (and, with `activation`, the activation metrics) of one SAE."""
+        model, hook = self.model, self.hook
+        device = _device(model)
+        sae = _prepare_sae(sae, device)
+        p = _sae_param(sae)
+        sae_dtype = torch.float32 if p is None else p.dtype
+        if self.mean_act_D is None:
+            self.mean_act_D = mean_activation(
+                model, hook, self.input_ids_NT, self.loss_mask_NT, self.batch_size
+            )
+        mean_act_D = self.mean_act_D.to(device)
+        variants = ("sae",) if self.baseline is not None else VARIANTS
+        replacements = {
+            "zero": lambda x_ND: torch.zeros_like(x_ND),
+            "mean": lambda x_ND: mean_act_D.to(x_ND.dtype).expand_as(x_ND),
+        }
+        ce_sum = dict.fromkeys(("clean", *variants), 0.0)
+        kl_sum = dict.fromkeys(variants, 0.0)
+        n_scored = 0
+        stats: M.ActivationStats | None = None
+        seen: list[Tensor] = []
+
+        def record_x(x_BTD: Tensor) -> Tensor:
+            seen.append(x_BTD)
+            return x_BTD
+
+        with torch.inference_mode():
+            for ids_BT, mask_BT in _batches(self.input_ids_NT, self.loss_mask_NT, self.batch_size, device):
+                seen.clear()
+                with self.replay.record(), splice(model, hook, record_x):
+                    logits = _forward_logits(model, ids_BT)
+                x_BTD = seen[0]
+                check_d_in(sae, x_BTD, hook)
+                # The hook's input is the same in every variant (same prefix), so x_hat is computed once.
+                x_ND = x_BTD[mask_BT]
+                x_hat_ND, acts_NF = reconstruct(sae, x_ND.to(sae_dtype))
+                if activation:
+                    if stats is None:
+                        stats = M.ActivationStats(acts_NF.shape[-1])
+                    stats.update(x_ND.float(), x_hat_ND.float(), acts_NF)
+                replacements["sae"] = lambda x_ND, _x_hat=x_hat_ND: _x_hat
+                logp_clean, targets = _scored_logprobs(logits, ids_BT, mask_BT)
+                del logits
+                n_scored += targets.numel()
+                if targets.numel() == 0:
+                    continue
+                ce_sum["clean"] += -logp_clean.gather(1, targets[:, None]).double().sum().item()
+                for name in variants:
+                    with (
+                        self.replay.replay(),
+                        splice(model, hook, _replace_valid(mask_BT, replacements[name])),
+                    ):
+                        logits = _forward_logits(model, ids_BT)
+                    logp, _ = _scored_logprobs(logits, ids_BT, mask_BT)
+                    del logits
+                    ce_sum[name] += -logp.gather(1, targets[:, None]).double().sum().item()
+                    kl_sum[name] += M.kl_divergence(logp_clean, logp).double().sum().item()
+                self.replay.outputs = []
+        if n_scored == 0:
+            raise UserError("the evaluation text has no scored position (no two consecutive valid tokens).")
+
+        ce = {k: v / n_scored for k, v in ce_sum.items()}
+        kl = {k: v / n_scored for k, v in kl_sum.items()}
+        if self.baseline is None:
+            self.baseline = {
+                "ce_zero": ce["zero"],
+                "ce_mean": ce["mean"],
+                "kl_zero": kl["zero"],
+                "kl_mean": kl["mean"],
+            }
+        b = self.baseline
+        out = stats.compute() if stats is not None else {}
+        out.update(
+            n_scored_positions=n_scored,
+            ce_clean=ce["clean"],
+            ce_zero=b["ce_zero"],
+            ce_mean=b["ce_mean"],
+            ce_sae=ce["sae"],
+            loss_recovered=M.loss_recovered(ce["clean"], ce["sae"], b["ce_zero"]),
+            loss_recovered_mean=M.loss_recovered(ce["clean"], ce["sae"], b["ce_mean"]),
+            ce_increase=ce["sae"] - ce["clean"],
+            kl=kl["sae"],
+            kl_zero=b["kl_zero"],
+            kl_mean=b["kl_mean"],
+        )
+        return out
+
+
+def spliced_metrics(
+    model,
+    hook: HookPoint,
+    sae,
+    input_ids_NT: Tensor,
+    loss_mask_NT: Tensor,
+    batch_size: int = 8,
+    mean_act_D: Tensor | None = None,
+    reuse_prefix: bool = True,
+) -> dict:
+    """Next-token CE clean / zero-ablated / mean-ablated / SAE-spliced, loss recovered and KL.
+
+    `mean_act_D` (the mean-ablation value) is computed from the same tokens when not given. To score
+    several SAEs (or one SAE repeatedly) on the same tokens, keep a `SpliceEvaluator` instead.
+    """
+    ev = SpliceEvaluator(model, hook, input_ids_NT, loss_mask_NT, batch_size, reuse_prefix, mean_act_D)
+    return ev.evaluate(sae, activation=False)
+
+
+def evaluate_sae(
+    model, hook: HookPoint, sae, input_ids_NT: Tensor, loss_mask_NT: Tensor, batch_size: int = 8
+) -> dict:
+    """Activation metrics and spliced metrics of one SAE on the same tokens."""
+    return SpliceEvaluator(model, hook, input_ids_NT, loss_mask_NT, batch_size).evaluate(sae)

@@ -1,0 +1,79 @@
+"""Writing files so that a reader never sees half of one: write to a temporary name, fsync, rename.
+
+Every file a later stage or a resume trusts goes through here (JSON, text, safetensors), and
+`sha256_file` is the one checksum they are recorded with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from sae_pipeline import layout
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    try:
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = layout.tmp_name(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any, indent: int | None = 2) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """safetensors file of contiguous CPU copies, with the usual file mode (safetensors makes 0600)."""
+    path = Path(path)
+    tmp = layout.tmp_name(path)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _replace(tmp, path)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (Linux exposes it in /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022

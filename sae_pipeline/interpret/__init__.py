@@ -1,0 +1,1 @@
+"""Interpretation: one-pass feature statistics, the browser and its records, the logit lens, steering."""

@@ -1,0 +1,68 @@
+"""Every on-disk file and folder name of the pipeline, defined once.
+
+Where the folders live (`paths.root` and the folders under it) is configuration: the `paths`
+group (`schema/common.py`). What the files inside them are called is fixed here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# --- activation store (one folder per hook point) -------------------------------------------
+MANIFEST = "manifest.json"
+STORE_FORMAT_VERSION = 1
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def tmp_name(final: Path) -> Path:
+    """Where a file is written before the atomic rename to `final`."""
+    return final.with_name(final.name + ".tmp")
+
+
+def store_dir(out_dir: Path, hook_name: str) -> Path:
+    """Folder of the store for one hook point; `:` and `/` of module hooks become safe characters."""
+    safe = hook_name.replace("/", "_").replace(":", "__")
+    return Path(out_dir) / safe
+
+
+# --- SAE run folders ------------------------------------------------------------------------
+CONFIG = "config.json"  # <run>/config.json (how the run was trained) and <run>/sae/config.json (the SAE)
+CHECKPOINTS = "checkpoints"
+FINAL_SAE = "sae"
+SAE_WEIGHTS = "sae.safetensors"
+TRAIN_STATE = "state.safetensors"  # optimizer moments
+TRAIN_META = "state.json"  # step, tokens, RNG and reader position
+TRAIN_LOG = "train_log.jsonl"
+EVAL = "eval"
+METRICS = "metrics.json"
+DENSITY_PLOT = "feature_density.png"
+FEATURES = "features"  # <run>/features/: the latent browser
+FEATURES_JSON = "features.json"
+FEATURES_DATA_JS = "features_data.js"  # the same data as a script the page loads (file:// cannot fetch)
+FEATURES_HTML = "index.html"
+STEER = "steer"  # <run>/steer/: steering / clamping / ablation results
+STEER_JSON = "steer.json"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step-{step:09d}"
+
+
+# --- sweeps ---------------------------------------------------------------------------------
+SWEEP_TABLE_CSV = "sweep.csv"
+SWEEP_TABLE_MD = "sweep.md"
+PARETO_LOSS_PLOT = "pareto_l0_loss_recovered.png"
+PARETO_FVU_PLOT = "pareto_l0_fvu.png"
+
+
+# --- embedded default assets ----------------------------------------------------------------
+def cache_root() -> Path:
+    """Where fetched wheels and converted assets live (override with SAE_PIPELINE_CACHE)."""
+    env = os.environ.get("SAE_PIPELINE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sae_pipeline"

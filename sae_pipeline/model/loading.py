@@ -1,0 +1,91 @@
+"""Loading a causal language model and its tokenizer: hub name, local folder, GGUF, or the embedded default."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sae_pipeline.errors import UserError
+from sae_pipeline.model import assets
+from sae_pipeline.runtime import resolve_device
+
+MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in MODEL_DTYPES:
+        raise UserError(
+            f"model.dtype={name!r} is not supported; choose one of auto, {', '.join(MODEL_DTYPES)}"
+        )
+    return MODEL_DTYPES[name]
+
+
+def resolve_name(name: str) -> str:
+    """The folder or hub id transformers should load (the embedded default becomes its cached folder)."""
+    if name == assets.EMBEDDED_MODEL:
+        return str(assets.smollm2_dir())
+    return name
+
+
+def _get(cfg: Any, key: str, default=None):
+    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+
+
+def load_model(model_cfg: Any, device: str | torch.device = "auto"):
+    """Return (model, tokenizer), the model in eval mode on `device`.
+
+    `model_cfg` is a ModelConfig, a DictConfig or the plain dict a store manifest records."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bars are the ones that matter
+
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    name = _get(model_cfg, "name")
+    if not name:
+        raise UserError("model.name is empty; give a hub id, a local folder or embedded:smollm2")
+    source = resolve_name(name)
+    gguf_file = _get(model_cfg, "gguf_file")
+    if gguf_file and Path(source).is_dir() and not (Path(source) / gguf_file).exists():
+        raise UserError(f"model.gguf_file={gguf_file!r} is not a file in the folder {source}")
+    looks_local = os.path.sep in source or source.startswith(".") or Path(source).exists()
+    if looks_local and not Path(source).exists():
+        raise UserError(f"model.name={name!r}: no such folder")
+    kwargs = dict(
+        revision=_get(model_cfg, "revision"),
+        trust_remote_code=bool(_get(model_cfg, "trust_remote_code", False)),
+    )
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    dtype = resolve_dtype(_get(model_cfg, "dtype", "float32") or "float32", device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"could not load model.name={name!r} ({first})") from None
+    model.to(device).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def max_context(model) -> int | None:
+    """The longest context the model accepts, when its config says."""
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def token_strings(tokenizer, ids) -> dict[int, str]:
+    """id -> the text the token decodes to on its own (byte fragments may show as U+FFFD)."""
+    ids = sorted({int(i) for i in ids})
+    texts = tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
+    return dict(zip(ids, texts, strict=True))

@@ -1,0 +1,98 @@
+"""Sparse autograd kernels shared by the architectures that keep K latents per row (TopK, BatchTopK).
+
+Shapes: B batch, D input dimension, F dictionary size, K kept latents per row; the flat form lists every
+row's entries one after another (N entries in all) with `offsets_B` marking where each row starts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def sparse_decode(
+    idx_BK: Tensor, vals_BK: Tensor, W_dec_FD: Tensor, b_dec_D: Tensor | None, offsets_B: Tensor | None = None
+) -> Tensor:
+    """x_hat = sum_k vals[b, k] * W_dec[idx[b, k]] (+ b_dec), touching only the K gathered decoder rows.
+
+    With `offsets_B`, idx and vals are flat (N,) lists of every row's entries, row b's starting at offsets[b]
+    (rows may hold different numbers of entries).
+
+    embedding_bag with per_sample_weights was the fastest CPU option measured (B=4096, D=576, F=4608, K=32:
+    ~43 ms forward+backward vs ~440 ms for index_select+bmm and ~560 ms dense); its backward is exact.
+    """
+    out_BD = F.embedding_bag(idx_BK, W_dec_FD, offsets_B, per_sample_weights=vals_BK, mode="sum")
+    return out_BD if b_dec_D is None else out_BD + b_dec_D
+
+
+class _GatherEncode(torch.autograd.Function):
+    """vals[b, k] = pre[b, idx[b, k]] where pre = x @ W_enc + bias, with a sparse backward.
+
+    The dense `pre_BF` is computed once without autograd; the backward only touches the K selected columns:
+    grad W_enc[:, f] = sum over (b, k) with idx == f of grad[b, k] * x[b]; this is exactly the weight gradient
+    of an embedding_bag, whose fast kernel we reuse. x gets no gradient (it is data).
+    Flat form (rows_N and offsets_B given): vals[n] = pre[rows[n], idx[n]], entries grouped by row as in
+    `sparse_decode` with offsets.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x_BD: Tensor,
+        W_enc_DF: Tensor,
+        bias_F: Tensor,
+        pre_BF: Tensor,
+        idx_BK: Tensor,
+        rows_N: Tensor | None = None,
+        offsets_B: Tensor | None = None,
+    ) -> Tensor:
+        ctx.save_for_backward(x_BD, idx_BK, offsets_B)
+        ctx.shape_DF = W_enc_DF.shape
+        return pre_BF.gather(1, idx_BK) if rows_N is None else pre_BF[rows_N, idx_BK]
+
+    @staticmethod
+    def backward(ctx, grad_BK: Tensor):
+        x_BD, idx_BK, offsets_B = ctx.saved_tensors
+        d_in, d_sae = ctx.shape_DF
+        grad_W = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            with torch.enable_grad():
+                dummy_FD = torch.zeros(d_sae, d_in, dtype=x_BD.dtype, device=x_BD.device, requires_grad=True)
+                out_BD = F.embedding_bag(
+                    idx_BK, dummy_FD, offsets_B, per_sample_weights=grad_BK.contiguous(), mode="sum"
+                )
+                (grad_FD,) = torch.autograd.grad(out_BD, dummy_FD, x_BD)
+            grad_W = grad_FD.t()
+        if ctx.needs_input_grad[2]:
+            grad_bias = torch.zeros(d_sae, dtype=grad_BK.dtype, device=grad_BK.device)
+            grad_bias.index_add_(0, idx_BK.reshape(-1), grad_BK.reshape(-1))
+        return None, grad_W, grad_bias, None, None, None, None
+
+
+def gather_encode(
+    x_BD: Tensor,
+    W_enc_DF: Tensor,
+    bias_F: Tensor,
+    pre_BF: Tensor,
+    idx_BK: Tensor,
+    rows_N: Tensor | None = None,
+    offsets_B: Tensor | None = None,
+) -> Tensor:
+    """Pre-activations at idx with gradients to W_enc and the bias only through the selected entries.
+
+    Flat form: idx and rows are (N,) latent and row indices grouped by row, offsets_B each row's first entry.
+    """
+    return _GatherEncode.apply(x_BD, W_enc_DF, bias_F, pre_BF, idx_BK, rows_N, offsets_B)
+
+
+def scatter_dense(
+    idx_BK: Tensor, vals_BK: Tensor, d_sae: int, rows_N: Tensor | None = None, n_rows: int | None = None
+) -> Tensor:
+    """Dense B x F activations from (indices, values); no gradient. Flat form: (idx_N, vals_N, rows_N, n_rows)."""
+    if rows_N is None:
+        out_BF = torch.zeros(idx_BK.shape[0], d_sae, dtype=vals_BK.dtype, device=vals_BK.device)
+        return out_BF.scatter_(1, idx_BK, vals_BK.detach())
+    out_BF = torch.zeros(n_rows, d_sae, dtype=vals_BK.dtype, device=vals_BK.device)
+    out_BF.index_put_((rows_N, idx_BK), vals_BK.detach())
+    return out_BF

@@ -1,0 +1,47 @@
+"""Typed schemas of every config group, one module per stage plus the groups they share.
+
+    common.py    paths, model, data, hook, logger (shared by several stages)
+    harvest.py   train.py   eval.py   features.py   steer.py   (one Job dataclass each)
+
+`register_configs()` puts every schema in Hydra's ConfigStore; each stage calls it before
+`@hydra.main` composes, and `compose()` calls it for notebooks and tests. A typo in a key or a
+wrong type fails at start-up naming the key.
+"""
+
+from __future__ import annotations
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from sae_pipeline.sae import CONFIG_CLASSES
+
+from . import eval, features, harvest, steer, train
+from .common import to_container
+
+__all__ = ["compose", "register_configs", "to_container"]
+
+
+def register_configs() -> None:
+    """Register every stage's schema; the group YAML files pick theirs up through `defaults`."""
+    cs = ConfigStore.instance()
+    cs.store(name="harvest_schema", node=harvest.HarvestJob)
+    cs.store(name="train_schema", node=train.TrainJob)
+    cs.store(name="eval_schema", node=eval.EvalJob)
+    cs.store(name="features_schema", node=features.FeaturesJob)
+    cs.store(name="steer_schema", node=steer.SteerJob)
+    for arch, cls in CONFIG_CLASSES.items():
+        cs.store(group="sae", name=f"base_{arch}", node=cls)
+
+
+def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose a stage's config without the command line (notebooks, tests, benchmarks).
+
+    Example: `harvest.run(compose("harvest", ["hook.layer=3"]))`.
+    `hydra:` interpolations are not available this way; every stage has a plain default for them.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    register_configs()
+    with initialize_config_module("sae_pipeline.conf", version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []))

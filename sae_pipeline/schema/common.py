@@ -1,0 +1,70 @@
+"""Schemas of the config groups several stages share: paths, model, data, hook, logger.
+
+A typo in a key or a wrong type fails at start-up naming the key. Types are limited to what
+OmegaConf 2.3 accepts (no Literal/Union): choices are `str` fields checked in code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+LOGGER_MODES = ("auto", "offline", "online")
+
+
+@dataclass
+class PathsConfig:
+    root: str = "${oc.env:SAE_PIPELINE_ROOT,runs}"  # everything the pipeline writes lives under here
+    stores: str = "${paths.root}/stores"  # activation stores
+    train: str = "${paths.root}/train"  # SAE run folders (single runs)
+    sweeps: str = "${paths.root}/sweeps"  # multirun folders
+
+
+@dataclass
+class ModelConfig:
+    name: str = "embedded:smollm2"  # hub id, local folder, or embedded:smollm2 (offline default)
+    id: str = "smollm2-135m"  # short name used in folder names
+    gguf_file: Optional[str] = None  # a GGUF file inside `name` (folder or hub repo)
+    revision: Optional[str] = None  # hub revision (branch, tag or commit)
+    dtype: str = "float32"  # float32 | float16 | bfloat16 | auto (bfloat16 on CUDA, float32 on CPU)
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = "embedded:shakespeare"  # hub dataset, builder (json/text/parquet/csv), local folder or embedded:shakespeare
+    id: str = "shakespeare"  # short name used in folder names
+    data_files: Optional[Any] = None  # file or list of files for a builder name
+    config_name: Optional[str] = None  # dataset configuration (subset)
+    split: str = "train"
+    text_column: str = "text"
+    title_column: Optional[str] = "title"  # names held-out documents in the manifest when present
+    eval_split: Optional[str] = None  # a separate evaluation split; when null, documents are held out
+    eval_documents: int = 3  # whole documents held out of harvest for evaluation (when eval_split is null)
+    streaming: bool = False  # stream a large hub dataset instead of downloading it whole
+
+
+@dataclass
+class HookConfig:
+    layer: int = 9  # block index of the named points
+    points: list[str] = field(default_factory=lambda: ["resid_post"])  # resid_pre|resid_post|mlp_out|attn_out
+    # extra full names, e.g. module:model.layers.3.mlp.act_fn:output
+    names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = True  # logger=none turns it off; train_log.jsonl is always written
+    project: str = "sae_pipeline"
+    entity: Optional[str] = None
+    mode: str = "auto"  # auto (online only with WANDB_API_KEY) | offline | online
+    group: Optional[str] = None  # W&B group; default: the multirun sweep folder name
+    name: Optional[str] = None  # W&B run name; default: the job's overrides
+    tags: list[str] = field(default_factory=list)
+
+
+def to_container(cfg: DictConfig) -> dict:
+    """A plain, fully resolved dict (for manifests, config.json and W&B)."""
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]

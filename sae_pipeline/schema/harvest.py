@@ -1,0 +1,45 @@
+"""Schema of `sae-harvest` (ConfigStore name `harvest_schema`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sae_pipeline.data.store import store_dtype
+from sae_pipeline.errors import UserError
+
+from .common import DataConfig, HookConfig, ModelConfig, PathsConfig
+
+
+@dataclass
+class HarvestConfig:
+    context_size: int = 128  # tokens per context, BOS included
+    prepend_bos: bool = True  # start every context with BOS (never stored)
+    batch_size: int = 32  # contexts per forward pass
+    n_tokens: int = 200_000  # activation rows to collect per hook point
+    shard_size: int = 65_536  # rows per shard (rounded up to whole forward batches)
+    dtype: str = "float32"  # store dtype: float32 | float16 | bfloat16
+    seed: int = 0  # document order, held-out documents and within-shard row shuffle
+    early_exit: bool = True  # stop the forward after the deepest hook
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out_dir: str = "${paths.stores}/${model.id}/${data.id}"  # one store folder per hook under here
+    overwrite: bool = False  # replace an existing store with different settings
+    writer_queue: int = 2  # shards buffered for the background writer
+
+
+@dataclass
+class HarvestJob:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    hook: HookConfig = field(default_factory=HookConfig)
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+
+
+def check_harvest_config(h) -> None:
+    """Raise a UserError naming the first bad key of `harvest`."""
+    store_dtype(h.dtype)
+    for key in ("context_size", "batch_size", "n_tokens", "shard_size"):
+        if int(h[key]) < 1:
+            raise UserError(f"harvest.{key}={h[key]} must be a positive integer")
+    if h.context_size < 2 and h.prepend_bos:
+        raise UserError(f"harvest.context_size={h.context_size} leaves no room for text after BOS")

@@ -1,0 +1,60 @@
+"""Schema of `sae-train` (ConfigStore name `train_schema`; one `sae/base_<arch>` schema per architecture,
+which conf/sae/<arch>.yaml names in its defaults)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+from .common import LoggerConfig, PathsConfig
+
+
+@dataclass
+class TrainConfig:
+    # --- data ---
+    total_tokens: int = 2_000_000  # token budget; may span several passes over the store
+    batch_size: int = 4096  # activation rows per optimizer step
+    buffer_rows: int = 65_536  # shuffle buffer (rows); bounds the reader's memory
+    chunk_rows: int = 4096  # contiguous rows read at a time from one shard
+    prefetch: int = 1  # shuffle buffers prepared ahead by the background reader thread
+    val_tokens: int = 8192  # rows of whole contexts (last shard) held out for validation; 0 = none
+    init_tokens: int = 16_384  # data sample for b_dec init (and the input scale without norm stats)
+    # --- optimisation ---
+    lr: float = 3e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    lr_warmup_steps: int = 100  # linear warm-up from 0
+    lr_decay_fraction: float = 0.2  # linear decay to 0 over this final fraction of the steps
+    sparsity_warmup_steps: int = 200  # sparsity coefficient ramps 0 -> full over these steps
+    max_grad_norm: float = 1.0  # gradient clipping (global L2 norm); 0 = off
+    dead_tokens: int = 500_000  # a latent is dead when it has not fired for this many tokens
+    seed: int = 0  # SAE init, data order, RNG
+    device: str = "auto"  # auto (CUDA + bf16 autocast + TF32 when available, else CPU float32) | cpu | cuda:N
+    # --- logging / evaluation ---
+    log_every: int = 10  # steps between log lines (train_log.jsonl + W&B)
+    val_every: int = 100  # steps between validation MSE/FVU/L0 on the held-out rows; 0 = off
+    eval_every: int = 500  # steps between loss recovered / KL through the model; 0 = off
+    eval_tokens: int = 4096  # held-out text tokens for loss recovered
+    eval_batch_size: int = 8  # contexts per model forward in loss recovered
+    # --- checkpoints / run folder ---
+    checkpoint_every_tokens: int = 1_000_000  # 0 = only the final checkpoint
+    keep_checkpoints: int = 2  # keep the last N checkpoints
+    run_dir: Optional[str] = None  # default: Hydra's output dir (train.yaml's hydra.run.dir)
+    resume: bool = False  # continue the run in run_dir from its last checkpoint
+    overwrite: bool = False  # replace a run folder that already holds a run
+    # Sweep group: one list entry per SAE, each a dict of sae overrides, e.g.
+    # train.group=[{l1_coefficient:1e-4},{l1_coefficient:3e-4}] ; an entry may carry `name`.
+    group: list[Any] = field(default_factory=list)
+    stop_after_steps: Optional[int] = None  # debug: stop as if killed after this step
+
+
+@dataclass
+class TrainJob:
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    store: str = MISSING  # activation store folder (its manifest gives model, hook and d_in)
+    sae: Any = MISSING  # chosen with sae=<arch>; schema sae/base_<arch>
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -1,0 +1,215 @@
+"""The training loop: one pass of batches from the shuffled reader through every member of a run.
+
+Each step reads one global batch, steps every member on it (a sweep group shares the batch), logs window
+means every `log_every` steps, validates, measures loss recovered, and checkpoints on schedule; the run
+ends by saving each member's SAE with the input scale folded in.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from sae_pipeline import layout
+from sae_pipeline.data.reader import ShuffledReader
+from sae_pipeline.data.store import ActivationStore
+from sae_pipeline.errors import UserError
+from sae_pipeline.files import write_json_atomic
+from sae_pipeline.runtime import keep_freed_memory, resolve_device
+from sae_pipeline.sae import input_scale_factor, scale_for_mean_norm
+from sae_pipeline.schema import to_container
+from sae_pipeline.training import checkpoint
+from sae_pipeline.training.group import member_specs
+from sae_pipeline.training.member import Member
+from sae_pipeline.training.run_folder import check_resumable, prepare_run_dir, provenance, save_final
+from sae_pipeline.training.runlog import RunLogger
+from sae_pipeline.training.schedule import lr_at, sparsity_scale_at
+from sae_pipeline.training.validation import LossRecovered, validate
+
+
+class StopRequested(RuntimeError):
+    """Raised after `train.stop_after_steps` (a debug key that simulates a killed run)."""
+
+
+def input_scale(sae_cfg, store: ActivationStore, sample_ND: torch.Tensor) -> float:
+    """The factor the SAE trains on (x * s), from the store's recorded mean norm or else the sample's."""
+    if not sae_cfg.normalize_input:
+        return 1.0
+    mean = (store.manifest.get("norm_stats") or {}).get("mean")
+    return input_scale_factor(sample_ND) if not mean else scale_for_mean_norm(store.d_in, mean)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def train(cfg: DictConfig, run_dir: Path, hydra_info: dict) -> Path:
+    """Train the SAE(s) described by cfg into run_dir; returns run_dir.
+
+    hydra_info: the Hydra job's overrides and sweep name (empty without Hydra) for W&B names and groups."""
+    tcfg = cfg.train
+    store = ActivationStore(Path(cfg.store).expanduser())
+    specs = member_specs(cfg, store)
+    resuming = prepare_run_dir(run_dir, tcfg)
+    device = resolve_device(tcfg.device)
+    if device.type == "cpu":
+        keep_freed_memory()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    _seed_everything(tcfg.seed)
+    container = to_container(cfg)
+    origin = provenance(store)
+    group_mode = bool(tcfg.group)
+    if group_mode:
+        record = {"config": container, **origin, "group": [n for n, _ in specs]}
+        write_json_atomic(run_dir / layout.CONFIG, record)
+
+    def open_reader(state=None) -> ShuffledReader:
+        return ShuffledReader(
+            store, tcfg.batch_size, seed=tcfg.seed, val_tokens=tcfg.val_tokens, buffer_rows=tcfg.buffer_rows,
+            chunk_rows=tcfg.chunk_rows, prefetch=tcfg.prefetch, pin_memory=device.type == "cuda", state=state,
+        )  # fmt: skip
+
+    reader = open_reader()
+    sample = reader.sample(min(tcfg.init_tokens, reader.epoch_rows))
+    members: list[Member] = []
+    for name, sae_cfg in specs:
+        mdir = run_dir / name if name else run_dir
+        mdir.mkdir(parents=True, exist_ok=True)
+        members.append(
+            Member(name, mdir, sae_cfg, store.d_in, tcfg, device, input_scale(sae_cfg, store, sample))
+        )
+
+    # fresh start or resume
+    ckpts = [{p.name: p for p in checkpoint.list_checkpoints(m.run_dir)} for m in members]
+    common = sorted(set.intersection(*(set(c) for c in ckpts))) if resuming else []
+    if resuming and not common and any(ckpts):
+        raise UserError(
+            f"the members of the run {run_dir} share no checkpoint step, so it cannot be resumed exactly; "
+            "resume with the same train.group or pass train.overwrite=true"
+        )
+    start_step, reader_state, exit_code = 0, None, 1
+    for m, found in zip(members, ckpts, strict=True):
+        record = {
+            "config": container, **origin, "arch": m.sae_cfg.arch, "d_in": store.d_in, "d_sae": m.sae.d_sae,
+            "sae": asdict(m.sae_cfg), "member": m.name, "input_scale": m.input_scale,
+        }  # fmt: skip
+        if resuming and (m.run_dir / layout.CONFIG).exists():
+            record["wandb_id"] = check_resumable(m.run_dir, record, store).get("wandb_id")
+        if common:
+            meta, extra = checkpoint.load(found[common[-1]], m.sae, m.opt)
+            m.rng = {k: v for k, v in extra.items() if k.startswith("rng_")}
+            m.stats.since_fired_F.copy_(extra["since_fired_F"])
+            start_step, reader_state = meta["step"], meta["reader"]
+        else:
+            m.sae.init_from_data((sample * m.input_scale).to(device))
+        record.setdefault("wandb_id", record.get("wandb_id") or uuid.uuid4().hex[:8])
+        write_json_atomic(m.run_dir / layout.CONFIG, record)
+        base_name = cfg.logger.name or hydra_info.get("overrides") or run_dir.name
+        m.logger = RunLogger(
+            m.run_dir, {**container, "member": m.name, "sae": record["sae"]}, cfg.logger,
+            name=f"{base_name}/{m.name}" if m.name else base_name,
+            group=cfg.logger.group or hydra_info.get("sweep") or (run_dir.name if group_mode else None),
+            wandb_id=record["wandb_id"], resume_step=start_step if resuming else None,
+        )  # fmt: skip
+    if reader_state is not None:
+        reader.close()
+        reader = open_reader(reader_state)
+    try:
+        _train_loop(members, reader, store, tcfg, device, autocast, start_step, resuming)
+        exit_code = 0
+    finally:
+        reader.close()
+        for m in members:
+            if m.logger is not None:
+                m.logger.finish(exit_code)
+    return run_dir
+
+
+def _train_loop(members, reader, store, tcfg, device, autocast, step: int, resuming: bool) -> None:
+    total_steps = max(1, tcfg.total_tokens // tcfg.batch_size)
+    log0 = members[0].logger
+    if resuming:
+        log0.event(step, f"resuming at step {step}/{total_steps} (pass {reader.epoch + 1} over the store)")
+    if step == 0 and total_steps * tcfg.batch_size > reader.epoch_rows:
+        passes = total_steps * tcfg.batch_size / reader.epoch_rows
+        log0.event(
+            0,
+            f"train.total_tokens={tcfg.total_tokens} is {passes:.2f} passes over the store's {reader.epoch_rows} training rows",
+        )
+    val_x = reader.validation_rows() if tcfg.val_every > 0 else None
+    loss_rec = LossRecovered(store, tcfg, device, log0) if tcfg.eval_every > 0 else None
+    epoch, last_ckpt = reader.epoch, step
+    while step < total_steps:
+        x_BD = reader.next_batch().to(device, non_blocking=True)
+        lr, scale = lr_at(step, total_steps, tcfg), sparsity_scale_at(step, tcfg)
+        for m in members:
+            m.train_step(x_BD, step, lr, scale, tcfg, autocast)
+        step += 1
+        if reader.epoch != epoch:
+            epoch = reader.epoch
+            log0.event(step, f"starting pass {epoch + 1} over the store")
+        last = step == total_steps
+        if step % tcfg.log_every == 0 or last:
+            for m in members:
+                rec = {
+                    **m.stats.summary(),
+                    "lr": lr,
+                    "sparsity_coefficient": scale,
+                    "tokens": step * tcfg.batch_size,
+                }
+                rec["epoch"] = step * tcfg.batch_size / reader.epoch_rows
+                m.logger.log(step, rec)
+                print(_progress(m, step, total_steps, rec), flush=True)
+        t_side = time.perf_counter()  # validation, evaluation and checkpoints do not count in tokens/s
+        if val_x is not None and val_x.numel() and (step % tcfg.val_every == 0 or last):
+            for m in members:
+                m.logger.log(step, validate(m, val_x, tcfg.batch_size, device))
+        if loss_rec is not None and (step % tcfg.eval_every == 0 or last):
+            for m in members:
+                loss_rec(m, step)
+        every = tcfg.checkpoint_every_tokens
+        if last or (every > 0 and step * tcfg.batch_size // every > (step - 1) * tcfg.batch_size // every):
+            _save_checkpoints(members, step, reader, tcfg)
+            last_ckpt = step
+        for m in members:
+            m.stats.t0 += time.perf_counter() - t_side
+        if tcfg.stop_after_steps is not None and step >= tcfg.stop_after_steps and not last:
+            raise StopRequested(
+                f"stopped after step {step} (train.stop_after_steps); last checkpoint at step {last_ckpt}"
+            )
+    for m in members:
+        print(f"saved {save_final(m, store)}", flush=True)
+
+
+def _save_checkpoints(members, step: int, reader, tcfg) -> None:
+    for m in members:  # all members first, then prune: a kill in between leaves a common step
+        meta = {"tokens": step * tcfg.batch_size, "reader": reader.state(), "input_scale": m.input_scale}
+        checkpoint.save(
+            m.run_dir, step, m.sae, m.opt, meta, {**m.rng, "since_fired_F": m.stats.since_fired_F}
+        )
+    for m in members:
+        checkpoint.prune(m.run_dir, tcfg.keep_checkpoints)
+
+
+def _progress(m: Member, step: int, total: int, rec: dict) -> str:
+    who = f"[{m.name}] " if m.name else ""
+    return (
+        f"{who}step {step}/{total} loss {rec['loss']:.4g} mse {rec['mse']:.4g} fvu {rec['fvu']:.3f} "
+        f"l0 {rec['l0']:.1f} dead {rec['dead_latents']} lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tok/s"
+    )

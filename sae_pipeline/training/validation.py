@@ -1,0 +1,74 @@
+"""Measurements taken during training: validation on held-out store rows, and loss recovered.
+
+Validation uses whole contexts of the store that the reader never trains on (val/mse in raw
+units summed over D, val/fvu, val/l0). Loss recovered splices the SAE (input scale folded in)
+into the store's model on its held-out text with `evaluation.splice.SpliceEvaluator`, the same
+code `sae-eval` runs; when the model cannot be loaded this is logged once and skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sae_pipeline.errors import UserError
+from sae_pipeline.evaluation import metrics
+
+
+@torch.no_grad()
+def validate(member, val_ND: torch.Tensor, batch_size: int, device) -> dict:
+    s = member.input_scale
+    err = l0 = 0.0
+    x_hats = []
+    for start in range(0, val_ND.shape[0], batch_size):
+        x_BD = val_ND[start : start + batch_size].to(device)
+        acts_BF = member.sae.encode(x_BD * s)
+        x_hat_BD = member.sae.decode(acts_BF).float() / s
+        err += metrics.squared_error_per_token(x_BD, x_hat_BD).sum().item()
+        l0 += metrics.l0_per_token(acts_BF).sum().item()
+        x_hats.append(x_hat_BD.cpu())
+    n = val_ND.shape[0]
+    return {
+        "val/mse": err / n,
+        "val/fvu": metrics.fvu(val_ND, torch.cat(x_hats)),
+        "val/l0": l0 / n,
+    }
+
+
+class LossRecovered:
+    """Loads the store's model once (lazily) and scores SAEs spliced into it.
+
+    One SpliceEvaluator serves every call, so the SAE-independent baselines (zero and mean
+    ablation) are measured once per run, not at every evaluation step."""
+
+    def __init__(self, store, tcfg, device, logger):
+        self.store, self.tcfg, self.device, self.logger = store, tcfg, device, logger
+        self.evaluator = None  # a SpliceEvaluator on the held-out tokens, once loaded
+        self.disabled = False
+
+    def _load(self, step: int) -> bool:
+        if self.evaluator is not None or self.disabled:
+            return not self.disabled
+        try:
+            from sae_pipeline.data import text
+            from sae_pipeline.evaluation.splice import SpliceEvaluator
+            from sae_pipeline.model import hook_points, loading
+
+            model, tokenizer = loading.load_model(self.store.manifest["model"], device=self.device)
+            hook = hook_points.resolve_hook(model, self.store.hook_name)
+            ids_NT, mask_NT = text.heldout_contexts(self.store.manifest, tokenizer, self.tcfg.eval_tokens)
+            self.evaluator = SpliceEvaluator(
+                model, hook, ids_NT, mask_NT, batch_size=self.tcfg.eval_batch_size
+            )
+        except (UserError, OSError, ImportError, KeyError, ValueError) as err:
+            self.disabled = True
+            self.logger.event(step, f"loss recovered is skipped: the store's model cannot be loaded ({err})")
+        return not self.disabled
+
+    def __call__(self, member, step: int) -> None:
+        if not self._load(step):
+            return
+        rng = torch.get_rng_state()
+        out = self.evaluator.evaluate(member.folded(), activation=False)
+        torch.set_rng_state(rng)
+        keys = ("ce_clean", "ce_zero", "ce_mean", "ce_sae", "loss_recovered", "ce_increase", "kl")
+        member.logger.log(step, {f"eval/{k}": float(out[k]) for k in keys if k in out})
