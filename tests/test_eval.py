@@ -121,6 +121,12 @@ def test_mean_ablation_and_sae_splice_match_manual_splices(model, data):
     assert out["ce_mean"] == pytest.approx(expected_mean, rel=1e-5)
     assert out["ce_zero"] == pytest.approx(expected_zero, rel=1e-5)
     assert out["ce_sae"] == pytest.approx(expected_sae, rel=1e-5)
+    # both loss-recovered scores follow their definitions from the hand-spliced cross-entropies
+    expected_clean = manual_spliced_ce(model, hook, ids, mask, lambda v: v)
+    for key, ablated in (("loss_recovered", expected_zero), ("loss_recovered_mean", expected_mean)):
+        want = (ablated - expected_sae) / (ablated - expected_clean)
+        assert out[key] == pytest.approx(want, rel=1e-4), key
+    assert abs(expected_mean - expected_zero) > 1e-3  # so the two scores would tell their baselines apart
 
 
 @pytest.mark.parametrize(
@@ -223,6 +229,9 @@ def test_sweep_tables_and_plots(tmp_path):
 def test_launcher_configs_compose():
     from hydra import compose, initialize_config_module
 
+    from sae_pipeline.schema import register_configs
+
+    register_configs()  # what each stage does before @hydra.main composes
     with initialize_config_module("sae_pipeline.conf", version_base="1.3"):
         for launcher, target in [
             ("local_parallel", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sae_pipeline import harvest, layout
 from sae_pipeline.data import store
@@ -82,19 +82,56 @@ def test_manifest_checksums_and_shuffled_rows(tmp_path, assets):
     assert not list(folder.glob("*.tmp"))
 
 
-def test_several_hooks_in_one_pass_and_half_precision(tmp_path, assets):
-    folders = _harvest(tmp_path, assets, "llama", ["hook=all", "harvest.dtype=bfloat16"])
+def _contexts(folder: Path, rows: dict) -> torch.Tensor:
+    """Each stored context rebuilt from its rows' token ids and positions (BOS at position 0)."""
+    manifest = store.read_manifest(folder)
+    n_ctx = int(rows["context_ids"].max()) + 1
+    ids = torch.full((n_ctx, manifest["context_size"]), manifest["bos"]["token_id"], dtype=torch.long)
+    ids[rows["context_ids"].long(), rows["positions"].long()] = rows["token_ids"].long()
+    return ids
+
+
+def test_each_hook_of_a_multi_hook_harvest_lands_in_its_own_folder(tmp_path, assets):
+    """Every folder of `hook=all` holds exactly its own point's vectors: the ground truth comes from
+    torch forward hooks placed by hand on the Llama block's modules, not from the project's hook code,
+    so a swapped MLP/attention folder or resid_pre written as resid_post fails."""
+    folders = _harvest(tmp_path, assets, "llama", ["hook=all"])
     assert [f.name for f in folders] == [
         "blocks.1.hook_resid_pre",
         "blocks.1.hook_resid_post",
         "blocks.1.hook_mlp_out",
         "blocks.1.hook_attn_out",
     ]
-    for f in folders:
-        assert _rows(f)["activations"].dtype == torch.bfloat16
-    # resid_post = resid_pre + attn_out + mlp_out for a sequential Llama block
-    pre, post, mlp, attn = (_rows(f)["activations"].float() for f in folders)
-    torch.testing.assert_close(post, pre + attn + mlp, atol=0.1, rtol=0.02)
+    model = AutoModelForCausalLM.from_pretrained(assets["llama"]).eval()
+    block = model.model.layers[1]
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        block.register_forward_pre_hook(lambda m, a, kw: seen.__setitem__("resid_pre", (a or (kw["hidden_states"],))[0]), with_kwargs=True),
+        block.register_forward_hook(lambda m, a, out: seen.__setitem__("resid_post", out[0] if isinstance(out, tuple) else out)),
+        block.mlp.register_forward_hook(lambda m, a, out: seen.__setitem__("mlp_out", out)),
+        block.self_attn.register_forward_hook(lambda m, a, out: seen.__setitem__("attn_out", out[0])),
+    ]  # fmt: skip
+    rows = {f.name.split("hook_")[1]: _rows(f) for f in folders}
+    with torch.no_grad():
+        model(_contexts(folders[0], rows["resid_pre"]))
+    for h in handles:
+        h.remove()
+    for point, r in rows.items():
+        want = seen[point][r["context_ids"].long(), r["positions"].long()]
+        scale = float(want.abs().max())
+        torch.testing.assert_close(r["activations"], want, rtol=0, atol=1e-6 * scale, msg=point)
+    # and the folders differ from each other by far more than that tolerance
+    assert float((rows["mlp_out"]["activations"] - rows["attn_out"]["activations"]).abs().max()) > 0.1 * scale
+
+
+def test_half_precision_store_keeps_values_to_bf16_precision(tmp_path, assets):
+    (full,) = _harvest(tmp_path / "f32", assets)
+    (half,) = _harvest(tmp_path / "bf16", assets, extra=["harvest.dtype=bfloat16"])
+    a, b = _rows(full), _rows(half)
+    assert b["activations"].dtype == torch.bfloat16 and torch.equal(a["context_ids"], b["context_ids"])
+    # bfloat16 keeps 8 significant bits: relative rounding error at most 2^-8 per element
+    x, y = a["activations"], b["activations"].float()
+    assert bool(((x - y).abs() <= x.abs() * 2**-8 + 1e-30).all())
 
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path, assets, monkeypatch):
@@ -198,3 +235,22 @@ def test_cli_harvests_and_reports_bad_input(tmp_path, assets):
     assert "Traceback" not in bad.stderr
     typo = run_cli("harvest", args + ["harvest.contex_size=3"], cwd=tmp_path)
     assert typo.returncode != 0 and "contex_size" in typo.stderr
+
+
+def test_held_out_documents_never_reach_the_store(tmp_path, assets):
+    """Ground truth by construction: document d is written only with its own letter, so any token of a
+    held-out document's letter in the store means held-out text was harvested for training."""
+    letters = "abcdefghij"
+    corpus = tmp_path / "letters.jsonl"
+    with open(corpus, "w") as f:
+        for d, ch in enumerate(letters):
+            f.write(json.dumps({"title": f"doc-{ch}", "text": " ".join([ch * 3] * 150)}) + "\n")
+    cfg = compose_config("harvest", tiny_overrides(tmp_path, assets["llama"], corpus, n_tokens=1200))
+    (folder,) = harvest.run(cfg)
+    heldout = store.read_manifest(folder)["dataset"]["heldout"]["eval_titles"]
+    assert len(heldout) == 2
+    tokenizer = AutoTokenizer.from_pretrained(assets["llama"])
+    stored = set(tokenizer.convert_ids_to_tokens(_rows(folder)["token_ids"].unique().tolist()))
+    held_letters = {t.removeprefix("doc-") for t in heldout}
+    assert stored & set(letters), "the store holds the training documents' letters"
+    assert not stored & held_letters, f"held-out documents {sorted(held_letters)} leaked into the store"
