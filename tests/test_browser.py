@@ -33,6 +33,7 @@ def chromium_present():
             pytest.fail(f"CI=true but {why}")
         pytest.skip(why)
 
+
 NASTY = ['<b id="inj">x</b>', "&amp; 'q' \"qq\"", "</script><i>", "\n"]
 
 

@@ -243,7 +243,7 @@ def test_held_out_documents_never_reach_the_store(tmp_path, assets):
     letters = "abcdefghij"
     corpus = tmp_path / "letters.jsonl"
     with open(corpus, "w") as f:
-        for d, ch in enumerate(letters):
+        for ch in letters:
             f.write(json.dumps({"title": f"doc-{ch}", "text": " ".join([ch * 3] * 150)}) + "\n")
     cfg = compose_config("harvest", tiny_overrides(tmp_path, assets["llama"], corpus, n_tokens=1200))
     (folder,) = harvest.run(cfg)

@@ -88,7 +88,14 @@ def test_dead_latents_and_their_counters_survive_a_resume(tmp_path):
     dead_tokens=128 latents die after two steps and AuxK trains them: a resume that lost the counters
     would train differently from the uninterrupted run."""
     store = make_store(tmp_path / "s", n_contexts=64, d_in=16, tag_rows=False)
-    sae = ["sae=topk", "sae.k=1", "sae.d_sae=256", "sae.aux_k=8", "train.dead_tokens=128", "train.val_every=0"]
+    sae = [
+        "sae=topk",
+        "sae.k=1",
+        "sae.d_sae=256",
+        "sae.aux_k=8",
+        "train.dead_tokens=128",
+        "train.val_every=0",
+    ]
     run(_cfg(store, tmp_path / "a", *sae))
     with pytest.raises(StopRequested):
         run(_cfg(store, tmp_path / "b", *sae, "train.stop_after_steps=41"))
