@@ -20,7 +20,6 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from sae_pipeline import layout
 from sae_pipeline.data import store, text
@@ -29,6 +28,7 @@ from sae_pipeline.errors import UserError, report_user_errors
 from sae_pipeline.model import hook_points, hooks
 from sae_pipeline.model.hook_points import requested_hook_names
 from sae_pipeline.model.loading import load_model, max_context
+from sae_pipeline.progress import progress
 from sae_pipeline.runtime import resolve_device
 from sae_pipeline.schema import register_configs, to_container
 from sae_pipeline.schema.harvest import check_harvest_config
@@ -96,14 +96,7 @@ def run(cfg: DictConfig) -> list[Path]:
     buffers = {name: ShardBuffer() for name in writers}
     shard_index, shard_first_context = first_shard, context_index
     forward_s, started = 0.0, time.perf_counter()
-    bar = tqdm(
-        total=n_contexts * rows_per_context,
-        initial=skipped * rows_per_context,
-        unit="tok",
-        unit_scale=True,
-        desc="harvest",
-        disable=None,
-    )
+    bar = progress(n_contexts * rows_per_context, "harvest", initial=skipped * rows_per_context)
 
     def flush() -> None:
         nonlocal shard_index, shard_first_context

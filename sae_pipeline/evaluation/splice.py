@@ -30,6 +30,7 @@ from sae_pipeline.errors import UserError
 from sae_pipeline.evaluation import metrics as M
 from sae_pipeline.model.hook_points import HookPoint, find_blocks
 from sae_pipeline.model.hooks import capture, splice
+from sae_pipeline.progress import progress
 
 VARIANTS = ("zero", "mean", "sae")
 
@@ -249,8 +250,10 @@ class SpliceEvaluator:
             seen.append(x_BTD)
             return x_BTD
 
+        bar = progress(int(self.loss_mask_NT.sum()), "eval")
         with torch.inference_mode():
             for ids_BT, mask_BT in _batches(self.input_ids_NT, self.loss_mask_NT, self.batch_size, device):
+                bar.update(int(mask_BT.sum()))
                 seen.clear()
                 with self.replay.record(), splice(model, hook, record_x):
                     logits = _forward_logits(model, ids_BT)
@@ -281,6 +284,7 @@ class SpliceEvaluator:
                     ce_sum[name] += -logp.gather(1, targets[:, None]).double().sum().item()
                     kl_sum[name] += M.kl_divergence(logp_clean, logp).double().sum().item()
                 self.replay.outputs = []
+        bar.close()
         if n_scored == 0:
             raise UserError("the evaluation text has no scored position (no two consecutive valid tokens).")
 

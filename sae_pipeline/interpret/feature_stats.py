@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from sae_pipeline.model.hooks import capture
+from sae_pipeline.progress import progress
 from sae_pipeline.sae import SAE
 
 
@@ -154,7 +154,7 @@ def collect(model, hook, sae: SAE, ids_NT: Tensor, mask_NT: Tensor, latents: Ten
     latents = latents.to(device)
     everything = len(latents) == sae.d_sae and bool((latents == torch.arange(sae.d_sae, device=device)).all())
     bs = int(f_cfg.batch_size)
-    bar = tqdm(total=int(mask_NT.sum()), unit="tok", unit_scale=True, desc="features", disable=None)
+    bar = progress(int(mask_NT.sum()), "features")
     for start in range(0, ids_NT.shape[0], bs):
         x_CTD = capture(model, ids_NT[start : start + bs].to(device), None, [hook])[hook.name]
         C, T, D = x_CTD.shape
