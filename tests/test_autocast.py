@@ -38,6 +38,15 @@ DEVICES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def strict_float32_reference():
+    """The float32 reference must be float32: the trainer turns TF32 on for CUDA, so restore it after."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
 def make_sae(arch: str, device: str):
     kw = {"k": 4} if arch in ("topk", "batchtopk") else {}
     sae = build_sae(CONFIG_CLASSES[arch](d_sae=D_SAE, **kw), D_IN, seed=0)
@@ -188,15 +197,17 @@ def last_val(run_dir) -> dict:
     return [ln for ln in log if "val/fvu" in ln][-1]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_trainer_bf16_switch_trains_float32_weights_to_the_float32_quality(store, tmp_path, arch):
+def test_trainer_bf16_switch_trains_float32_weights_to_the_float32_quality(store, tmp_path, arch, device):
     from safetensors.torch import load_file
 
     from sae_pipeline import layout
     from sae_pipeline.training import checkpoint
 
-    off = train_run(store, tmp_path / "off", f"sae={arch}", "train.autocast=off")
-    on = train_run(store, tmp_path / "bf16", f"sae={arch}", "train.autocast=bf16")
+    where = f"train.device={device}"
+    off = train_run(store, tmp_path / "off", f"sae={arch}", where, "train.autocast=off")
+    on = train_run(store, tmp_path / "bf16", f"sae={arch}", where, "train.autocast=bf16")
     w_off, w_on = final(off), final(on)
     assert w_on.keys() == w_off.keys()
     for name, t in w_on.items():
