@@ -105,7 +105,7 @@ class _JumpReLUDecodeL0(torch.autograd.Function):
     Gradients are exactly those of `decode(jumprelu(z))` + `step_l0(z)`; the backward owns its B x F buffers, so
     it works in place: 2 mm + ~8 elementwise passes and 2 B x F allocations (autograd through the separate
     pieces needed ~15 passes and ~9 allocations, and each fresh 75 MB CPU buffer costs page faults).
-    Matmuls in the backward run in the activations' dtype (what autograd does under autocast).
+    Matmuls in the backward run in the dtype the forward product ran in (bf16 under autocast, as autograd would).
     """
 
     @staticmethod
@@ -115,7 +115,7 @@ class _JumpReLUDecodeL0(torch.autograd.Function):
         acts_BF = active_BF * z_BF
         x_hat_BD = torch.addmm(b_dec_D, acts_BF, W_dec_FD)
         ctx.save_for_backward(z_BF, theta_F, W_dec_FD, active_BF, acts_BF)
-        ctx.bandwidth = bandwidth
+        ctx.bandwidth, ctx.mm_dtype = bandwidth, x_hat_BD.dtype
         ctx.mark_non_differentiable(acts_BF)
         return x_hat_BD, l0, acts_BF
 
@@ -124,10 +124,10 @@ class _JumpReLUDecodeL0(torch.autograd.Function):
         z_BF, theta_F, W_dec_FD, active_BF, acts_BF = ctx.saved_tensors
         eps, n_rows = ctx.bandwidth, z_BF.shape[0]
         grad_z = grad_theta = grad_W = grad_b = None
-        dt = acts_BF.dtype
+        dt = ctx.mm_dtype
         g_BD = grad_BD.to(dt) if grad_BD is not None else None
         if g_BD is not None and ctx.needs_input_grad[2]:
-            grad_W = acts_BF.t() @ g_BD
+            grad_W = acts_BF.t().to(dt) @ g_BD
         if g_BD is not None and ctx.needs_input_grad[3]:
             grad_b = grad_BD.sum(0)
         need_z, need_theta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
