@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_SILENT ?= true
 
-.PHONY: help setup assets browser demo sweep steer test test-fast lint format bench clean distclean
+.PHONY: help setup assets browser demo sweep steer test test-fast lint format bench gpu-check clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -73,6 +73,9 @@ bench: setup ## benchmarks: harvest early exit, SAE training roofline, reader th
 	$(PY) scripts/bench_sae.py
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_sweep_group.py
+
+gpu-check: $(STAMP) ## on a CUDA machine: bf16 autocast tests on the GPU, bench_sae in bf16/fp32, a demo-sized train
+	VENV=$(VENV) ROOT=$(ROOT) scripts/gpu_check.sh
 
 clean: ## remove outputs and caches of this checkout (keeps .venv and the asset cache)
 	rm -rf $(ROOT) outputs multirun wandb .pytest_cache .ruff_cache

@@ -26,6 +26,22 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+AUTOCAST_MODES = ("auto", "bf16", "off")
+
+
+def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The dtype the training forward autocasts to, or None for plain float32.
+
+    auto: bfloat16 on CUDA, off elsewhere (bf16 matmuls on CPUs are ~100x slower); bf16: on any device (on the
+    CPU this is the test/debug way to run the GPU code path); off: float32 everywhere. Weights, gradients and
+    optimizer state stay float32 in every mode."""
+    if mode not in AUTOCAST_MODES:
+        raise UserError(f"train.autocast must be one of {', '.join(AUTOCAST_MODES)}, got {mode!r}.")
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc to keep freed large blocks instead of returning them to the OS.
 

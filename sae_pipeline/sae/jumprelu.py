@@ -105,7 +105,7 @@ class _JumpReLUDecodeL0(torch.autograd.Function):
     Gradients are exactly those of `decode(jumprelu(z))` + `step_l0(z)`; the backward owns its B x F buffers, so
     it works in place: 2 mm + ~8 elementwise passes and 2 B x F allocations (autograd through the separate
     pieces needed ~15 passes and ~9 allocations, and each fresh 75 MB CPU buffer costs page faults).
-    Matmuls in the backward run in the activations' dtype (what autograd does under autocast).
+    Matmuls in the backward run in the dtype the forward product ran in (bf16 under autocast, as autograd would).
     """
 
     @staticmethod
@@ -115,7 +115,7 @@ class _JumpReLUDecodeL0(torch.autograd.Function):
         acts_BF = active_BF * z_BF
         x_hat_BD = torch.addmm(b_dec_D, acts_BF, W_dec_FD)
         ctx.save_for_backward(z_BF, theta_F, W_dec_FD, active_BF, acts_BF)
-        ctx.bandwidth = bandwidth
+        ctx.bandwidth, ctx.mm_dtype = bandwidth, x_hat_BD.dtype
         ctx.mark_non_differentiable(acts_BF)
         return x_hat_BD, l0, acts_BF
 
@@ -124,10 +124,10 @@ class _JumpReLUDecodeL0(torch.autograd.Function):
         z_BF, theta_F, W_dec_FD, active_BF, acts_BF = ctx.saved_tensors
         eps, n_rows = ctx.bandwidth, z_BF.shape[0]
         grad_z = grad_theta = grad_W = grad_b = None
-        dt = acts_BF.dtype
+        dt = ctx.mm_dtype
         g_BD = grad_BD.to(dt) if grad_BD is not None else None
         if g_BD is not None and ctx.needs_input_grad[2]:
-            grad_W = acts_BF.t() @ g_BD
+            grad_W = acts_BF.t().to(dt) @ g_BD
         if g_BD is not None and ctx.needs_input_grad[3]:
             grad_b = grad_BD.sum(0)
         need_z, need_theta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -165,7 +165,12 @@ class JumpReLUSAE(SAE):
     def training_forward(
         self, x_BD: Tensor, sparsity_scale: float = 1.0, dead_mask_F: Tensor | None = None
     ) -> TrainOutput:
-        z_BF = self.pre_acts(x_BD)
+        # The threshold's straight-through gradient counts pre-activations within bandwidth/2 of theta. bf16
+        # spaces values near |z| ~ 1 by 2**-8..2**-7, wider than the default bandwidth (0.001), so a bf16 z
+        # gives theta a gradient unrelated to the float32 one (measured: 140% relative error). Under autocast
+        # the encoder therefore stays float32; the decoder product inside _JumpReLUDecodeL0 still autocasts.
+        with torch.autocast(x_BD.device.type, enabled=False):
+            z_BF = self.pre_acts(x_BD.float())
         theta_F = self.threshold_F
         x_hat_BD, l0, acts_BF = _JumpReLUDecodeL0.apply(
             z_BF, theta_F, self.W_dec_FD, self.b_dec_D, self.cfg.bandwidth

@@ -21,8 +21,16 @@ def sparse_decode(
 
     embedding_bag with per_sample_weights was the fastest CPU option measured (B=4096, D=576, F=4608, K=32:
     ~43 ms forward+backward vs ~440 ms for index_select+bmm and ~560 ms dense); its backward is exact.
+
+    embedding_bag is on no autocast list and needs weights and values of one dtype: under bf16 autocast the
+    values come out bf16 while W_dec is a float32 master weight, so both go to the wider of the two dtypes
+    (casting the B x K values is cheap; a bf16 copy of W_dec would touch all F x D entries) and the sum
+    accumulates in float32. Autograd casts the values' gradient back to their dtype.
     """
-    out_BD = F.embedding_bag(idx_BK, W_dec_FD, offsets_B, per_sample_weights=vals_BK, mode="sum")
+    dt = torch.promote_types(vals_BK.dtype, W_dec_FD.dtype)
+    out_BD = F.embedding_bag(
+        idx_BK, W_dec_FD.to(dt), offsets_B, per_sample_weights=vals_BK.to(dt), mode="sum"
+    )
     return out_BD if b_dec_D is None else out_BD + b_dec_D
 
 
@@ -34,6 +42,8 @@ class _GatherEncode(torch.autograd.Function):
     of an embedding_bag, whose fast kernel we reuse. x gets no gradient (it is data).
     Flat form (rows_N and offsets_B given): vals[n] = pre[rows[n], idx[n]], entries grouped by row as in
     `sparse_decode` with offsets.
+    Dtypes: the output has pre_BF's dtype (bf16 under autocast); the backward accumulates in the wider of the
+    gradient's and x's dtypes (float32 for float32 data) and returns gradients in W_enc's and the bias's dtype.
     """
 
     @staticmethod
@@ -49,24 +59,27 @@ class _GatherEncode(torch.autograd.Function):
     ) -> Tensor:
         ctx.save_for_backward(x_BD, idx_BK, offsets_B)
         ctx.shape_DF = W_enc_DF.shape
+        ctx.dtypes = (W_enc_DF.dtype, bias_F.dtype)
         return pre_BF.gather(1, idx_BK) if rows_N is None else pre_BF[rows_N, idx_BK]
 
     @staticmethod
     def backward(ctx, grad_BK: Tensor):
         x_BD, idx_BK, offsets_B = ctx.saved_tensors
         d_in, d_sae = ctx.shape_DF
+        w_dtype, b_dtype = ctx.dtypes
         grad_W = grad_bias = None
         if ctx.needs_input_grad[1]:
+            dt = torch.promote_types(grad_BK.dtype, x_BD.dtype)
             with torch.enable_grad():
-                dummy_FD = torch.zeros(d_sae, d_in, dtype=x_BD.dtype, device=x_BD.device, requires_grad=True)
+                dummy_FD = torch.zeros(d_sae, d_in, dtype=dt, device=x_BD.device, requires_grad=True)
                 out_BD = F.embedding_bag(
-                    idx_BK, dummy_FD, offsets_B, per_sample_weights=grad_BK.contiguous(), mode="sum"
+                    idx_BK, dummy_FD, offsets_B, per_sample_weights=grad_BK.to(dt).contiguous(), mode="sum"
                 )
-                (grad_FD,) = torch.autograd.grad(out_BD, dummy_FD, x_BD)
-            grad_W = grad_FD.t()
+                (grad_FD,) = torch.autograd.grad(out_BD, dummy_FD, x_BD.to(dt))
+            grad_W = grad_FD.t().to(w_dtype)
         if ctx.needs_input_grad[2]:
-            grad_bias = torch.zeros(d_sae, dtype=grad_BK.dtype, device=grad_BK.device)
-            grad_bias.index_add_(0, idx_BK.reshape(-1), grad_BK.reshape(-1))
+            grad_bias = torch.zeros(d_sae, dtype=b_dtype, device=grad_BK.device)
+            grad_bias.index_add_(0, idx_BK.reshape(-1), grad_BK.reshape(-1).to(b_dtype))
         return None, grad_W, grad_bias, None, None, None, None
 
 

@@ -58,8 +58,9 @@ class ReLUSAE(SAE):
         x_hat_BD = self.decode(acts_BF)
         mse = self.mse(x_hat_BD, x_BD)
         if self.cfg.sparsity_penalty == "l1_decoder_norm":
-            # acts >= 0, so |a| = a and sum_f a_f ||W_dec[f]|| is one matvec.
-            l1 = torch.mv(acts_BF, self.decoder_norms_F()).mean()
+            # acts >= 0, so |a| = a and sum_f a_f ||W_dec[f]|| is one matvec (in the acts' dtype: CPU autocast
+            # leaves mv alone, and it refuses bf16 acts with float32 norms).
+            l1 = torch.mv(acts_BF, self.decoder_norms_F().to(acts_BF.dtype)).mean()
         else:
             l1 = acts_BF.sum() / x_BD.shape[0]
         loss = mse + (self.cfg.l1_coefficient * sparsity_scale) * l1

@@ -33,6 +33,9 @@ class TrainConfig:
     dead_tokens: int = 500_000  # a latent is dead when it has not fired for this many tokens
     seed: int = 0  # SAE init, data order, RNG
     device: str = "auto"  # auto (CUDA + bf16 autocast + TF32 when available, else CPU float32) | cpu | cuda:N
+    # bf16 autocast of the training forward (float32 master weights and Adam state in every mode):
+    # auto = on for CUDA, off on the CPU | bf16 = on for any device (CPU: tests/debugging, slow) | off
+    autocast: str = "auto"
     # --- logging / evaluation ---
     log_every: int = 10  # steps between log lines (train_log.jsonl + W&B)
     val_every: int = 100  # steps between validation MSE/FVU/L0 on the held-out rows; 0 = off

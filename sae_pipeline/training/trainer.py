@@ -22,7 +22,7 @@ from sae_pipeline.data.reader import ShuffledReader
 from sae_pipeline.data.store import ActivationStore
 from sae_pipeline.errors import UserError
 from sae_pipeline.files import write_json_atomic
-from sae_pipeline.runtime import keep_freed_memory, resolve_device
+from sae_pipeline.runtime import autocast_dtype, keep_freed_memory, resolve_device
 from sae_pipeline.sae import input_scale_factor, scale_for_mean_norm
 from sae_pipeline.schema import to_container
 from sae_pipeline.training import checkpoint
@@ -60,8 +60,9 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict) -> Path:
     tcfg = cfg.train
     store = ActivationStore(Path(cfg.store).expanduser())
     specs = member_specs(cfg, store)
-    resuming = prepare_run_dir(run_dir, tcfg)
     device = resolve_device(tcfg.device)
+    amp_dtype = autocast_dtype(tcfg.autocast, device)  # checked before the run folder is made
+    resuming = prepare_run_dir(run_dir, tcfg)
     if device.type == "cpu":
         keep_freed_memory()
     if device.type == "cuda":
@@ -69,7 +70,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict) -> Path:
         torch.backends.cudnn.allow_tf32 = True
 
     def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        return torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
 
     _seed_everything(tcfg.seed)
     container = to_container(cfg)
