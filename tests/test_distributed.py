@@ -116,3 +116,10 @@ def test_one_process_run_is_not_resumed_by_two(store, tmp_path):
     res = torchrun(store, run_dir, "train.resume=true", "train.total_tokens=1536")
     assert res.returncode != 0  # torchrun exits 1 when a rank exits 2
     assert "written by 1 processes and this resume has 2" in res.stdout + res.stderr
+
+
+# ---- the collectives against the one-process value on the whole batch (2 spawned processes) ----
+def test_collectives_give_the_whole_batch_values(tmp_path):
+    from tests.dist_workers import collectives_worker  # a light module: spawned processes import it
+
+    torch.multiprocessing.spawn(collectives_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
