@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 
-def collectives_worker(rank: int, world: int, init_file: str) -> None:
+def collectives_worker(rank: int, world: int, port: int) -> None:
+    """Joins the job as srun would start it (SLURM variables, no torchrun), then checks each collective."""
     import torch.distributed as tdist
 
     from sae_pipeline.sae.batch_reduce import centered_sq_sum, kth_largest
-    from sae_pipeline.training.distributed import Distributed
+    from sae_pipeline.training.distributed import from_env
     from sae_pipeline.training.stats import LatentStats
 
-    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    dist = Distributed(rank, world, rank, torch.device("cpu"))
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        os.environ.pop(name, None)
+    os.environ.update(SLURM_PROCID=str(rank), SLURM_NTASKS=str(world), SLURM_LOCALID=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist = from_env("cpu")
+    assert (dist.rank, dist.world_size, dist.active, dist.is_main) == (rank, world, True, rank == 0)
     try:
         gen = torch.Generator().manual_seed(0)
         grads_N3 = torch.randn(world, 3, generator=gen)  # rank r's gradient is row r

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -118,8 +119,11 @@ def test_one_process_run_is_not_resumed_by_two(store, tmp_path):
     assert "written by 1 processes and this resume has 2" in res.stdout + res.stderr
 
 
-# ---- the collectives against the one-process value on the whole batch (2 spawned processes) ----
-def test_collectives_give_the_whole_batch_values(tmp_path):
+# ---- the collectives against the one-process value on the whole batch (2 processes joined from SLURM variables) ----
+def test_collectives_give_the_whole_batch_values_under_srun_variables():
     from tests.dist_workers import collectives_worker  # a light module: spawned processes import it
 
-    torch.multiprocessing.spawn(collectives_worker, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(collectives_worker, args=(2, port), nprocs=2, join=True)
