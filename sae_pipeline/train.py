@@ -4,6 +4,8 @@
     sae-train -m sae=relu sae.l1_coefficient=1,3,10 store=...                # one job per value
     sae-train store=... 'train.group=[{l1_coefficient:1},{l1_coefficient:3}]' # one pass, two SAEs
     sae-train store=... train.run_dir=runs/train/my-run train.resume=true      # continue a run
+    torchrun --standalone --nproc_per_node=2 $(which sae-train) store=... train.run_dir=runs/train/ddp
+                                            # data-parallel: same SAE, batch split over 2 processes
 
 The store's manifest gives the model, hook and d_in. Each SAE gets a run folder (see `paths`):
 config.json, checkpoints/step-*/ (exact resume), train_log.jsonl, wandb/, and at the end sae/
@@ -20,6 +22,7 @@ from omegaconf import DictConfig
 
 from sae_pipeline.errors import UserError, report_user_errors
 from sae_pipeline.schema import register_configs
+from sae_pipeline.training import distributed
 from sae_pipeline.training.trainer import StopRequested, train
 
 
@@ -48,9 +51,16 @@ def _run_dir(cfg: DictConfig, hydra_info: dict) -> Path:
 
 
 def run(cfg: DictConfig) -> Path:
-    """Train the SAE(s) described by cfg; returns the run folder."""
+    """Train the SAE(s) described by cfg; returns the run folder.
+
+    Under torchrun (or srun with one task per GPU) every rank calls this with the same config and joins
+    one data-parallel job; rank 0's run folder wins (pass train.run_dir so no rank makes a stray one)."""
     info = _hydra_info()
-    return train(cfg, _run_dir(cfg, info), info)
+    dist = distributed.from_env(cfg.train.device)
+    try:
+        return train(cfg, dist.broadcast_object(_run_dir(cfg, info)), info, dist)
+    finally:
+        dist.close()
 
 
 register_configs()

@@ -104,6 +104,8 @@ class SAE(nn.Module):
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
     # Initial encoder = this scale times the decoder transpose (decoder rows are random unit directions).
     encoder_init_scale: ClassVar[float] = 1.0
+    # Data-parallel training: the trainer sets this to the job's ranks (see sae/batch_reduce.py); None = one process.
+    collective = None
 
     def __init__(self, cfg: SAEConfig, d_in: int, seed: int | None = None):
         super().__init__()

@@ -21,6 +21,7 @@ from torch import Tensor
 from sae_pipeline.errors import UserError
 
 from .base import TrainOutput
+from .batch_reduce import kth_largest
 from .kernels import gather_encode, scatter_dense, sparse_decode
 from .registry import register
 from .topk import TopKConfig, TopKSAE
@@ -64,8 +65,8 @@ class BatchTopKSAE(TopKSAE):
         """(idx_BM, keep_BM, t): per-row candidate indices, which of them batch top-k keeps, its threshold."""
         n_rows, d_sae = pre_BF.shape
         n_keep = self.cfg.k * n_rows
-        if pre_BF.numel() <= 1 << 18:  # small batch: exact threshold over all entries directly
-            t = pre_BF.reshape(-1).topk(n_keep, sorted=False).values.min()
+        if pre_BF.numel() <= 1 << 18 or self.collective is not None:  # exact threshold over all entries
+            t = kth_largest(self.collective, pre_BF, n_keep)  # of the global batch when data-parallel
             m_eff = max(1, int(((pre_BF >= t) & (pre_BF > 0)).sum(1).max()))
             vals_BM, idx_BM = pre_BF.topk(m_eff, dim=1, sorted=True)
             return idx_BM, (vals_BM >= t) & (vals_BM > 0), t

@@ -16,6 +16,7 @@ from torch import Tensor
 from sae_pipeline.errors import UserError
 
 from .base import SAE, SAEConfig, TrainOutput
+from .batch_reduce import centered_sq_sum
 from .kernels import gather_encode, scatter_dense, sparse_decode
 from .registry import register
 
@@ -117,5 +118,5 @@ class TopKSAE(SAE):
         vals_BA = gather_encode(x_BD, self.W_enc_DF, bias_F, pre_BF, idx_BA).relu()
         resid_BD = x_BD - x_hat_BD
         resid_hat_BD = sparse_decode(idx_BA, vals_BA, self.W_dec_FD, None)
-        denom = (resid_BD - resid_BD.mean(0)).pow(2).sum().clamp_min(1e-12)
+        denom = centered_sq_sum(self.collective, resid_BD).clamp_min(1e-12)  # over the global batch
         return (resid_hat_BD - resid_BD).pow(2).sum() / denom

@@ -25,14 +25,19 @@ def _adam(params, lr: float, betas, eps: float) -> torch.optim.Adam:
 class Member:
     """One SAE being trained: its model, optimizer, statistics, RNG stream and log sinks."""
 
-    def __init__(self, name: str, run_dir: Path, sae_cfg, d_in: int, tcfg, device, input_scale: float):
+    def __init__(
+        self, name: str, run_dir: Path, sae_cfg, d_in: int, tcfg, device, input_scale: float, dist=None
+    ):
         self.name, self.run_dir, self.sae_cfg, self.input_scale = name, run_dir, sae_cfg, input_scale
         torch.manual_seed(tcfg.seed)  # every member starts from the RNG state a separate run has
         self.sae = build_sae(sae_cfg, d_in, seed=tcfg.seed).to(device)
         self.params = [p for p in self.sae.parameters() if p.requires_grad]
         betas = (tcfg.adam_beta1, tcfg.adam_beta2)
         self.opt = _adam(self.params, tcfg.lr, betas, tcfg.adam_eps)
-        self.stats = LatentStats(self.sae.d_sae, tcfg.dead_tokens, device)
+        self.dist = dist  # training.distributed.Distributed of a data-parallel job, else None
+        if dist is not None and dist.active:
+            self.sae.collective = dist  # batch-wide top-k and AuxK normaliser over all ranks
+        self.stats = LatentStats(self.sae.d_sae, tcfg.dead_tokens, device, dist)
         self.rng = checkpoint.rng_state()[0]
         self.logger: RunLogger | None = None
 
@@ -47,8 +52,10 @@ class Member:
             )
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
-        self.sae.before_optimizer_step()
         check = out.loss.detach().float()
+        if self.dist is not None:  # mean gradient (and loss) over ranks, before clipping: ranks stay equal
+            check = self.dist.average_grads(self.params, check)
+        self.sae.before_optimizer_step()
         if tcfg.max_grad_norm > 0:
             check = check + torch.nn.utils.clip_grad_norm_(self.params, tcfg.max_grad_norm)
         if not torch.isfinite(check).item():

@@ -56,3 +56,16 @@ def _step(line: str) -> int:
         return int(json.loads(line).get("step", 0))
     except (ValueError, AttributeError):
         return 1 << 62
+
+
+class NullLogger:
+    """What the ranks other than 0 of a data-parallel job log to: nothing."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def event(self, step: int, message: str) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass

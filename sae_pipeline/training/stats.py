@@ -16,8 +16,8 @@ class LatentStats:
 
     DENSE = 0.1
 
-    def __init__(self, d_sae: int, dead_tokens: int, device: torch.device):
-        self.dead_tokens = dead_tokens
+    def __init__(self, d_sae: int, dead_tokens: int, device: torch.device, dist=None):
+        self.dead_tokens, self.dist = dead_tokens, dist  # dist: sums over data-parallel ranks (or None)
         self.since_fired_F = torch.zeros(d_sae, dtype=torch.long, device=device)
         self.reset_window()
 
@@ -34,22 +34,33 @@ class LatentStats:
     def update(self, x_BD, x_hat_BD, acts_BF, loss, parts: dict, input_scale: float) -> None:
         fired_BF = acts_BF != 0
         fired_F = fired_BF.sum(0)
-        self.since_fired_F += x_BD.shape[0]
+        err_B = (x_hat_BD.float() - x_BD).pow(2).sum(-1)
+        n_rows, err, l0 = x_BD.shape[0], err_B.sum(), fired_BF.sum().float()
+        means = {"loss": loss.detach().float(), **{f"loss/{k}": v.detach().float() for k, v in parts.items()}}
+        if self.dist is not None and self.dist.active:  # the global batch's values (one all-reduce + one)
+            n, names = self.dist.world_size, list(means)
+            flat = torch.cat([fired_F.float(), x_BD.sum(0), torch.stack([err, l0, *means.values()])])
+            flat = self.dist.all_reduce_sum(flat)
+            fired_F, sum_x_D = flat[: fired_F.numel()].round().long(), flat[fired_F.numel() : -len(names) - 2]
+            err, l0, n_rows = flat[-len(names) - 2], flat[-len(names) - 1], n_rows * n
+            means = {k: v / n for k, v in zip(names, flat[-len(names) :], strict=True)}
+            var = self.dist.all_reduce_sum((x_BD - sum_x_D / n_rows).pow(2).sum())
+        else:
+            var = (x_BD - x_BD.mean(0)).pow(2).sum()
+        self.since_fired_F += n_rows
         self.since_fired_F[fired_F > 0] = 0
         self.fired_F = fired_F if self.fired_F is None else self.fired_F + fired_F
-        err_B = (x_hat_BD.float() - x_BD).pow(2).sum(-1)
-        var = (x_BD - x_BD.mean(0)).pow(2).sum()
         values = {
-            "loss": loss.detach().float(),
-            "mse": err_B.mean() / input_scale**2,  # raw activation units, summed over D
-            "fvu": err_B.sum() / var.clamp_min(1e-12),
-            "l0": fired_BF.sum(-1).float().mean(),
-            **{f"loss/{k}": v.detach().float() for k, v in parts.items()},
+            "loss": means.pop("loss"),
+            "mse": err / n_rows / input_scale**2,  # raw activation units, summed over D
+            "fvu": err / var.clamp_min(1e-12),
+            "l0": l0 / n_rows,
+            **means,
         }
         for k, v in values.items():
             self.sums[k] = v if k not in self.sums else self.sums[k] + v
         self.n_steps += 1
-        self.n_tokens += x_BD.shape[0]
+        self.n_tokens += n_rows
 
     def summary(self) -> dict:
         """Window means (one host sync), dead/dense latents and tokens/s; resets the window."""

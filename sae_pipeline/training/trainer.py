@@ -26,10 +26,11 @@ from sae_pipeline.runtime import autocast_dtype, keep_freed_memory, resolve_devi
 from sae_pipeline.sae import input_scale_factor, scale_for_mean_norm
 from sae_pipeline.schema import to_container
 from sae_pipeline.training import checkpoint
+from sae_pipeline.training.distributed import Distributed
 from sae_pipeline.training.group import member_specs
 from sae_pipeline.training.member import Member
 from sae_pipeline.training.run_folder import check_resumable, prepare_run_dir, provenance, save_final
-from sae_pipeline.training.runlog import RunLogger
+from sae_pipeline.training.runlog import NullLogger, RunLogger
 from sae_pipeline.training.schedule import lr_at, sparsity_scale_at
 from sae_pipeline.training.validation import LossRecovered, validate
 
@@ -53,16 +54,19 @@ def _seed_everything(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
-def train(cfg: DictConfig, run_dir: Path, hydra_info: dict) -> Path:
+def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | None = None) -> Path:
     """Train the SAE(s) described by cfg into run_dir; returns run_dir.
 
-    hydra_info: the Hydra job's overrides and sweep name (empty without Hydra) for W&B names and groups."""
+    hydra_info: the Hydra job's overrides and sweep name (empty without Hydra) for W&B names and groups.
+    dist: the ranks of a data-parallel job (training/distributed.py); rank 0 alone writes run_dir."""
     tcfg = cfg.train
+    dist = dist or Distributed(device=resolve_device(tcfg.device))
+    dist.check_batch(tcfg.batch_size)
     store = ActivationStore(Path(cfg.store).expanduser())
     specs = member_specs(cfg, store)
-    device = resolve_device(tcfg.device)
+    device = dist.device
     amp_dtype = autocast_dtype(tcfg.autocast, device)  # checked before the run folder is made
-    resuming = prepare_run_dir(run_dir, tcfg)
+    resuming = dist.broadcast_object(prepare_run_dir(run_dir, tcfg) if dist.is_main else None)
     if device.type == "cpu":
         keep_freed_memory()
     if device.type == "cuda":
@@ -76,8 +80,13 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict) -> Path:
     container = to_container(cfg)
     origin = provenance(store)
     group_mode = bool(tcfg.group)
-    if group_mode:
-        record = {"config": container, **origin, "group": [n for n, _ in specs]}
+    if group_mode and dist.is_main:
+        record = {
+            "config": container,
+            **origin,
+            "group": [n for n, _ in specs],
+            "world_size": dist.world_size,
+        }
         write_json_atomic(run_dir / layout.CONFIG, record)
 
     def open_reader(state=None) -> ShuffledReader:
@@ -91,10 +100,10 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict) -> Path:
     members: list[Member] = []
     for name, sae_cfg in specs:
         mdir = run_dir / name if name else run_dir
-        mdir.mkdir(parents=True, exist_ok=True)
-        members.append(
-            Member(name, mdir, sae_cfg, store.d_in, tcfg, device, input_scale(sae_cfg, store, sample))
-        )
+        if dist.is_main:
+            mdir.mkdir(parents=True, exist_ok=True)
+        scale = dist.broadcast_object(input_scale(sae_cfg, store, sample))
+        members.append(Member(name, mdir, sae_cfg, store.d_in, tcfg, device, scale, dist))
 
     # fresh start or resume
     ckpts = [{p.name: p for p in checkpoint.list_checkpoints(m.run_dir)} for m in members]
@@ -109,16 +118,26 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict) -> Path:
         record = {
             "config": container, **origin, "arch": m.sae_cfg.arch, "d_in": store.d_in, "d_sae": m.sae.d_sae,
             "sae": asdict(m.sae_cfg), "member": m.name, "input_scale": m.input_scale,
+            "world_size": dist.world_size,
         }  # fmt: skip
         if resuming and (m.run_dir / layout.CONFIG).exists():
             record["wandb_id"] = check_resumable(m.run_dir, record, store).get("wandb_id")
         if common:
             meta, extra = checkpoint.load(found[common[-1]], m.sae, m.opt)
+            if meta.get("world_size", 1) != dist.world_size:
+                raise UserError(
+                    f"the checkpoint {found[common[-1]]} was written by {meta.get('world_size', 1)} processes and "
+                    f"this resume has {dist.world_size}; resume it with torchrun --nproc_per_node={meta.get('world_size', 1)}"
+                )
             m.rng = {k: v for k, v in extra.items() if k.startswith("rng_")}
             m.stats.since_fired_F.copy_(extra["since_fired_F"])
             start_step, reader_state = meta["step"], meta["reader"]
         else:
             m.sae.init_from_data((sample * m.input_scale).to(device))
+        dist.broadcast_module(m.sae)  # every rank starts from rank 0's weights
+        if not dist.is_main:
+            m.logger = NullLogger()
+            continue
         record.setdefault("wandb_id", record.get("wandb_id") or uuid.uuid4().hex[:8])
         write_json_atomic(m.run_dir / layout.CONFIG, record)
         base_name = cfg.logger.name or hydra_info.get("overrides") or run_dir.name
@@ -132,7 +151,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict) -> Path:
         reader.close()
         reader = open_reader(reader_state)
     try:
-        _train_loop(members, reader, store, tcfg, device, autocast, start_step, resuming)
+        _train_loop(members, reader, store, tcfg, device, autocast, start_step, resuming, dist)
         exit_code = 0
     finally:
         reader.close()
@@ -142,7 +161,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict) -> Path:
     return run_dir
 
 
-def _train_loop(members, reader, store, tcfg, device, autocast, step: int, resuming: bool) -> None:
+def _train_loop(members, reader, store, tcfg, device, autocast, step: int, resuming: bool, dist) -> None:
     total_steps = max(1, tcfg.total_tokens // tcfg.batch_size)
     log0 = members[0].logger
     if resuming:
@@ -153,11 +172,12 @@ def _train_loop(members, reader, store, tcfg, device, autocast, step: int, resum
             0,
             f"train.total_tokens={tcfg.total_tokens} is {passes:.2f} passes over the store's {reader.epoch_rows} training rows",
         )
-    val_x = reader.validation_rows() if tcfg.val_every > 0 else None
-    loss_rec = LossRecovered(store, tcfg, device, log0) if tcfg.eval_every > 0 else None
-    epoch, last_ckpt = reader.epoch, step
+    main = dist.is_main  # rank 0 alone validates, evaluates, prints and writes
+    val_x = reader.validation_rows() if tcfg.val_every > 0 and main else None
+    loss_rec = LossRecovered(store, tcfg, device, log0) if tcfg.eval_every > 0 and main else None
+    epoch, last_ckpt, rows = reader.epoch, step, dist.rows(tcfg.batch_size)
     while step < total_steps:
-        x_BD = reader.next_batch().to(device, non_blocking=True)
+        x_BD = reader.next_batch()[rows].to(device, non_blocking=True)
         lr, scale = lr_at(step, total_steps, tcfg), sparsity_scale_at(step, tcfg)
         for m in members:
             m.train_step(x_BD, step, lr, scale, tcfg, autocast)
@@ -176,7 +196,8 @@ def _train_loop(members, reader, store, tcfg, device, autocast, step: int, resum
                 }
                 rec["epoch"] = step * tcfg.batch_size / reader.epoch_rows
                 m.logger.log(step, rec)
-                print(_progress(m, step, total_steps, rec), flush=True)
+                if main:
+                    print(_progress(m, step, total_steps, rec), flush=True)
         t_side = time.perf_counter()  # validation, evaluation and checkpoints do not count in tokens/s
         if val_x is not None and val_x.numel() and (step % tcfg.val_every == 0 or last):
             for m in members:
@@ -186,21 +207,26 @@ def _train_loop(members, reader, store, tcfg, device, autocast, step: int, resum
                 loss_rec(m, step)
         every = tcfg.checkpoint_every_tokens
         if last or (every > 0 and step * tcfg.batch_size // every > (step - 1) * tcfg.batch_size // every):
-            _save_checkpoints(members, step, reader, tcfg)
+            if main:
+                _save_checkpoints(members, step, reader, tcfg, dist.world_size)
             last_ckpt = step
         for m in members:
             m.stats.t0 += time.perf_counter() - t_side
         if tcfg.stop_after_steps is not None and step >= tcfg.stop_after_steps and not last:
+            dist.barrier()  # the checkpoint is on disk before any rank exits
             raise StopRequested(
                 f"stopped after step {step} (train.stop_after_steps); last checkpoint at step {last_ckpt}"
             )
-    for m in members:
+    for m in members if main else ():
         print(f"saved {save_final(m, store)}", flush=True)
+    dist.barrier()
 
 
-def _save_checkpoints(members, step: int, reader, tcfg) -> None:
+def _save_checkpoints(members, step: int, reader, tcfg, world_size: int) -> None:
+    """The reader's position is that of the global batch stream every rank reads (one state for all)."""
     for m in members:  # all members first, then prune: a kill in between leaves a common step
         meta = {"tokens": step * tcfg.batch_size, "reader": reader.state(), "input_scale": m.input_scale}
+        meta["world_size"] = world_size
         checkpoint.save(
             m.run_dir, step, m.sae, m.opt, meta, {**m.rng, "since_fired_F": m.stats.since_fired_F}
         )

@@ -1,0 +1,49 @@
+"""Code run inside processes that tests spawn (kept light: a spawned process imports this module)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def collectives_worker(rank: int, world: int, port: int) -> None:
+    """Joins the job as srun would start it (SLURM variables, no torchrun), then checks each collective."""
+    import torch.distributed as tdist
+
+    from sae_pipeline.sae.batch_reduce import centered_sq_sum, kth_largest
+    from sae_pipeline.training.distributed import from_env
+    from sae_pipeline.training.stats import LatentStats
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        os.environ.pop(name, None)
+    os.environ.update(SLURM_PROCID=str(rank), SLURM_NTASKS=str(world), SLURM_LOCALID=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist = from_env("cpu")
+    assert (dist.rank, dist.world_size, dist.active, dist.is_main) == (rank, world, True, rank == 0)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        grads_N3 = torch.randn(world, 3, generator=gen)  # rank r's gradient is row r
+        x_BD = torch.randn(8 * world, 5, generator=gen) + 2.0  # the global batch
+        acts_BF = torch.relu(torch.randn(8 * world, 6, generator=gen) - 1.0)
+        mine = dist.rows(x_BD.shape[0])
+        p = torch.nn.Parameter(torch.zeros(3))
+        p.grad = grads_N3[rank].clone()
+        loss = dist.average_grads([p], torch.tensor(float(rank)))
+        torch.testing.assert_close(p.grad, grads_N3.mean(0))
+        torch.testing.assert_close(loss, torch.tensor((world - 1) / 2))
+        full_t = x_BD.reshape(-1).topk(3 * x_BD.shape[0]).values.min()
+        assert kth_largest(dist, x_BD[mine], 3 * (x_BD.shape[0] // world)) == full_t
+        full_var = (x_BD - x_BD.mean(0)).pow(2).sum()
+        torch.testing.assert_close(centered_sq_sum(dist, x_BD[mine]) * world, full_var)
+        one, many = LatentStats(6, 20, torch.device("cpu")), LatentStats(6, 20, torch.device("cpu"), dist)
+        x_hat_BD = x_BD * 0.9
+        for _ in range(2):
+            one.update(x_BD, x_hat_BD, acts_BF, torch.tensor(1.0), {}, 2.0)
+            many.update(x_BD[mine], x_hat_BD[mine], acts_BF[mine], torch.tensor(1.0), {}, 2.0)
+        assert torch.equal(one.since_fired_F, many.since_fired_F)
+        a, b = one.summary(), many.summary()
+        for k in ("mse", "fvu", "l0", "loss", "dead_latents", "dense_latents"):
+            assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]) + 1e-7, (k, a[k], b[k])
+    finally:
+        tdist.destroy_process_group()
