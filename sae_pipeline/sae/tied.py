@@ -37,8 +37,9 @@ class TiedConfig(SAEConfig):
     """Tied SAE: ReLU + L1 (the seed's), optionally TopK selection (then usually l1_coefficient=0)."""
 
     arch: str = "tied"
-    # Weight of the L1 term sum_f a_f (mean over rows), on inputs normalised to mean norm sqrt(d_in) as for
-    # sae=relu; sweep it for the L0 you want.
+    # Weight of the sparsity penalty (mean over rows), on inputs normalised to mean norm sqrt(d_in) as for
+    # sae=relu; sweep it for the L0 you want (the transposed encoder cannot cancel interference, so a tied SAE
+    # needs a larger L0 than an untied one for the same reconstruction; see the tests' recovery notes).
     l1_coefficient: float = 5.0
     # "l1_decoder_norm": sum_f a_f ||W_dec[f]|| with free rows; "l1": sum_f a_f with unit-norm rows
     sparsity_penalty: str = "l1_decoder_norm"
