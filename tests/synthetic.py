@@ -3,6 +3,7 @@
 gen = SyntheticFeatures(n_features=128, d=64, mean_active=3.0, seed=0)
 x_BD = gen.sample(4096)                      # sum of a few active unit directions with positive magnitudes
 recovered_fraction(gen.dirs_FD, sae.W_dec_FD)  # share of true directions matched at cosine > 0.9
+HierarchicalFeatures(n_parents=2, children_per_parent=4, n_background=6, d=16)  # parents with rarer children
 write_store(folder, [x_BD], context_size=16)  # a finished activation store of given rows (no model)
 """
 
@@ -57,6 +58,57 @@ class SyntheticFeatures:
     def sample_with_codes(self, n: int) -> tuple[Tensor, Tensor]:
         codes_NF = self.sample_codes(n)
         return codes_NF @ self.dirs_FD, codes_NF
+
+
+class HierarchicalFeatures:
+    """Frequent parent features whose rarer children fire only with them, plus independent background features.
+
+    Orthonormal directions (n_features <= d), ordered parents, children (parent p's are
+    `children_of(p)`), background. Parent p is on with probability p_parent; when it is on, with
+    probability p_child exactly one of its children (uniform) is on too. Background features are on
+    independently with probability p_background. Magnitudes: parents and children uniform in [0.8, 1.2],
+    background in [0.5, 1.5]. x = sum_f m_f * dir_f.
+    """
+
+    def __init__(
+        self,
+        n_parents: int = 2,
+        children_per_parent: int = 4,
+        n_background: int = 6,
+        d: int = 16,
+        p_parent: float = 0.4,
+        p_child: float = 0.8,
+        p_background: float = 0.1,
+        seed: int = 0,
+    ):
+        self.n_parents, self.n_children, self.n_background = n_parents, children_per_parent, n_background
+        self.n_features = n_parents * (1 + children_per_parent) + n_background
+        if self.n_features > d:
+            raise ValueError(f"{self.n_features} orthonormal features do not fit in d={d}")
+        self.p_parent, self.p_child, self.p_background = p_parent, p_child, p_background
+        self.generator = torch.Generator().manual_seed(seed)
+        q_DD, _ = torch.linalg.qr(torch.randn(d, d, generator=self.generator))
+        self.dirs_FD = q_DD.t()[: self.n_features].contiguous()
+
+    def children_of(self, p: int) -> range:
+        first = self.n_parents + p * self.n_children
+        return range(first, first + self.n_children)
+
+    def sample_with_codes(self, n: int) -> tuple[Tensor, Tensor]:
+        g, P, C = self.generator, self.n_parents, self.n_children
+        codes_NF = torch.zeros(n, self.n_features)
+        parent_NP = torch.rand(n, P, generator=g) < self.p_parent
+        child_NP = parent_NP & (torch.rand(n, P, generator=g) < self.p_child)
+        which_NP = P + torch.arange(P) * C + torch.randint(0, C, (n, P), generator=g)
+        codes_NF[:, :P] = parent_NP * (0.8 + 0.4 * torch.rand(n, P, generator=g))
+        child_vals_NP = child_NP * (0.8 + 0.4 * torch.rand(n, P, generator=g))
+        codes_NF.scatter_(1, which_NP, child_vals_NP)
+        bg_NB = torch.rand(n, self.n_background, generator=g) < self.p_background
+        codes_NF[:, P + P * C :] = bg_NB * (0.5 + torch.rand(n, self.n_background, generator=g))
+        return codes_NF @ self.dirs_FD, codes_NF
+
+    def sample(self, n: int) -> Tensor:
+        return self.sample_with_codes(n)[0]
 
 
 def max_cosines(true_dirs_FD: Tensor, learned_dec_FD: Tensor) -> Tensor:

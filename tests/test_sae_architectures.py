@@ -15,7 +15,9 @@ from sae_pipeline.sae import (
     BatchTopKConfig,
     GatedConfig,
     JumpReLUConfig,
+    MatryoshkaConfig,
     ReLUConfig,
+    TiedConfig,
     TopKConfig,
     build_sae,
     geometric_median,
@@ -32,8 +34,12 @@ ALL_CONFIGS = {
     "batchtopk": BatchTopKConfig(d_sae=F_, k=4),
     "jumprelu": JumpReLUConfig(d_sae=F_, bandwidth=0.5, init_threshold=0.1),
     "gated": GatedConfig(d_sae=F_),
+    "matryoshka": MatryoshkaConfig(d_sae=F_, k=4, group_sizes=[0.25, 0.75]),
+    "tied": TiedConfig(d_sae=F_),
+    "tied_topk": TiedConfig(d_sae=F_, k=4, l1_coefficient=0.0),
 }
-UNIT_NORM = {"relu_l1", "topk", "batchtopk", "jumprelu", "gated"}
+UNIT_NORM = {"relu_l1", "topk", "batchtopk", "jumprelu", "gated", "matryoshka"}
+THRESHOLD_INFERENCE = {"batchtopk", "matryoshka"}  # train with batch top-k, infer with a learned threshold
 
 
 def make(name: str, seed: int = 0):
@@ -54,11 +60,14 @@ def all_dead() -> torch.Tensor:
 
 
 def test_registry_covers_all_architectures():
-    assert set(ARCHITECTURES) == {"relu", "topk", "batchtopk", "jumprelu", "gated"}
+    assert set(ARCHITECTURES) == {"relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka", "tied"}
     for arch, cls in CONFIG_CLASSES.items():
         assert cls().arch == arch
         for f in dataclasses.fields(cls):  # Hydra-friendly field types only
-            assert f.type in ("str", "int", "float", "bool", str, int, float, bool), (arch, f.name, f.type)
+            assert f.type in ("str", "int", "float", "bool", "list[float]", str, int, float, bool), (
+                arch,
+                f.name,
+            )
     with pytest.raises(UserError, match="sae.arch"):
         build_sae(dataclasses.replace(ReLUConfig(), arch="nope"), D)
 
@@ -87,7 +96,7 @@ def test_training_forward_matches_inference(name):
     sae = make(name)
     x = data()
     out = sae.training_forward(x)
-    if name != "batchtopk":  # batchtopk trains with batch top-k, infers with its threshold
+    if name not in THRESHOLD_INFERENCE:
         torch.testing.assert_close(out.acts_BF, sae.encode(x).detach())
         torch.testing.assert_close(out.x_hat_BD, sae(x).detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.x_hat_BD, sae.decode(out.acts_BF).detach(), rtol=1e-5, atol=1e-5)
@@ -280,7 +289,7 @@ def test_gated_aux_loss_sends_no_gradient_into_decoder():
 @pytest.mark.parametrize("name", sorted(ALL_CONFIGS))
 def test_fold_input_scale(name):
     sae = make(name)
-    if name == "batchtopk":
+    if name in THRESHOLD_INFERENCE:
         with torch.no_grad():
             sae.threshold.fill_(0.5)
     s = 3.7
@@ -347,6 +356,12 @@ def test_load_errors_name_the_file(tmp_path):
         (JumpReLUConfig(bandwidth=0.0), "sae.bandwidth"),
         (JumpReLUConfig(init_threshold=-1.0), "sae.init_threshold"),
         (ReLUConfig(b_dec_init="median"), "sae.b_dec_init"),
+        (MatryoshkaConfig(group_sizes=[0.5, 0.2]), "sae.group_sizes"),
+        (MatryoshkaConfig(d_sae=F_, k=F_ + 1, group_sizes=[1.0]), "sae.k"),
+        (TiedConfig(k=-1), "sae.k"),
+        (TiedConfig(d_sae=F_, k=F_ + 1), "sae.k"),
+        (TiedConfig(l1_coefficient=-1.0), "sae.l1_coefficient"),
+        (TiedConfig(sparsity_penalty="l2"), "sae.sparsity_penalty"),
         (ReLUConfig(d_sae=-3), "sae.d_sae"),
         (ReLUConfig(expansion_factor=0.0), "sae.expansion_factor"),
     ],

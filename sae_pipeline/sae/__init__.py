@@ -11,14 +11,16 @@ saving.py    an SAE folder on disk: save_sae / load_sae
 
 from __future__ import annotations
 
-from . import batchtopk, gated, jumprelu, relu, topk  # noqa: F401  (each registers its class)
+from . import batchtopk, gated, jumprelu, matryoshka, relu, tied, topk  # noqa: F401  (each registers its class)
 from .base import SAE, SAEConfig, TrainOutput, geometric_median, input_scale_factor, scale_for_mean_norm
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
 from .gated import GatedConfig, GatedSAE
 from .jumprelu import JumpReLUConfig, JumpReLUSAE
+from .matryoshka import MatryoshkaConfig, MatryoshkaSAE
 from .registry import SAE_CLASSES, build_sae, config_class, config_classes
 from .relu import ReLUConfig, ReLUSAE
 from .saving import load_sae, save_sae
+from .tied import TiedConfig, TiedSAE
 from .topk import TopKConfig, TopKSAE
 
 CONFIG_CLASSES = config_classes()  # arch name -> config dataclass
@@ -37,8 +39,12 @@ __all__ = [
     "GatedSAE",
     "JumpReLUConfig",
     "JumpReLUSAE",
+    "MatryoshkaConfig",
+    "MatryoshkaSAE",
     "ReLUConfig",
     "ReLUSAE",
+    "TiedConfig",
+    "TiedSAE",
     "TopKConfig",
     "TopKSAE",
     "build_sae",

@@ -124,11 +124,15 @@ class SAE(nn.Module):
         W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
         self.W_enc_DF = nn.Parameter(W_dec_FD.t().contiguous() * self.encoder_init_scale)
         self.b_enc_F = nn.Parameter(torch.zeros(self.d_sae))
-        self.W_dec_FD = nn.Parameter(W_dec_FD)
+        self._init_decoder(W_dec_FD)
         self.b_dec_D = nn.Parameter(torch.zeros(self.d_in))
         self._init_extra()
 
     # ----- hooks for subclasses -----
+    def _init_decoder(self, W_dec_FD: Tensor) -> None:
+        """Register the decoder (a tied architecture keeps none: its W_dec_FD is a view of W_enc_DF)."""
+        self.W_dec_FD = nn.Parameter(W_dec_FD)
+
     def _init_extra(self) -> None:
         """Create architecture-specific parameters/buffers."""
 

@@ -1,0 +1,117 @@
+"""Tied SAE (the seed's tied autoencoder, seeds/002): the decoder is the encoder's transpose, one weight matrix.
+
+    acts = ReLU((x - b_dec) @ W_enc + b_enc)            (with k > 0: only each row's k largest survive)
+    x_hat = acts @ W_enc.T + b_dec                      loss = ||x - x_hat||^2 + l1_coefficient * penalty
+
+`W_dec_FD` is a read-only view `W_enc_DF.T` (so the logit lens, steering and every reader of decoder rows
+work unchanged); the state dict holds W_enc_DF, b_enc_F and b_dec_D only.
+
+Decoder norms. A row w_f = c u_f (unit u_f) gives activation ~c <u_f, x> and contribution ~c^2 <u_f, x> u_f,
+so with the seed's plain L1 on free rows the penalty is linear in c while the reconstruction it buys is
+quadratic: below some c shrinking the row always lowers the loss and the latent collapses to zero (measured:
+at l1_coefficient=5 on tests/test_sae_recovery.py's data, free rows + plain L1 ended with mean row norm 0.4,
+L0 0.3 and FVU 1.0). The two choices offered are the ones sae=relu offers, with the same names:
+    l1_decoder_norm (default)  penalty sum_f a_f ||w_f|| (~ c^2, like the reconstruction): rows stay free,
+                               so each latent keeps its own gain c^2; nothing is renormalised.
+    l1                         the seed's plain L1 sum_f a_f, with every row held at unit norm (the gradient's
+                               component along each row removed, then rows renormalised: on W_enc's columns,
+                               which are the decoder's rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sae_pipeline.errors import UserError
+
+from .base import SAE, SAEConfig, TrainOutput
+from .registry import register
+from .relu import SPARSITY_PENALTIES
+
+
+@dataclass
+class TiedConfig(SAEConfig):
+    """Tied SAE: ReLU + L1 (the seed's), optionally TopK selection (then usually l1_coefficient=0)."""
+
+    arch: str = "tied"
+    # Weight of the sparsity penalty (mean over rows), on inputs normalised to mean norm sqrt(d_in) as for
+    # sae=relu; sweep it for the L0 you want (the transposed encoder cannot cancel interference, so a tied SAE
+    # needs a larger L0 than an untied one for the same reconstruction; see the tests' recovery notes).
+    l1_coefficient: float = 5.0
+    # "l1_decoder_norm": sum_f a_f ||W_dec[f]|| with free rows; "l1": sum_f a_f with unit-norm rows
+    sparsity_penalty: str = "l1_decoder_norm"
+    k: int = 0  # > 0: keep only each row's k largest pre-activations (TopK selection); 0: plain ReLU
+
+    def validate(self) -> None:
+        super().validate()
+        self._check_nonnegative("l1_coefficient", self.l1_coefficient)
+        if self.sparsity_penalty not in SPARSITY_PENALTIES:
+            raise UserError(
+                f"sae.sparsity_penalty must be one of {', '.join(SPARSITY_PENALTIES)}, "
+                f"got {self.sparsity_penalty!r}."
+            )
+        if self.k < 0:
+            raise UserError(f"sae.k must be >= 0 (0 means no TopK selection), got {self.k}.")
+
+
+@register
+class TiedSAE(SAE):
+    config_class = TiedConfig
+    cfg: TiedConfig
+
+    def _init_decoder(self, W_dec_FD: Tensor) -> None:
+        """No decoder parameter: the base initialised W_enc as W_dec_FD's transpose (unit rows), and the
+        decoder is that transpose from then on."""
+
+    def _init_extra(self) -> None:
+        if self.cfg.k > self.d_sae:
+            raise UserError(f"sae.k={self.cfg.k} must be <= d_sae={self.d_sae}.")
+
+    @property
+    def W_dec_FD(self) -> Tensor:  # noqa: N802 (the project's shape-suffix naming)
+        return self.W_enc_DF.t()
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        return self.cfg.sparsity_penalty == "l1"
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Remove the gradient component along each (unit-norm) row, i.e. along each column of W_enc."""
+        if not self.unit_norm_decoder or self.W_enc_DF.grad is None:
+            return
+        W_DF, grad_DF = self.W_enc_DF, self.W_enc_DF.grad
+        grad_DF.addcmul_((grad_DF * W_DF).sum(dim=0, keepdim=True), W_DF, value=-1.0)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        if self.unit_norm_decoder:
+            self.W_enc_DF.div_(self.W_enc_DF.norm(dim=0, keepdim=True).clamp_min(1e-12))
+
+    def encode(self, x_BD: Tensor) -> Tensor:
+        pre_BF = self.pre_acts(x_BD)
+        if self.cfg.k > 0:
+            top = pre_BF.topk(self.cfg.k, dim=1, sorted=False)
+            return torch.zeros_like(pre_BF).scatter(1, top.indices, top.values.relu())
+        return pre_BF.relu()
+
+    def training_forward(
+        self, x_BD: Tensor, sparsity_scale: float = 1.0, dead_mask_F: Tensor | None = None
+    ) -> TrainOutput:
+        acts_BF = self.encode(x_BD)
+        x_hat_BD = self.decode(acts_BF)
+        mse = self.mse(x_hat_BD, x_BD)
+        if self.cfg.sparsity_penalty == "l1_decoder_norm":
+            l1 = torch.mv(acts_BF, self.decoder_norms_F()).mean()  # acts >= 0: |a| = a
+        else:
+            l1 = acts_BF.sum() / x_BD.shape[0]
+        loss = mse + (self.cfg.l1_coefficient * sparsity_scale) * l1
+        return TrainOutput(
+            loss=loss,
+            parts={"mse": mse.detach(), "l1": l1.detach()},
+            acts_BF=acts_BF.detach(),
+            x_hat_BD=x_hat_BD.detach(),
+        )
