@@ -37,6 +37,7 @@ class LogProgress:
         self.stream, self.clock = stream or sys.stderr, clock
         self.initial = self.done = int(initial)
         self.start = self.last = clock()
+        self.printed = -1  # `done` at the last printed line
 
     def line(self) -> str:
         elapsed = self.clock() - self.start
@@ -53,12 +54,16 @@ class LogProgress:
         now = self.clock()
         if now - self.last >= self.every_s:
             self.last = now
-            print(self.line(), file=self.stream, flush=True)
+            self._print()
 
     def close(self) -> None:
         """The final line when the work completed (an error's own message stays the last word)."""
-        if self.done >= self.total:
-            print(self.line(), file=self.stream, flush=True)
+        if self.done >= self.total and self.printed != self.done:
+            self._print()
+
+    def _print(self) -> None:
+        self.printed = self.done
+        print(self.line(), file=self.stream, flush=True)
 
 
 def progress(total: int, desc: str, unit: str = "tok", initial: int = 0):

@@ -25,6 +25,16 @@ def test_log_lines_at_the_interval_with_rate_and_eta():
     assert "elapsed 1h01m40s | ETA 0m00s" in lines[-1]
 
 
+def test_the_final_line_is_printed_once():
+    now = [0.0]
+    out = io.StringIO()
+    bar = LogProgress(10, "eval", every_s=5, stream=out, clock=lambda: now[0])
+    now[0] = 6.0
+    bar.update(10)  # completes exactly when the interval is due
+    bar.close()
+    assert len(out.getvalue().splitlines()) == 1
+
+
 def test_an_unfinished_bar_leaves_no_line_on_close():
     out = io.StringIO()
     bar = LogProgress(10, "eval", stream=out, clock=lambda: 0.0)
