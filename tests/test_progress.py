@@ -19,9 +19,9 @@ def test_log_lines_at_the_interval_with_rate_and_eta():
     assert out.getvalue() == "harvest: 600/1,000 tok (60.0%) | 10 tok/s | elapsed 0m40s | ETA 0m40s\n"
     now[0] = 3800.0
     bar.update(400)
-    bar.close()  # the interval passed again, then close prints the final line
+    bar.close()  # the interval passed again: that line is already the final one, close adds none
     lines = out.getvalue().splitlines()
-    assert len(lines) == 3 and lines[-1].startswith("harvest: 1,000/1,000 tok (100.0%)")
+    assert len(lines) == 2 and lines[-1].startswith("harvest: 1,000/1,000 tok (100.0%)")
     assert "elapsed 1h01m40s | ETA 0m00s" in lines[-1]
 
 
