@@ -18,6 +18,7 @@ from sae_pipeline.model.hook_points import resolve_hook
 from sae_pipeline.model.loading import load_model
 from sae_pipeline.runtime import resolve_device
 from sae_pipeline.sae import SAE, load_sae
+from sae_pipeline.sae.formats import read_saelens_config, sae_format
 
 
 @dataclass
@@ -114,13 +115,8 @@ def check_matches_store(sae: SAE, target: Target, spec: Spec) -> None:
 
 def single_target(sae_path: str) -> tuple[Target, Spec]:
     """The one SAE at sae_path (a run folder or an SAE folder) and what it was trained on."""
-    targets, _ = find_targets(Path(sae_path))
-    if len(targets) != 1:
-        raise UserError(
-            f"sae_path {sae_path} holds {len(targets)} SAEs; point it at one run folder "
-            f"(e.g. {targets[0].run_dir})."
-        )
-    return targets[0], load_spec(targets[0])
+    target, _ = single_target_only(Path(sae_path))
+    return target, load_spec(target)
 
 
 def load_all(sae_path: str, device_name: str):
@@ -132,3 +128,58 @@ def load_all(sae_path: str, device_name: str):
     hook = resolve_hook(model, spec.hook_name)
     check_matches_store(sae, target, spec)
     return target, spec, model, tokenizer, sae, hook
+
+
+def training_metadata(sae_path: str | Path) -> tuple[dict, Path]:
+    """(what the SAE at sae_path was trained on, in SAELens's key names; the folder its outputs go to).
+
+    Our runs: the model and hook from the SAE's config.json, context size, BOS and dataset from its store's
+    manifest when the store is still there. SAELens folders: their own cfg.json. Bare files: nothing known.
+    """
+    p = Path(sae_path)
+    kind = sae_format(p)
+    if kind == "saelens":
+        folder = p.parent if p.is_file() else p
+        cfg = read_saelens_config(folder)
+        keys = (
+            "model_name",
+            "hook_name",
+            "hook_layer",
+            "context_size",
+            "prepend_bos",
+            "dataset_path",
+            "neuronpedia_id",
+        )
+        return {k: cfg[k] for k in keys if cfg.get(k) is not None}, folder
+    if kind == "bare":
+        return {}, p.parent
+    target, _ = single_target_only(p)
+    meta = _read_json(target.sae_dir / layout.CONFIG)
+    hook = meta.get("hook")
+    out = {
+        "model_name": (meta.get("model") or {}).get("name"),
+        "hook_name": hook["name"] if isinstance(hook, dict) else hook,
+    }
+    try:
+        man = read_manifest(store_path(target, meta))
+    except (UserError, OSError, KeyError):
+        man = None  # the store was moved or deleted: export what the SAE's own config says
+    if man is not None:
+        out.update(
+            model_name=out["model_name"] or man.get("model", {}).get("name"),
+            hook_name=out["hook_name"] or man.get("hook", {}).get("name"),
+            hook_layer=man.get("hook", {}).get("layer"),
+            context_size=man.get("context_size"),
+            prepend_bos=bool(man.get("bos", {}).get("prepended", True)),
+            dataset_path=man.get("dataset", {}).get("config", {}).get("name"),
+        )
+    return {k: v for k, v in out.items() if v is not None}, target.run_dir
+
+
+def single_target_only(sae_path: Path) -> tuple[Target, bool]:
+    targets, is_sweep = find_targets(Path(sae_path))
+    if len(targets) != 1:
+        raise UserError(
+            f"sae_path {sae_path} holds {len(targets)} SAEs; point it at one run folder (e.g. {targets[0].run_dir})."
+        )
+    return targets[0], is_sweep
