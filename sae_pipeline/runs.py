@@ -3,6 +3,10 @@
 A path given as `sae_path` may be an SAE folder (`sae/`), a run folder holding one, or a folder of many
 runs (a multirun sweep). Each SAE's config (or its run's config.json) names the store that trained it, and
 the store's manifest names the model, hook and text, so later stages need no repetition of those settings.
+
+An SAE not trained here (a SAELens folder, a bare .safetensors file) has no store: the `source` group
+(schema/source.py) names its model, hook and text, each defaulting to what its own cfg.json says. Its
+outputs (eval/, features/, steer/) go into its folder (a bare file: a folder named after the file).
 """
 
 from __future__ import annotations
@@ -11,7 +15,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from sae_pipeline import layout
+from sae_pipeline.data import text
 from sae_pipeline.data.store import read_manifest
 from sae_pipeline.errors import UserError
 from sae_pipeline.model.hook_points import resolve_hook
@@ -19,19 +26,27 @@ from sae_pipeline.model.loading import load_model
 from sae_pipeline.runtime import resolve_device
 from sae_pipeline.sae import SAE, load_sae
 from sae_pipeline.sae.formats import read_saelens_config, sae_format
+from sae_pipeline.schema.eval import eval_data_config
 
 
 @dataclass
 class Target:
     """One SAE to evaluate: its folder, the run folder it belongs to and where its eval goes."""
 
-    sae_dir: Path
+    sae_dir: Path  # our sae/ folder, a SAELens folder, or a bare .safetensors file
     run_dir: Path
     name: str
+    kind: str = "native"  # native | saelens | bare (see sae.formats.sae_format)
 
     @property
     def eval_dir(self) -> Path:
         return self.run_dir / layout.EVAL
+
+    @property
+    def weights_file(self) -> Path:
+        if self.kind == "bare":
+            return self.sae_dir
+        return self.sae_dir / (layout.SAELENS_WEIGHTS if self.kind == "saelens" else layout.SAE_WEIGHTS)
 
 
 def _is_sae_dir(p: Path) -> bool:
@@ -43,6 +58,14 @@ def find_targets(root: Path) -> tuple[list[Target], bool]:
     root = Path(root)
     if not root.exists():
         raise UserError(f"sae_path {root} does not exist.")
+    kind = sae_format(root)
+    if kind == "saelens":
+        folder = root.parent if root.is_file() else root
+        return [Target(folder, folder, folder.name, kind)], False
+    if kind == "bare":
+        return [Target(root, root.parent / root.stem, root.stem, kind)], False
+    if root.is_file() and kind == "native":
+        root = root.parent
     if _is_sae_dir(root):  # an SAE folder: the run folder is its parent when that holds the run config
         run_dir = root.parent if (root.parent / layout.CONFIG).is_file() else root
         return [Target(root, run_dir, run_dir.name)], False
@@ -88,13 +111,69 @@ class Spec:
     manifest: dict
     model_cfg: dict
     hook_name: str
+    source: dict | None = None  # an SAE not trained here: its text settings (data, context_size, ...)
 
     @property
     def model_key(self) -> str:
         return json.dumps(self.model_cfg, sort_keys=True, default=str)
 
 
-def load_spec(target: Target) -> Spec:
+def _outside_spec(target: Target, source) -> Spec:
+    """Model, hook and text of an SAE not trained here: the `source` keys, else its own cfg.json."""
+    src = OmegaConf.to_container(source, resolve=True) if OmegaConf.is_config(source) else dict(source or {})
+    meta, _ = training_metadata(target.sae_dir)
+    model = src.get("model") or meta.get("model_name")
+    hook = src.get("hook") or meta.get("hook_name")
+    if not model or not hook:
+        raise UserError(
+            f"{target.sae_dir} was not trained here and does not name its {'model' if not model else 'hook'}; "
+            "pass source.model=<hub id or folder> source.hook=<hook name, e.g. blocks.8.hook_resid_pre>."
+        )
+    data = src.get("data")
+    if data is None and meta.get("dataset_path"):
+        data = {"name": meta["dataset_path"], "streaming": True}
+    model_cfg = {"name": model, "dtype": src.get("model_dtype") or "float32"}
+    model_cfg["trust_remote_code"] = bool(src.get("trust_remote_code", False))
+    context_size = int(src.get("context_size") or meta.get("context_size") or 128)
+    prepend_bos = src.get("prepend_bos")
+    prepend_bos = bool(meta.get("prepend_bos", True) if prepend_bos is None else prepend_bos)
+    manifest = {
+        "model": model_cfg,
+        "hook": {"name": hook},
+        "context_size": context_size,
+        "bos": {"prepended": prepend_bos},
+        "dataset": {"config": data},
+    }
+    text_cfg = {
+        "data": data,
+        "seed": int(src.get("seed", 0)),
+        "context_size": context_size,
+        "prepend_bos": prepend_bos,
+    }
+    return Spec({"sae": {}, "cfg_json": meta}, None, manifest, model_cfg, hook, text_cfg)
+
+
+def heldout_text(spec: Spec, tokenizer, n_tokens: int):
+    """(input_ids, valid mask, description) of the held-out text an SAE is evaluated / browsed on."""
+    if spec.source is None:
+        ids, mask = text.heldout_contexts(spec.manifest, tokenizer, n_tokens)
+        return ids, mask, {"source": "store held-out documents", "store": str(spec.store)}
+    src = spec.source
+    if src["data"] is None:
+        raise UserError(
+            "the SAE was not trained here and its cfg.json names no dataset; pass "
+            "source.data={name:json,data_files:/path/to/text.jsonl} (or any dataset) to choose the text."
+        )
+    data = eval_data_config(src["data"])
+    ids, mask = text.contexts_for_data(
+        data, tokenizer, "eval", src["context_size"], src["prepend_bos"], n_tokens, src["seed"]
+    )
+    return ids, mask, {"source": "source.data held-out documents", "data": data, "seed": src["seed"]}
+
+
+def load_spec(target: Target, source=None) -> Spec:
+    if target.kind != "native":
+        return _outside_spec(target, source)
     meta = _read_json(target.sae_dir / layout.CONFIG)
     store = store_path(target, meta)
     manifest = read_manifest(store)
@@ -113,18 +192,20 @@ def check_matches_store(sae: SAE, target: Target, spec: Spec) -> None:
         )
 
 
-def single_target(sae_path: str) -> tuple[Target, Spec]:
+def single_target(sae_path: str, source=None) -> tuple[Target, Spec]:
     """The one SAE at sae_path (a run folder or an SAE folder) and what it was trained on."""
     target, _ = single_target_only(Path(sae_path))
-    return target, load_spec(target)
+    return target, load_spec(target, source)
 
 
-def load_all(sae_path: str, device_name: str):
+def load_all(sae_path: str, device_name: str, source=None):
     """(target, spec, model, tokenizer, sae, hook point) for the SAE at sae_path."""
-    target, spec = single_target(sae_path)
+    target, spec = single_target(sae_path, source)
     device = resolve_device(device_name)
     sae = load_sae(target.sae_dir, map_location=device).eval().requires_grad_(False)
     model, tokenizer = load_model(spec.model_cfg, device)
+    if spec.source is not None and spec.source["prepend_bos"]:
+        spec.manifest["bos"]["token_id"] = text.bos_token_id(tokenizer, True)
     hook = resolve_hook(model, spec.hook_name)
     check_matches_store(sae, target, spec)
     return target, spec, model, tokenizer, sae, hook
