@@ -103,3 +103,15 @@ def test_readme_example_runs(tmp_path, capsys):
     with pytest.raises(UserError, match="pass hook="):
         with sae_pipeline.splice_sae(model, sae):
             pass
+
+
+README_MARKER = "<!-- examples/notebook_api.py: tests/test_api.py runs this block -->"
+
+
+def test_readme_block_is_the_tested_example():
+    """Once the README carries the example (after README_MARKER), it must be exactly the file the test runs."""
+    readme = (EXAMPLE.parents[1] / "README.md").read_text()
+    if README_MARKER not in readme:
+        pytest.skip("the README does not carry the notebook example yet")
+    block = readme.split(README_MARKER, 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert block == EXAMPLE.read_text()
