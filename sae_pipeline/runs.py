@@ -150,6 +150,11 @@ def _outside_spec(target: Target, source) -> Spec:
         "context_size": context_size,
         "prepend_bos": prepend_bos,
     }
+    if target.kind == "bare":  # what a bare file cannot say about itself
+        text_cfg["bare_options"] = {
+            "k": src.get("k"),
+            "apply_b_dec_to_input": bool(src.get("apply_b_dec_to_input", True)),
+        }
     return Spec({"sae": {}, "cfg_json": meta}, None, manifest, model_cfg, hook, text_cfg)
 
 
@@ -183,6 +188,12 @@ def load_spec(target: Target, source=None) -> Spec:
     return Spec(meta, store, manifest, dict(model_cfg), hook_name)
 
 
+def load_target_sae(target: Target, spec: Spec, device) -> SAE:
+    """The SAE of target in eval mode (a bare file read with the source group's k / apply_b_dec_to_input)."""
+    options = (spec.source or {}).get("bare_options") or {}
+    return load_sae(target.sae_dir, map_location=device, **options).eval()
+
+
 def check_matches_store(sae: SAE, target: Target, spec: Spec) -> None:
     """The SAE must take the activations its store holds."""
     d_store = spec.manifest.get("d_in", sae.d_in)
@@ -202,7 +213,7 @@ def load_all(sae_path: str, device_name: str, source=None):
     """(target, spec, model, tokenizer, sae, hook point) for the SAE at sae_path."""
     target, spec = single_target(sae_path, source)
     device = resolve_device(device_name)
-    sae = load_sae(target.sae_dir, map_location=device).eval().requires_grad_(False)
+    sae = load_target_sae(target, spec, device).requires_grad_(False)
     model, tokenizer = load_model(spec.model_cfg, device)
     if spec.source is not None and spec.source["prepend_bos"]:
         spec.manifest["bos"]["token_id"] = text.bos_token_id(tokenizer, True)

@@ -91,3 +91,27 @@ def test_features_and_steer_of_a_bare_file(outside):
     assert res.returncode == 0, res.stderr
     steered = json.loads((o["tmp"] / "bare" / layout.STEER / layout.STEER_JSON).read_text())
     assert steered["hook"] == o["manifest"]["hook"]["name"] and steered["results"]
+
+
+def test_bare_file_without_b_dec_in_the_encoder(outside):
+    """A Gemma-Scope-style file (encoder reads x, not x - b_dec) evaluates like the run with
+    source.apply_b_dec_to_input=false, and differently without it."""
+    o = outside
+    t = load_file(str(o["tmp"] / "saelens" / layout.SAELENS_WEIGHTS))
+    t["b_dec"] = t["b_dec"] + 0.3 * t["W_dec"][0]  # a b_dec that matters (the run's is zero)
+    save_file(t, str(o["tmp"] / "ref.safetensors"))
+    t["b_enc"] = t["b_enc"] - t["b_dec"] @ t["W_enc"]  # (x - b_dec) @ W + b == x @ W + (b - b_dec @ W)
+    save_file(t, str(o["tmp"] / "scope.safetensors"))
+    common = [f"paths.root={o['tmp'] / 'runs'}", "eval.n_tokens=400", "eval.batch_size=4", "logger=none"]
+    src = [f"source.model={o['tmp'] / 'model'}", f"source.hook={o['manifest']['hook']['name']}",
+           f"source.data={_data(o)}", "source.context_size=32"]  # fmt: skip
+
+    def metrics(path, *extra):
+        cfg = helpers.compose_config("eval", [f"sae_path={path}", *src, *common, *extra])
+        return next(iter(eval_stage.run(cfg)["metrics"].values()))
+
+    ref = metrics(o["tmp"] / "ref.safetensors")
+    right = metrics(o["tmp"] / "scope.safetensors", "source.apply_b_dec_to_input=false")
+    wrong = metrics(o["tmp"] / "scope.safetensors")
+    assert right["fvu"] == pytest.approx(ref["fvu"], rel=1e-4) and right["l0"] == pytest.approx(ref["l0"])
+    assert wrong["fvu"] != pytest.approx(ref["fvu"], rel=1e-3)

@@ -20,8 +20,7 @@ from sae_pipeline.data import text
 from sae_pipeline.evaluation import metrics as M
 from sae_pipeline.evaluation.splice import SpliceEvaluator
 from sae_pipeline.files import sha256_file, write_json_atomic
-from sae_pipeline.runs import Spec, Target, check_matches_store, heldout_text
-from sae_pipeline.sae import load_sae
+from sae_pipeline.runs import Spec, Target, check_matches_store, heldout_text, load_target_sae
 from sae_pipeline.schema.eval import eval_data_config
 from sae_pipeline.tracking import start_wandb
 
@@ -139,7 +138,7 @@ def log_wandb(cfg: DictConfig, target: Target, metrics: dict, group: str | None)
 def evaluate_target(
     cfg, target: Target, spec: Spec, evaluator: SpliceEvaluator, desc: dict, device, group
 ) -> dict:
-    sae = load_sae(target.sae_dir, map_location=device)
+    sae = load_target_sae(target, spec, device)
     hook = evaluator.hook
     check_matches_store(sae, target, spec)
     baseline_reused = evaluator.baseline is not None  # zero/mean-ablation CE measured for an earlier SAE

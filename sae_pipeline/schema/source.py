@@ -26,3 +26,8 @@ class SourceConfig:
     context_size: Optional[int] = None  # tokens per context (default: cfg.json context_size, else 128)
     prepend_bos: Optional[bool] = None  # default: cfg.json prepend_bos, else true
     seed: int = 0  # which documents are held out
+    # bare .safetensors files only (a SAELens cfg.json says these itself):
+    k: Optional[int] = (
+        None  # a TopK SAE keeping k latents per token (default: ReLU, or JumpReLU with threshold)
+    )
+    apply_b_dec_to_input: bool = True  # false: the encoder reads x, not x - b_dec (e.g. Gemma Scope's params)
