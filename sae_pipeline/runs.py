@@ -131,7 +131,7 @@ def _outside_spec(target: Target, source) -> Spec:
         )
     data = src.get("data")
     if data is None and meta.get("dataset_path"):
-        data = {"name": meta["dataset_path"], "streaming": True}
+        data = _data_from_path(str(meta["dataset_path"]))
     model_cfg = {"name": model, "dtype": src.get("model_dtype") or "float32"}
     model_cfg["trust_remote_code"] = bool(src.get("trust_remote_code", False))
     context_size = int(src.get("context_size") or meta.get("context_size") or 128)
@@ -156,6 +156,24 @@ def _outside_spec(target: Target, source) -> Spec:
             "apply_b_dec_to_input": bool(src.get("apply_b_dec_to_input", True)),
         }
     return Spec({"sae": {}, "cfg_json": meta}, None, manifest, model_cfg, hook, text_cfg)
+
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _dataset_path(data_cfg: dict) -> str | None:
+    """SAELens's dataset_path for our data config: a builder's (json, text...) own file, else the name."""
+    files = data_cfg.get("data_files")
+    if data_cfg.get("name") in set(BUILDERS.values()) and files:
+        return str(files if isinstance(files, str) else list(files)[0])
+    return data_cfg.get("name")
+
+
+def _data_from_path(path: str) -> dict:
+    """Our data config for a cfg.json dataset_path: a local text file by its extension, else a streamed name."""
+    if Path(path).is_file() and Path(path).suffix in BUILDERS:
+        return {"name": BUILDERS[Path(path).suffix], "data_files": path}
+    return {"name": path, "streaming": not Path(path).exists() and not path.startswith("embedded:")}
 
 
 def heldout_text(spec: Spec, tokenizer, n_tokens: int):
@@ -263,7 +281,7 @@ def training_metadata(sae_path: str | Path) -> tuple[dict, Path]:
             hook_layer=man.get("hook", {}).get("layer"),
             context_size=man.get("context_size"),
             prepend_bos=bool(man.get("bos", {}).get("prepended", True)),
-            dataset_path=man.get("dataset", {}).get("config", {}).get("name"),
+            dataset_path=_dataset_path(man.get("dataset", {}).get("config", {})),
         )
     return {k: v for k, v in out.items() if v is not None}, target.run_dir
 

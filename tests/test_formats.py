@@ -292,7 +292,7 @@ def test_sae_export_cli(tmp_path):
     manifest = json.loads((store / layout.MANIFEST).read_text())
     assert cfg["model_name"] == str(tmp_path / "model") and cfg["hook_name"] == "blocks.1.hook_resid_post"
     assert (cfg["hook_layer"], cfg["context_size"]) == (1, manifest["context_size"])
-    assert cfg["dataset_path"] == "json" and cfg["architecture"] == "standard"
+    assert cfg["dataset_path"] == str(tmp_path / "corpus.jsonl") and cfg["architecture"] == "standard"
     ours = load_sae(run_dir).eval()
     x = load_file(str(store / layout.shard_name(0)))["activations"].float()[:64]  # the SAE's own inputs
     with torch.no_grad():

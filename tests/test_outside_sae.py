@@ -115,3 +115,24 @@ def test_bare_file_without_b_dec_in_the_encoder(outside):
     wrong = metrics(o["tmp"] / "scope.safetensors")
     assert right["fvu"] == pytest.approx(ref["fvu"], rel=1e-4) and right["l0"] == pytest.approx(ref["l0"])
     assert wrong["fvu"] != pytest.approx(ref["fvu"], rel=1e-3)
+
+
+def test_saelens_folder_naming_a_local_text_file_needs_no_source(outside):
+    o = outside
+    cfg = json.loads((o["tmp"] / "saelens" / layout.SAELENS_CONFIG).read_text())
+    folder = o["tmp"] / "saelens_with_data"
+    folder.mkdir()
+    (folder / layout.SAELENS_CONFIG).write_text(json.dumps({**cfg, "dataset_path": str(o["corpus"])}))
+    (folder / layout.SAELENS_WEIGHTS).write_bytes(
+        (o["tmp"] / "saelens" / layout.SAELENS_WEIGHTS).read_bytes()
+    )
+    run = eval_stage.run(
+        helpers.compose_config(
+            "eval", [f"sae_path={folder}", "eval.n_tokens=200", "eval.batch_size=4", "logger=none"]
+        )
+    )
+    (m,) = run["metrics"].values()
+    assert m["eval_data"]["data"]["name"] == "json" and m["eval_data"]["data"]["data_files"] == str(
+        o["corpus"]
+    )
+    assert m["n_tokens"] >= 200
