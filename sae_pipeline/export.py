@@ -43,6 +43,12 @@ def run(cfg: DictConfig) -> Path:
             f"export.out={out} already holds {existing[0].name}; pass export.overwrite=true to replace it."
         )
     write_saelens(sae, out, meta)
+    if str(meta.get("model_name", "")).startswith("embedded:") and not e.model_name:
+        print(
+            f"note: cfg.json names model_name={meta['model_name']!r}, which only this pipeline can load; "
+            "pass export.model_name=<hub id> for SAELens",
+            file=sys.stderr,
+        )
     missing = [k for k in ("model_name", "hook_name") if not meta.get(k)]
     if missing:
         print(
