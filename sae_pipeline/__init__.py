@@ -4,7 +4,8 @@ The package's folders are its architecture. Stage modules (one `sae-*` command e
 and `main` only; they import the library below them and never each other
 (`python scripts/check_imports.py` checks it, and so does tests/test_layout.py).
 
-    harvest.py train.py eval.py features.py steer.py   the stages: sae-harvest, sae-train, ...
+    harvest.py train.py eval.py features.py steer.py export.py   the stages: sae-harvest, sae-train, ...
+    api.py        the Python API for notebooks (load_sae, splice_sae, harvest(), ...), re-exported here
     schema/       every config group's dataclass (one module per stage + common groups) and checks
     conf/         the Hydra YAML files (only values that differ from the schema), shipped in the wheel
     data/         the activation store (shards + manifest), the shuffled reader, text packing
@@ -19,4 +20,31 @@ and `main` only; they import the library below them and never each other
     tracking.py   Weights & Biases start-up shared by the stages
     runtime.py    the device and process-wide CPU settings
     errors.py     UserError: one sentence, exit code 2
+
+The public Python API (`from sae_pipeline import load_sae, splice_sae, ...`) is loaded on first use, so
+`import sae_pipeline` stays light.
 """
+
+from __future__ import annotations
+
+_API = (
+    "capture_activations",
+    "evaluate_sae",
+    "export_sae",
+    "browse_features",
+    "harvest_activations",
+    "load_model",
+    "load_sae",
+    "splice_sae",
+    "steering",
+    "train_sae",
+)
+__all__ = list(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from sae_pipeline import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'sae_pipeline' has no attribute {name!r}")

@@ -36,7 +36,7 @@ def run(cfg: DictConfig) -> dict:
     root = Path(cfg.sae_path)
     targets, is_sweep = find_targets(root)
     device = resolve_device(cfg.eval.device)
-    specs = {t.name: load_spec(t) for t in targets}
+    specs = {t.name: load_spec(t, cfg.source) for t in targets}
     group = root.resolve().name if is_sweep else None
     results: dict[str, dict] = {}
     for key in dict.fromkeys(s.model_key for s in specs.values()):  # one model load per distinct model

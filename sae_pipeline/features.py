@@ -22,14 +22,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from sae_pipeline import layout
-from sae_pipeline.data import text
 from sae_pipeline.errors import report_user_errors
 from sae_pipeline.interpret import browser
 from sae_pipeline.interpret.feature_report import build_latents, select_latents
 from sae_pipeline.interpret.feature_stats import collect
 from sae_pipeline.interpret.logit_lens import top_logit_tokens
 from sae_pipeline.model.loading import token_strings
-from sae_pipeline.runs import load_all
+from sae_pipeline.runs import heldout_text, load_all
 from sae_pipeline.schema import register_configs
 from sae_pipeline.schema.features import check_features_config
 
@@ -40,9 +39,9 @@ def run(cfg: DictConfig) -> Path:
     """Build the latent browser of the SAE at cfg.sae_path; returns the folder holding index.html."""
     f = cfg.features
     check_features_config(f)
-    target, spec, model, tokenizer, sae, hook = load_all(cfg.sae_path, f.device)
+    target, spec, model, tokenizer, sae, hook = load_all(cfg.sae_path, f.device, cfg.source)
     latents = select_latents(f, sae.d_sae)
-    ids_NT, mask_NT = text.heldout_contexts(spec.manifest, tokenizer, int(f.n_tokens))
+    ids_NT, mask_NT, text_desc = heldout_text(spec, tokenizer, int(f.n_tokens))
     started = time.perf_counter()
     stats = collect(model, hook, sae, ids_NT, mask_NT, latents, f)
     logit = top_logit_tokens(model, sae.W_dec_FD[latents.to(sae.W_dec_FD.device)], int(f.n_logit_tokens))
@@ -58,6 +57,7 @@ def run(cfg: DictConfig) -> Path:
         "hook": hook.name,
         "model": spec.model_cfg,
         "store": str(spec.store),
+        "text": text_desc,
         "n_tokens": stats.n_tokens,
         "n_contexts": int(ids_NT.shape[0]),
         "context_size": int(ids_NT.shape[1]),

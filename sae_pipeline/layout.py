@@ -46,6 +46,11 @@ FEATURES_DATA_JS = "features_data.js"  # the same data as a script the page load
 FEATURES_HTML = "index.html"
 STEER = "steer"  # <run>/steer/: steering / clamping / ablation results
 STEER_JSON = "steer.json"
+EXPORT = "export"  # <run>/export/<format>/: the SAE in another library's format
+
+# --- SAELens format (sae-export writes it, load_sae reads it) ---------------------------------
+SAELENS_CONFIG = "cfg.json"
+SAELENS_WEIGHTS = "sae_weights.safetensors"
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

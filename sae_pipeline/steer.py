@@ -52,7 +52,7 @@ def run(cfg: DictConfig) -> Path:
     """Baseline and steered continuations for every prompt x latent x scale; returns steer.json's path."""
     s = cfg.steer
     check_steer_config(s)
-    target, spec, model, tokenizer, sae, hook = load_all(cfg.sae_path, s.device)
+    target, spec, model, tokenizer, sae, hook = load_all(cfg.sae_path, s.device, cfg.source)
     bad = [f for f in s.latents if not 0 <= int(f) < sae.d_sae]
     if bad:
         raise UserError(

@@ -20,8 +20,7 @@ from sae_pipeline.data import text
 from sae_pipeline.evaluation import metrics as M
 from sae_pipeline.evaluation.splice import SpliceEvaluator
 from sae_pipeline.files import sha256_file, write_json_atomic
-from sae_pipeline.runs import Spec, Target, check_matches_store
-from sae_pipeline.sae import load_sae
+from sae_pipeline.runs import Spec, Target, check_matches_store, heldout_text, load_target_sae
 from sae_pipeline.schema.eval import eval_data_config
 from sae_pipeline.tracking import start_wandb
 
@@ -29,7 +28,9 @@ from sae_pipeline.tracking import start_wandb
 def eval_tokens(cfg: DictConfig, spec: Spec, tokenizer) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(input_ids, valid mask, description of the text) for this SAE's evaluation."""
     e, man = cfg.eval, spec.manifest
-    if e.data is None:
+    if e.data is None and spec.source is not None:  # an SAE not trained here: the source group's text
+        ids, mask, desc = heldout_text(spec, tokenizer, e.n_tokens)
+    elif e.data is None:
         ids, mask = text.heldout_contexts(man, tokenizer, e.n_tokens)
         heldout = man.get("dataset", {}).get("heldout", {})
         desc = {
@@ -60,7 +61,8 @@ def settings_fingerprint(cfg: DictConfig, target: Target, spec: Spec) -> dict:
         "data_split": cfg.eval.data_split,
         "seed": int(cfg.eval.seed),
         "store": str(spec.store),
-        "sae_sha256": sha256_file(target.sae_dir / layout.SAE_WEIGHTS),
+        "source": spec.source,
+        "sae_sha256": sha256_file(target.weights_file),
     }
 
 
@@ -136,7 +138,7 @@ def log_wandb(cfg: DictConfig, target: Target, metrics: dict, group: str | None)
 def evaluate_target(
     cfg, target: Target, spec: Spec, evaluator: SpliceEvaluator, desc: dict, device, group
 ) -> dict:
-    sae = load_sae(target.sae_dir, map_location=device)
+    sae = load_target_sae(target, spec, device)
     hook = evaluator.hook
     check_matches_store(sae, target, spec)
     baseline_reused = evaluator.baseline is not None  # zero/mean-ablation CE measured for an earlier SAE

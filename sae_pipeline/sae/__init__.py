@@ -6,7 +6,9 @@
 base.py      config base, module base, init from data, decoder-norm constraint, input-scale folding
 kernels.py   sparse autograd kernels (gathered encode, embedding-bag decode) for the K-sparse archs
 registry.py  arch name -> class (`@register`), build_sae
-saving.py    an SAE folder on disk: save_sae / load_sae
+saving.py    our SAE folder on disk (sae.safetensors + config.json): save_sae / load_native
+formats.py   other formats: SAELens folders (write_saelens / read_saelens), bare safetensors files;
+             load_sae(path) reads any of them (our run folder, our sae/ folder, SAELens, bare file)
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ from __future__ import annotations
 from . import batchtopk, gated, jumprelu, matryoshka, relu, tied, topk  # noqa: F401  (each registers its class)
 from .base import SAE, SAEConfig, TrainOutput, geometric_median, input_scale_factor, scale_for_mean_norm
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
+from .formats import load_any as load_sae
+from .formats import read_saelens, write_saelens
 from .gated import GatedConfig, GatedSAE
 from .jumprelu import JumpReLUConfig, JumpReLUSAE
 from .matryoshka import MatryoshkaConfig, MatryoshkaSAE
 from .registry import SAE_CLASSES, build_sae, config_class, config_classes
 from .relu import ReLUConfig, ReLUSAE
-from .saving import load_sae, save_sae
+from .saving import load_sae as load_native
+from .saving import save_sae
 from .tied import TiedConfig, TiedSAE
 from .topk import TopKConfig, TopKSAE
 
@@ -52,7 +57,10 @@ __all__ = [
     "config_classes",
     "geometric_median",
     "input_scale_factor",
+    "load_native",
     "load_sae",
+    "read_saelens",
     "save_sae",
     "scale_for_mean_norm",
+    "write_saelens",
 ]

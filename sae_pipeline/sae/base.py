@@ -10,6 +10,7 @@ the dense B x D input-gradient matmul (the b_dec gradient through the encoder be
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -98,8 +99,43 @@ def geometric_median(x_ND: Tensor, n_iter: int = 20, eps: float = 1e-6) -> Tenso
     return median_D
 
 
+def any_leading_shape(fn):
+    """Let a method written for [B, D] rows take [..., D]: leading dimensions are flattened and restored.
+
+    2-D inputs (the trainer's) go straight through. Outputs (a tensor or a tuple of tensors) get the input's
+    leading shape back, with their own last dimension.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(self, x, *args, **kwargs):
+        if x.ndim == 2:
+            return fn(self, x, *args, **kwargs)
+        lead = x.shape[:-1]
+        out = fn(self, x.reshape(-1, x.shape[-1]), *args, **kwargs)
+        if isinstance(out, tuple):
+            return tuple(o.reshape(*lead, o.shape[-1]) for o in out)
+        return out.reshape(*lead, out.shape[-1])
+
+    wrapper.any_leading_shape = True
+    return wrapper
+
+
+LEADING_SHAPE_METHODS = ("encode", "encode_sparse", "decode", "forward")
+
+
 class SAE(nn.Module):
-    """Base class: parameters W_enc_DF, b_enc_F, W_dec_FD, b_dec_D plus whatever the architecture adds."""
+    """Base class: parameters W_enc_DF, b_enc_F, W_dec_FD, b_dec_D plus whatever the architecture adds.
+
+    encode / encode_sparse / decode / forward take any leading shape `[..., D]` (`any_leading_shape` wraps
+    them in every subclass too), so architectures write them for [B, D] rows only.
+    """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in LEADING_SHAPE_METHODS:
+            fn = cls.__dict__.get(name)
+            if fn is not None and not getattr(fn, "any_leading_shape", False):
+                setattr(cls, name, any_leading_shape(fn))
 
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
     # Initial encoder = this scale times the decoder transpose (decoder rows are random unit directions).
@@ -153,12 +189,24 @@ class SAE(nn.Module):
         """(x - b_dec) @ W_enc + b_enc, computed as one addmm."""
         return torch.addmm(self._enc_bias_F(self.b_enc_F), x_BD, self.W_enc_DF)
 
+    @any_leading_shape
     def encode(self, x_BD: Tensor) -> Tensor:
         raise NotImplementedError
 
+    @any_leading_shape
+    def encode_sparse(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
+        """(idx_BK, vals_BK): each row's active latents, largest first; K is the most any row has (>= 1) and
+        shorter rows are padded with value 0, so sum_k vals[b, k] * W_dec[idx[b, k]] + b_dec == decode."""
+        acts_BF = self.encode(x_BD)  # activations are >= 0 in every architecture
+        k = max(1, int((acts_BF > 0).sum(1).max())) if acts_BF.shape[0] else 1
+        vals_BK, idx_BK = acts_BF.topk(min(k, self.d_sae), dim=1)
+        return idx_BK, vals_BK
+
+    @any_leading_shape
     def decode(self, acts_BF: Tensor) -> Tensor:
         return torch.addmm(self.b_dec_D, acts_BF, self.W_dec_FD)
 
+    @any_leading_shape
     def forward(self, x_BD: Tensor) -> Tensor:
         return self.decode(self.encode(x_BD))
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from sae_pipeline.errors import UserError
 
-from .base import TrainOutput
+from .base import SAE, TrainOutput
 from .batch_reduce import kth_largest
 from .kernels import gather_encode, scatter_dense, sparse_decode
 from .registry import register
@@ -59,6 +59,10 @@ class BatchTopKSAE(TopKSAE):
 
     def forward(self, x_BD: Tensor) -> Tensor:
         return self.decode(self.encode(x_BD))
+
+    def encode_sparse(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
+        """The thresholded inference code as (indices, values), not TopK's per-row top k."""
+        return SAE.encode_sparse(self, x_BD)
 
     @torch.no_grad()
     def _batch_select(self, pre_BF: Tensor) -> tuple[Tensor, Tensor, Tensor]:

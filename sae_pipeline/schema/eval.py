@@ -13,6 +13,7 @@ from omegaconf import MISSING, OmegaConf
 from sae_pipeline.errors import UserError, check_choice, check_known_keys
 
 from .common import LOGGER_MODES, DataConfig, LoggerConfig, PathsConfig
+from .source import SourceConfig
 
 DATA_SPLITS = ("eval", "train")
 
@@ -35,8 +36,11 @@ class EvalConfig:
 
 @dataclass
 class EvalJob:
-    sae_path: str = MISSING  # a run folder, an SAE folder, or a multirun folder holding many runs
+    sae_path: str = (
+        MISSING  # a run folder, an SAE folder, a multirun folder, a SAELens folder or a .safetensors file
+    )
     paths: PathsConfig = field(default_factory=PathsConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)  # an SAE not trained here
     eval: EvalConfig = field(default_factory=EvalConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)  # the trainer's group: logger=wandb|none
 

@@ -10,6 +10,7 @@ from omegaconf import MISSING
 from sae_pipeline.errors import UserError
 
 from .common import PathsConfig
+from .source import SourceConfig
 
 
 @dataclass
@@ -33,8 +34,9 @@ class FeaturesConfig:
 
 @dataclass
 class FeaturesJob:
-    sae_path: str = MISSING  # a run folder or its sae/ folder
+    sae_path: str = MISSING  # a run folder, its sae/ folder, a SAELens folder or a .safetensors file
     paths: PathsConfig = field(default_factory=PathsConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)  # an SAE not trained here
     features: FeaturesConfig = field(default_factory=FeaturesConfig)
 
 

@@ -10,6 +10,7 @@ from omegaconf import MISSING
 from sae_pipeline.errors import UserError, check_choice
 
 from .common import PathsConfig
+from .source import SourceConfig
 
 STEER_MODES = ("add", "clamp", "ablate")
 
@@ -34,8 +35,9 @@ class SteerConfig:
 
 @dataclass
 class SteerJob:
-    sae_path: str = MISSING  # a run folder or its sae/ folder
+    sae_path: str = MISSING  # a run folder, its sae/ folder, a SAELens folder or a .safetensors file
     paths: PathsConfig = field(default_factory=PathsConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)  # an SAE not trained here
     steer: SteerConfig = field(default_factory=SteerConfig)
 
 

@@ -1,0 +1,224 @@
+"""The Python API for notebooks and scripts; `sae_pipeline` re-exports these names lazily.
+
+    from sae_pipeline import load_sae, load_model, capture_activations, splice_sae, steering
+    sae = load_sae("runs/train/<run>")        # or its sae/ folder, a SAELens folder, a .safetensors file
+    model, tokenizer = load_model(sae.meta["model_name"])
+    with capture_activations(model, [sae.meta["hook_name"]]) as acts:
+        model(input_ids)
+    latents = sae.encode(acts[sae.meta["hook_name"]])           # [..., d_in] -> [..., d_sae]
+    with splice_sae(model, sae):                                # the model now runs on the SAE's output
+        logits = model(input_ids).logits
+
+The stages run as functions with command-line overrides (a list of "key=value" or a dict) and return what
+they wrote: `harvest_activations(...)` the store folders, `train_sae(...)` the run folder, `evaluate_sae(...)`
+the metrics, `browse_features(...)` the browser folder, `export_sae(...)` the exported folder. (They are not
+called `harvest`, `train`, ... because those names are the stage modules `sae_pipeline.harvest`, ...)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from sae_pipeline.errors import UserError
+from sae_pipeline.sae import SAE
+
+Overrides = list[str] | dict[str, Any] | None
+
+
+# ----------------------------------------------------------------------------- SAEs and models
+
+
+def load_sae(path: str | Path, device: str = "cpu", **bare_options) -> SAE:
+    """An SAE in eval mode without gradients, from our run folder, our sae/ folder, a SAELens folder or a
+    bare .safetensors file (`bare_options`: k=..., apply_b_dec_to_input=False for such files).
+
+    `sae.meta` says what it was trained on when known: model_name, hook_name, context_size, dataset_path...
+    """
+    from sae_pipeline.runs import training_metadata
+    from sae_pipeline.runtime import resolve_device
+    from sae_pipeline.sae.formats import load_any
+
+    sae = load_any(path, map_location=resolve_device(device), **bare_options).eval().requires_grad_(False)
+    try:
+        sae.meta = training_metadata(path)[0]
+    except UserError:
+        sae.meta = {}
+    return sae
+
+
+def load_model(model: str | dict | Any = "embedded:smollm2", device: str = "cpu", dtype: str = "float32"):
+    """(model, tokenizer): a hub id, a local folder, embedded:smollm2, or a dict of model.* keys."""
+    from sae_pipeline.model.loading import load_model as _load
+
+    cfg = {"name": model, "dtype": dtype} if isinstance(model, str) else model
+    return _load(cfg, device)
+
+
+# ----------------------------------------------------------------------------- hooks
+
+
+@contextmanager
+def capture_activations(model: nn.Module, hooks: list[str]) -> Iterator[dict[str, Tensor]]:
+    """Within the block, every forward records the activation at each hook: yields {hook name: tensor}
+    holding the latest forward's [B, T, D] activation (detached)."""
+    from sae_pipeline.model.hooks import splice
+
+    acts: dict[str, Tensor] = {}
+
+    def recorder(name: str) -> Callable[[Tensor], Tensor]:
+        def record(x: Tensor) -> Tensor:
+            acts[name] = x.detach().clone()
+            return x
+
+        return record
+
+    with ExitStack() as stack:
+        for name in hooks:
+            stack.enter_context(splice(model, name, recorder(name)))
+        yield acts
+
+
+def _hook_of(sae: SAE, hook: str | None) -> str:
+    hook = hook or getattr(sae, "meta", {}).get("hook_name")
+    if not hook:
+        raise UserError(
+            "the SAE does not say which hook it reads; pass hook='blocks.<L>.hook_resid_post' (or another)."
+        )
+    return hook
+
+
+@contextmanager
+def splice_sae(
+    model: nn.Module,
+    sae: SAE,
+    hook: str | None = None,
+    error_term: bool = False,
+    edit: Callable[[Tensor], Tensor] | None = None,
+) -> Iterator[None]:
+    """Within the block the activation x at the SAE's hook becomes decode(edit(encode(x))), plus the SAE's
+    error term x - sae(x) when `error_term` (then with no edit the model's output is unchanged, and an edit
+    changes only what it touches). `edit` maps latents [B, T, d_sae] to new latents."""
+    from sae_pipeline.model.hooks import splice
+
+    param = next(sae.parameters())
+
+    def fn(x_BTD: Tensor) -> Tensor:
+        x = x_BTD.to(param.device, param.dtype)
+        acts = sae.encode(x)
+        out = sae.decode(edit(acts) if edit is not None else acts)
+        if error_term:
+            out = out + (x - sae.decode(acts))
+        return out
+
+    with splice(model, _hook_of(sae, hook), fn):
+        yield
+
+
+@contextmanager
+def steering(
+    model: nn.Module,
+    sae: SAE,
+    latent: int,
+    value: float,
+    mode: str = "add",
+    hook: str | None = None,
+    unit_direction: bool = True,
+) -> Iterator[None]:
+    """Steer with one latent as `sae-steer` does: add value x its (unit) decoder direction at every position,
+    or clamp it to value / ablate it through the SAE keeping its error term (mode add | clamp | ablate)."""
+    from sae_pipeline.interpret.steering import intervention
+    from sae_pipeline.model.hooks import splice
+
+    if not 0 <= int(latent) < sae.d_sae:
+        raise UserError(f"latent={latent} is not a latent of this SAE (0..{sae.d_sae - 1}).")
+    with splice(
+        model, _hook_of(sae, hook), intervention(sae, mode, int(latent), float(value), unit_direction)
+    ):
+        yield
+
+
+# ----------------------------------------------------------------------------- stages as functions
+
+
+def _override_list(overrides: Overrides) -> list[str]:
+    if overrides is None:
+        return []
+    if isinstance(overrides, dict):
+
+        def value(v: Any) -> str:
+            if isinstance(v, bool) or v is None:
+                return json.dumps(v)
+            return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+        return [f"{k}={value(v)}" for k, v in overrides.items()]
+    return [str(o) for o in overrides]
+
+
+def _compose(name: str, overrides: Overrides, **set_keys: Any):
+    from sae_pipeline.schema import compose
+
+    extra = [f"{k}={v}" for k, v in set_keys.items() if v is not None]
+    return compose(name, _override_list(overrides) + extra)
+
+
+def harvest_activations(overrides: Overrides = None) -> list[Path]:
+    """sae-harvest as a function; returns one store folder per hook point."""
+    from sae_pipeline import harvest as stage
+
+    return stage.run(_compose("harvest", overrides))
+
+
+def train_sae(overrides: Overrides = None) -> Path:
+    """sae-train as a function (give store=...); returns the run folder (the final SAE is its sae/).
+
+    Without train.run_dir the run goes to <paths.train>/<date>_<arch>, as on the command line."""
+    from sae_pipeline import train as stage
+
+    cfg = _compose("train", overrides)
+    if not cfg.train.run_dir:
+        stamp = time.strftime("%Y-%m-%d_%H-%M-%S") + f"-{time.time_ns() % 10**9:09d}"
+        cfg.train.run_dir = str(Path(cfg.paths.train) / f"{stamp}_{cfg.sae.arch}")
+    return stage.run(cfg)
+
+
+def evaluate_sae(sae_path: str | Path, overrides: Overrides = None) -> dict:
+    """sae-eval as a function: the metrics of the SAE at sae_path (for a folder of many runs, {run: metrics})."""
+    from sae_pipeline import eval as stage
+
+    results = stage.run(_compose("eval", overrides, sae_path=sae_path))["metrics"]
+    return next(iter(results.values())) if len(results) == 1 else results
+
+
+def browse_features(sae_path: str | Path, overrides: Overrides = None) -> Path:
+    """sae-features as a function; returns the folder holding the browser's index.html."""
+    from sae_pipeline import features as stage
+
+    return stage.run(_compose("features", overrides, sae_path=sae_path))
+
+
+def export_sae(sae_path: str | Path, out: str | Path | None = None, overrides: Overrides = None) -> Path:
+    """sae-export as a function (SAELens format); returns the folder written."""
+    from sae_pipeline import export as stage
+
+    return stage.run(_compose("export", overrides, sae_path=sae_path, **{"export.out": out}))
+
+
+__all__ = [
+    "capture_activations",
+    "evaluate_sae",
+    "export_sae",
+    "browse_features",
+    "harvest_activations",
+    "load_model",
+    "load_sae",
+    "splice_sae",
+    "steering",
+    "train_sae",
+]
