@@ -105,7 +105,7 @@ class TiedSAE(SAE):
         x_hat_BD = self.decode(acts_BF)
         mse = self.mse(x_hat_BD, x_BD)
         if self.cfg.sparsity_penalty == "l1_decoder_norm":
-            l1 = torch.mv(acts_BF, self.decoder_norms_F()).mean()  # acts >= 0: |a| = a
+            l1 = torch.mv(acts_BF, self.decoder_norms_F().to(acts_BF.dtype)).mean()  # acts >= 0: |a| = a
         else:
             l1 = acts_BF.sum() / x_BD.shape[0]
         loss = mse + (self.cfg.l1_coefficient * sparsity_scale) * l1
