@@ -31,6 +31,7 @@ from sae_pipeline.training.member import Member
 from sae_pipeline.training.run_folder import check_resumable, prepare_run_dir, provenance, save_final
 from sae_pipeline.training.runlog import RunLogger
 from sae_pipeline.training.schedule import lr_at, sparsity_scale_at
+from sae_pipeline.training.settings import change_history, check_train_config, resume_changes
 from sae_pipeline.training.validation import LossRecovered, validate
 
 
@@ -58,6 +59,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict) -> Path:
 
     hydra_info: the Hydra job's overrides and sweep name (empty without Hydra) for W&B names and groups."""
     tcfg = cfg.train
+    check_train_config(tcfg)
     store = ActivationStore(Path(cfg.store).expanduser())
     specs = member_specs(cfg, store)
     resuming = prepare_run_dir(run_dir, tcfg)
@@ -103,22 +105,30 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict) -> Path:
             f"the members of the run {run_dir} share no checkpoint step, so it cannot be resumed exactly; "
             "resume with the same train.group or pass train.overwrite=true"
         )
+    if common:  # never resume from a damaged checkpoint: fall back to the newest intact one
+        common = common[: common.index(checkpoint.newest_intact(ckpts, common)) + 1]
     start_step, reader_state, exit_code = 0, None, 1
     for m, found in zip(members, ckpts, strict=True):
         record = {
             "config": container, **origin, "arch": m.sae_cfg.arch, "d_in": store.d_in, "d_sae": m.sae.d_sae,
             "sae": asdict(m.sae_cfg), "member": m.name, "input_scale": m.input_scale,
         }  # fmt: skip
+        old = {}
         if resuming and (m.run_dir / layout.CONFIG).exists():
-            record["wandb_id"] = check_resumable(m.run_dir, record, store).get("wandb_id")
+            old = check_resumable(m.run_dir, record, store)
+            record["wandb_id"] = old.get("wandb_id")
+        changes = resume_changes(old, container, m.run_dir, tcfg.allow_changes)
         if common:
             meta, extra = checkpoint.load(found[common[-1]], m.sae, m.opt)
             m.rng = {k: v for k, v in extra.items() if k.startswith("rng_")}
             m.stats.since_fired_F.copy_(extra["since_fired_F"])
             start_step, reader_state = meta["step"], meta["reader"]
+            m.resumed_from = found[common[-1]]
         else:
             m.sae.init_from_data((sample * m.input_scale).to(device))
         record.setdefault("wandb_id", record.get("wandb_id") or uuid.uuid4().hex[:8])
+        if changes or old.get("changes"):
+            record["changes"] = change_history(old, changes, start_step)
         write_json_atomic(m.run_dir / layout.CONFIG, record)
         base_name = cfg.logger.name or hydra_info.get("overrides") or run_dir.name
         m.logger = RunLogger(
