@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import fields
 from typing import Any, TypeVar
 
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from safetensors import SafetensorError
 
 F = TypeVar("F", bound=Callable)
@@ -39,6 +39,8 @@ def report_user_errors(fn: F) -> F:
             message = str(err)
         except MissingMandatoryValue as err:
             message = f"{err.full_key} is not set; pass {err.full_key}=<value>"
+        except OmegaConfBaseException as err:  # a key deleted with ~key, an interpolation that fails
+            message = _config_sentence(err)
         except (OSError, SafetensorError) as err:
             message = _io_sentence(err)
         print(f"error: {message}", file=sys.stderr)
@@ -54,7 +56,6 @@ def report_config_errors(main: F) -> F:
     Hydra is asked to raise instead of printing its own multi-line report (HYDRA_FULL_ERROR) only for
     this call; anything else that escapes is re-raised unchanged (a bug: its traceback is wanted)."""
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):

@@ -9,7 +9,6 @@ rewritten (alone) by rerunning the sae-harvest command that wrote its store.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
@@ -24,7 +23,7 @@ def run(cfg: DictConfig) -> int:
     """Number of files checked; raises UserError after listing the damaged ones."""
     checked, problems = verify_tree(Path(cfg.path).expanduser())
     for line in problems:
-        print(f"damaged: {line}", file=sys.stderr)
+        print(f"damaged: {line}")
     if problems:
         raise UserError(
             f"{len(problems)} of the {checked} files checked under {cfg.path} are damaged (listed above)"
