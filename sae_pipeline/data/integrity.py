@@ -2,7 +2,7 @@
 
     write_manifest(folder, manifest)   # seals the manifest (sha256 of its own canonical JSON) and writes it
     check_manifest(manifest, path)     # the seal and the keys every later stage reads; one sentence if wrong
-    ShardChecker(store).check(i)       # shard i's sha256, checked once per run the first time it is read
+    ShardChecker.of(store).check(i)    # shard i's sha256, checked once per run the first time it is read
 
 A damaged shard is named with what to do: rerunning the harvest command that wrote the store
 rewrites only the damaged shards (harvest is deterministic, see StoreWriter).
@@ -75,6 +75,14 @@ class ShardChecker:
         self.store = store
         self._locks = [threading.Lock() for _ in store.shards]
         self._ok = [False] * len(store.shards)
+
+    @classmethod
+    def of(cls, store) -> ShardChecker:
+        """The store's one checker: a reader reopened on the same store (a resume) does not hash again."""
+        checker = getattr(store, "_shard_checker", None)
+        if checker is None:
+            checker = store._shard_checker = cls(store)
+        return checker
 
     def check(self, index: int) -> None:
         if self._ok[index]:

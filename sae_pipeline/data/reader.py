@@ -130,7 +130,7 @@ class ShuffledReader:
             raise UserError("train.batch_size, train.buffer_rows and train.chunk_rows must be positive")
         self.store, self.batch_size, self.seed = store, int(batch_size), int(seed)
         self.pin_memory = pin_memory
-        self._checker = ShardChecker(store)  # each shard's sha256, the first time its rows are read
+        self._checker = ShardChecker.of(store)  # each shard's sha256, the first time its rows are read
         self._acts = []
         for shard in store.shards:
             index = _tensor_index(shard.path)

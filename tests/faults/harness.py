@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 
 
 def flip_bytes(path: Path, rng: random.Random, n: int = 8, lo: int = 0, hi: int | None = None) -> int:
@@ -111,4 +112,5 @@ def invoke(stage: str, args: list[str]) -> tuple[int, str]:
     finally:
         sys.argv = argv
         GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None  # else a later in-process run() sees this job's Hydra config
     return code, err.getvalue()

@@ -9,6 +9,7 @@ COUNTS: Counter = Counter()
 
 
 def record(kind: str, n: int = 1) -> None:
-    """Kinds: kill_trials, resumed_identical, damage_trials, damage_detected, invocations,
-    invocations_one_line, tracebacks, disk_full_trials, disk_full_resumed."""
+    """Kinds: kill_trials, resumed_identical (after a kill), damage_trials, damage_detected,
+    fallback_resumed_identical (resumed past a damaged checkpoint), invocations, invocations_one_line,
+    tracebacks, disk_full_trials, disk_full_resumed."""
     COUNTS[kind] += n

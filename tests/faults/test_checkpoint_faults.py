@@ -85,7 +85,7 @@ def test_damaged_latest_checkpoint_is_named_and_skipped(
     record("damage_detected")
     assert (run_dir / layout.CHECKPOINTS / f"{STEPS[1]}.damaged").is_dir()
     assert_same(weights(run_dir), reference)  # resumed from step 16, never from the damaged step 32
-    record("resumed_identical")
+    record("fallback_resumed_identical")
 
 
 def test_every_checkpoint_damaged_is_refused(store, stopped, tmp_path):

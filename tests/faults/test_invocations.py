@@ -46,6 +46,7 @@ TABLE = [
     ("train", ["sae=topk", "sae.k=0"], "sae.k"),
     ("train", ["sae.d_sae=-1"], "sae.d_sae"),
     ("train", ["paths.root=${{oc.env:SAE_NO_SUCH_VARIABLE}}"], "SAE_NO_SUCH_VARIABLE"),
+    ("train", ["NO_STORE"], "store is not set; pass store="),  # the case: no store= at all
     ("train", ["store=null"], "store"),
     ("train", ["~store"], "store"),
     ("train", ["store=/nowhere/at/all"], "/nowhere/at/all"),
@@ -119,6 +120,8 @@ def _args(stage: str, args: list[str], places: dict) -> list[str]:
         base = tiny_overrides(root, Path(places["model"]), Path(places["corpus"]), n_tokens=200)
     elif stage == "train":
         base = [f"store={places['store']}", "train=tiny", "logger=none", f"paths.root={root}"]
+        if "NO_STORE" in args:
+            base, args = base[1:], [a for a in args if a != "NO_STORE"]
     else:
         base = {"eval": [f"paths.root={root}", "logger=none"], "verify": []}.get(
             stage, [f"paths.root={root}"]
