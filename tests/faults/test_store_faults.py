@@ -169,6 +169,7 @@ def test_missing_shard_is_rewritten_too(tmp_path, assets):
     with pytest.raises(UserError, match=f"{last.name} listed in the manifest is missing"):
         ActivationStore(folder).verify()
     harvest.run(harvest_cfg(tmp_path, assets))
+    assert sha256_file(last) == before["shards"][-1]["sha256"]
     assert [s["sha256"] for s in store_mod.read_manifest(folder)["shards"]] == [
         s["sha256"] for s in before["shards"]
     ]
