@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import multiprocessing
 import os
 import random
@@ -113,4 +114,8 @@ def invoke(stage: str, args: list[str]) -> tuple[int, str]:
         sys.argv = argv
         GlobalHydra.instance().clear()
         HydraConfig.instance().cfg = None  # else a later in-process run() sees this job's Hydra config
+        for handler in logging.root.handlers[:]:  # Hydra's <run dir>/<stage>.log stays open otherwise
+            if isinstance(handler, logging.FileHandler):
+                handler.close()
+                logging.root.removeHandler(handler)
     return code, err.getvalue()

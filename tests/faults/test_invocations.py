@@ -96,7 +96,7 @@ def places(tmp_path_factory) -> dict[str, str]:
 
         return damage
 
-    variant("no_shards", manifest_edit(lambda m: (m.pop("shards"), m.pop("manifest_sha256"))))
+    variant("no_shards", manifest_edit(lambda m: (m.pop("shards"), m.pop("manifest_sha256", None))))
     variant("zero_sha", manifest_edit(lambda m: m["shards"][1].update(sha256="0" * 64)))
     variant("not_json", lambda f: (f / layout.MANIFEST).write_text('{"format_version": 1,'))
     variant("damaged", lambda f: harness.flip_bytes(f / layout.shard_name(1), random.Random(0), lo=200))
