@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_SILENT ?= true
 
-.PHONY: help setup assets browser demo sweep steer test test-fast lint format bench gpu-check clean distclean
+.PHONY: help setup assets browser demo sweep steer test test-fast faults lint format bench gpu-check clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -59,6 +59,10 @@ test: setup ## the test suite CI runs (unit tests, CLI tests, one end-to-end run
 
 test-fast: $(STAMP) ## the tests without the end-to-end SmolLM2 ones
 	$(PY) -m pytest -q -m "not slow"
+
+faults: $(STAMP) ## the fault-injection suite alone (part of `make test`): kills, damaged files, bad invocations, full disk
+	mkdir -p $(ROOT) && SAE_FAULTS_REPORT=$(ROOT)/faults.json $(PY) -m pytest -q tests/faults
+	@echo "counts: $(ROOT)/faults.json"
 
 lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check .

@@ -4,7 +4,7 @@ The package's folders are its architecture. Stage modules (one `sae-*` command e
 and `main` only; they import the library below them and never each other
 (`python scripts/check_imports.py` checks it, and so does tests/test_layout.py).
 
-    harvest.py train.py eval.py features.py steer.py export.py   the stages: sae-harvest, sae-train, ...
+    harvest.py train.py eval.py features.py steer.py export.py verify.py   the stages: sae-harvest, ...
     api.py        the Python API for notebooks (load_sae, splice_sae, harvest(), ...), re-exported here
     schema/       every config group's dataclass (one module per stage + common groups) and checks
     conf/         the Hydra YAML files (only values that differ from the schema), shipped in the wheel
@@ -17,6 +17,7 @@ and `main` only; they import the library below them and never each other
     runs.py       finding an SAE run on disk and what trained it
     layout.py     every file and folder name, defined once
     files.py      atomic writes (temporary name, fsync, rename) and checksums
+    integrity.py  checking those checksums over a folder; faults.py: pause points for tests/faults
     tracking.py   Weights & Biases start-up shared by the stages
     runtime.py    the device and process-wide CPU settings
     errors.py     UserError: one sentence, exit code 2

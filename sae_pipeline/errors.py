@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any, TypeVar
+
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from safetensors import SafetensorError
 
 F = TypeVar("F", bound=Callable)
 
@@ -19,17 +24,86 @@ class UserError(Exception):
 
 
 def report_user_errors(fn: F) -> F:
-    """Wrap a CLI entry point: a UserError prints `error: <sentence>` and exits with status 2."""
+    """Wrap a CLI entry point: a UserError prints `error: <sentence>` and exits with status 2.
+
+    So do the failures a user meets without a bug: a mandatory key left unset, and a file that
+    cannot be written or read (a full disk above all; safetensors' own SafetensorError included).
+    Every file the pipeline writes is written atomically, so such a failure loses nothing written
+    before it and the same command continues from there."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+            message = str(err)
+        except MissingMandatoryValue as err:
+            message = f"{err.full_key} is not set; pass {err.full_key}=<value>"
+        except OmegaConfBaseException as err:  # a key deleted with ~key, an interpolation that fails
+            message = _config_sentence(err)
+        except (OSError, SafetensorError) as err:
+            message = _io_sentence(err)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
 
     return wrapper  # type: ignore[return-value]
+
+
+def report_config_errors(main: F) -> F:
+    """Wrap a stage's `@hydra.main` entry point: an override Hydra cannot compose (unknown key, wrong
+    type, missing config group option, bad syntax) is one line and exit code 2, like a UserError.
+
+    Hydra is asked to raise instead of printing its own multi-line report (HYDRA_FULL_ERROR) only for
+    this call; anything else that escapes is re-raised unchanged (a bug: its traceback is wanted)."""
+    from hydra.errors import HydraException
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        before = os.environ.get("HYDRA_FULL_ERROR")
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+        try:
+            return main(*args, **kwargs)
+        except (HydraException, OmegaConfBaseException) as err:
+            print(f"error: {_config_sentence(err)}", file=sys.stderr)
+            sys.exit(2)
+        finally:
+            if before is None:
+                os.environ.pop("HYDRA_FULL_ERROR", None)
+            else:
+                os.environ["HYDRA_FULL_ERROR"] = before
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _config_sentence(err: Exception) -> str:
+    """Hydra's multi-line report of a bad override as one sentence (the override or key is named)."""
+    text = str(err).split("Config search path:")[0]
+    lines = [
+        ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("See https://")
+    ]
+    if len(lines) > 1 and lines[1].startswith(
+        "Available options"
+    ):  # a config group option that does not exist
+        lines = [lines[0], lines[1] + " " + ", ".join(o for o in lines[2:] if not o.startswith("base_"))]
+    if getattr(err, "override", None):
+        lines.insert(0, f"the override {err.override!r} cannot be parsed:")
+    cause = err.__cause__
+    if cause is not None and str(cause).strip():
+        lines.append(str(cause).strip().splitlines()[0])
+    return " ".join(ln if ln.endswith((".", ":")) else ln + "." for ln in lines[:3]) or type(err).__name__
+
+
+def _io_sentence(err: Exception) -> str:
+    where = getattr(err, "filename", None)
+    what = getattr(err, "strerror", None) or str(err).splitlines()[0]
+    full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err)
+    head = "no space left on the device" if full else what
+    place = f" at {where}" if where else ""
+    advice = "free some space" if full else "fix that"
+    return (
+        f"{head}{place}; nothing written before it was lost (every write is atomic): "
+        f"{advice} and rerun the same command to continue"
+    )
 
 
 def check_choice(key: str, value: Any, choices) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from sae_pipeline.errors import report_user_errors
+from sae_pipeline.errors import report_config_errors, report_user_errors
 from sae_pipeline.evaluation import sweep
 from sae_pipeline.evaluation.report import eval_tokens, evaluate_target, existing_metrics, summary_line
 from sae_pipeline.evaluation.splice import SpliceEvaluator
@@ -79,6 +79,7 @@ def run(cfg: DictConfig) -> dict:
 register_configs()
 
 
+@report_config_errors  # outside hydra.main: an override it cannot compose is one line too
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 @report_user_errors  # inside hydra.main, so a UserError is one line instead of Hydra's traceback
 def main(cfg: DictConfig) -> None:

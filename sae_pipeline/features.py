@@ -22,7 +22,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from sae_pipeline import layout
-from sae_pipeline.errors import report_user_errors
+from sae_pipeline.errors import report_config_errors, report_user_errors
 from sae_pipeline.interpret import browser
 from sae_pipeline.interpret.feature_report import build_latents, select_latents
 from sae_pipeline.interpret.feature_stats import collect
@@ -84,6 +84,7 @@ def run(cfg: DictConfig) -> Path:
 register_configs()
 
 
+@report_config_errors  # outside hydra.main: an override it cannot compose is one line too
 @hydra.main(version_base="1.3", config_path="conf", config_name="features")
 @report_user_errors  # inside hydra.main, so a UserError is one line instead of Hydra's traceback
 def main(cfg: DictConfig) -> None:

@@ -1,11 +1,14 @@
 """Writing files so that a reader never sees half of one: write to a temporary name, fsync, rename.
 
 Every file a later stage or a resume trusts goes through here (JSON, text, safetensors), and
-`sha256_file` is the one checksum they are recorded with.
+`sha256_file` is the one checksum they are recorded with; `json_sha256` is the checksum a JSON
+record carries of itself (its other keys, canonical form). A full disk is an OSError naming the
+file whatever the writer (safetensors raises its own SafetensorError).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -13,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from sae_pipeline import layout
+from sae_pipeline import faults, layout
 
 
 def sha256_file(path: Path) -> str:
@@ -26,6 +30,23 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def json_sha256(obj: dict, seal_key: str) -> str:
+    """sha256 of a JSON object's canonical form, every key but `seal_key` (where it keeps this value)."""
+    body = {k: v for k, v in obj.items() if k != seal_key}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """safetensors file of contiguous CPU copies; a write error is an OSError naming the file."""
+    try:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata
+        )
+    except SafetensorError as err:
+        code = errno.ENOSPC if "No space left" in str(err) else errno.EIO
+        raise OSError(code, os.strerror(code) if code == errno.ENOSPC else str(err), str(path)) from None
+
+
 def fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
@@ -34,6 +55,7 @@ def fsync_file(path: Path) -> None:
 def _replace(tmp: Path, path: Path) -> None:
     try:
         fsync_file(tmp)
+        faults.point(f"write:{path.name}", tmp)  # tests/faults kill a write here (a no-op otherwise)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -60,7 +82,7 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     path = Path(path)
     tmp = layout.tmp_name(path)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_tensors(tmp, tensors, metadata)
         os.chmod(tmp, 0o666 & ~_umask())
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from sae_pipeline import layout
 from sae_pipeline.data import store, text
 from sae_pipeline.data.shards import ShardBuffer, batches, store_fingerprint, write_shard_job
-from sae_pipeline.errors import UserError, report_user_errors
+from sae_pipeline.errors import UserError, report_config_errors, report_user_errors
 from sae_pipeline.model import hook_points, hooks
 from sae_pipeline.model.hook_points import requested_hook_names
 from sae_pipeline.model.loading import load_model, max_context
@@ -85,7 +85,11 @@ def run(cfg: DictConfig) -> list[Path]:
         print(f"store already complete, nothing to do: {', '.join(map(str, folders))}", file=sys.stderr)
         return folders
 
-    first_shard = min(w.n_complete_shards for w in writers.values())
+    first_shard = min(w.first_needed for w in writers.values())
+
+    def needed(index: int) -> bool:  # a shard no writer needs is on disk: its contexts are skipped
+        return any(w.needs(index) for w in writers.values())
+
     contexts = text.pack_contexts(tokenizer, train_docs, h.context_size, bos_id)
     skipped = sum(1 for _ in itertools.islice(contexts, first_shard * contexts_per_shard))
     context_index = skipped
@@ -102,6 +106,8 @@ def run(cfg: DictConfig) -> list[Path]:
         nonlocal shard_index, shard_first_context
         n_ctx = context_index - shard_first_context
         for name, buf in buffers.items():
+            if not writers[name].needs(shard_index):
+                continue
             job = functools.partial(
                 write_shard_job, writers[name], buf, h.seed, shard_index, shard_first_context, n_ctx
             )
@@ -111,11 +117,12 @@ def run(cfg: DictConfig) -> list[Path]:
 
     try:
         for ids_NT in batches(contexts, h.batch_size, n_contexts - skipped):
-            tick = time.perf_counter()
-            acts = hooks.capture(model, ids_NT.to(device), None, points, early_exit=h.early_exit)
-            forward_s += time.perf_counter() - tick
-            for name, acts_NTD in acts.items():
-                buffers[name].add(acts_NTD, ids_NT, context_index, start_pos, dtype)
+            if needed(shard_index):
+                tick = time.perf_counter()
+                acts = hooks.capture(model, ids_NT.to(device), None, points, early_exit=h.early_exit)
+                forward_s += time.perf_counter() - tick
+                for name, acts_NTD in acts.items():
+                    buffers[name].add(acts_NTD, ids_NT, context_index, start_pos, dtype)
             context_index += ids_NT.shape[0]
             bar.update(ids_NT.shape[0] * rows_per_context)
             if context_index - shard_first_context >= contexts_per_shard:
@@ -157,6 +164,7 @@ def run(cfg: DictConfig) -> list[Path]:
 register_configs()
 
 
+@report_config_errors  # outside hydra.main: an override it cannot compose is one line too
 @hydra.main(version_base="1.3", config_path="conf", config_name="harvest")
 @report_user_errors  # inside hydra.main, which would otherwise report the error with its own wrapper
 def main(cfg: DictConfig) -> None:

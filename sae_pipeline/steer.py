@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from sae_pipeline import layout
-from sae_pipeline.errors import UserError, report_user_errors
+from sae_pipeline.errors import UserError, report_config_errors, report_user_errors
 from sae_pipeline.files import write_json_atomic
 from sae_pipeline.interpret.logit_lens import top_logit_tokens
 from sae_pipeline.interpret.steering import (
@@ -141,6 +141,7 @@ def run(cfg: DictConfig) -> Path:
 register_configs()
 
 
+@report_config_errors  # outside hydra.main: an override it cannot compose is one line too
 @hydra.main(version_base="1.3", config_path="conf", config_name="steer")
 @report_user_errors  # inside hydra.main, so a UserError is one line instead of Hydra's traceback
 def main(cfg: DictConfig) -> None:

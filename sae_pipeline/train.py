@@ -20,7 +20,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from sae_pipeline.errors import UserError, report_user_errors
+from sae_pipeline.errors import UserError, report_config_errors, report_user_errors
 from sae_pipeline.schema import register_configs
 from sae_pipeline.training import distributed
 from sae_pipeline.training.trainer import StopRequested, train
@@ -66,6 +66,7 @@ def run(cfg: DictConfig) -> Path:
 register_configs()
 
 
+@report_config_errors  # outside hydra.main: an override it cannot compose is one line too
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @report_user_errors
 def main(cfg: DictConfig) -> None:

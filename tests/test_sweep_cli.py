@@ -11,7 +11,8 @@ from sae_pipeline import layout
 from tests.helpers import run_cli, save_tiny_model, tiny_overrides, write_corpus
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TRAIN = ["sae=relu", "train=tiny", "logger=none", "train.total_tokens=2048"]
+# the tiny harvest's last shard holds one context (31 rows): validation cannot take more
+TRAIN = ["sae=relu", "train=tiny", "logger=none", "train.total_tokens=2048", "train.val_tokens=31"]
 
 
 def test_multirun_and_sweep_group_then_pareto(tmp_path):

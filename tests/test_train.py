@@ -258,7 +258,8 @@ def test_loss_recovered_is_logged_for_a_harvested_store(tmp_path):
     res = run_cli("harvest", tiny_overrides(tmp_path, model, corpus), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     (manifest,) = (tmp_path / "runs" / "stores").rglob(layout.MANIFEST)
-    run_dir = run(cfg_for(manifest.parent, tmp_path / "r", "train.eval_every=32", "train.eval_tokens=256"))
+    overrides = ("train.eval_every=32", "train.eval_tokens=256", "train.val_tokens=31")  # last shard: 31 rows
+    run_dir = run(cfg_for(manifest.parent, tmp_path / "r", *overrides))
     log = [json.loads(ln) for ln in (run_dir / layout.TRAIN_LOG).read_text().splitlines()]
     evals = [ln for ln in log if "eval/loss_recovered" in ln]
     assert [ln["step"] for ln in evals] == [32, 64] and all(ln["eval/kl"] >= 0 for ln in evals)

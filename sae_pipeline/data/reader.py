@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sae_pipeline.data.integrity import ShardChecker
 from sae_pipeline.data.store import ActivationStore
 from sae_pipeline.errors import UserError
 
@@ -129,6 +130,7 @@ class ShuffledReader:
             raise UserError("train.batch_size, train.buffer_rows and train.chunk_rows must be positive")
         self.store, self.batch_size, self.seed = store, int(batch_size), int(seed)
         self.pin_memory = pin_memory
+        self._checker = ShardChecker.of(store)  # each shard's sha256, the first time its rows are read
         self._acts = []
         for shard in store.shards:
             index = _tensor_index(shard.path)
@@ -140,7 +142,7 @@ class ShuffledReader:
                 )
             self._acts.append(acts)
         last = store.shards[-1]
-        self._val_mask, self._val_rows = self._choose_validation(last.path, int(val_tokens))
+        self._val_mask, self._val_rows = self._choose_validation(last, int(val_tokens))
         self.chunks = []
         for shard in store.shards:
             for start in range(0, shard.n_rows, chunk_rows):
@@ -170,9 +172,16 @@ class ShuffledReader:
         self._window_start = 0  # its first position within the epoch
 
     # ---- validation -------------------------------------------------------------------------
-    def _choose_validation(self, path: Path, val_tokens: int):
+    def _choose_validation(self, last, val_tokens: int):
         if val_tokens <= 0:
             return None, 0
+        path = last.path
+        if val_tokens > last.n_rows:
+            raise UserError(
+                f"train.val_tokens={val_tokens} is more than the {last.n_rows} rows of the store's last shard "
+                f"{path}, where validation contexts come from; lower it"
+            )
+        self._checker.check(last.index)
         ctx = _tensor_index(path).get("context_ids")
         if ctx is None:
             raise UserError(f"the shard {path} has no context_ids, so no validation contexts can be held out")
@@ -201,6 +210,7 @@ class ShuffledReader:
 
     # ---- the deterministic order --------------------------------------------------------------
     def _read_chunk(self, c: _Chunk) -> torch.Tensor:
+        self._checker.check(c.shard)
         rows = self._acts[c.shard].read_rows(c.start, c.stop)
         if c.shard == len(self._acts) - 1 and self._val_mask is not None:
             rows = rows[~self._val_mask[c.start : c.stop]]

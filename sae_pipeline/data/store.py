@@ -14,15 +14,18 @@ import json
 import math
 import queue
 import shutil
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from sae_pipeline import layout
+from sae_pipeline.data.integrity import check_manifest, shard_problem, write_manifest
 from sae_pipeline.errors import UserError
-from sae_pipeline.files import save_tensors_atomic, sha256_file, write_json_atomic
+from sae_pipeline.files import save_tensors_atomic, sha256_file
 
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHARD_KEYS = ("activations", "token_ids", "context_ids", "positions")
@@ -46,11 +49,14 @@ def read_manifest(store: Path) -> dict:
         raise UserError(
             f"the store manifest {path} is not valid JSON ({err.msg} at line {err.lineno})"
         ) from None
-    if manifest.get("format_version") != layout.STORE_FORMAT_VERSION:
+    except UnicodeDecodeError:
+        raise UserError(f"the store manifest {path} is damaged: it is not UTF-8 text") from None
+    if isinstance(manifest, dict) and manifest.get("format_version") != layout.STORE_FORMAT_VERSION:
         raise UserError(
             f"the store manifest {path} has format_version {manifest.get('format_version')!r}; "
             f"this version of sae_pipeline reads {layout.STORE_FORMAT_VERSION}"
         )
+    check_manifest(manifest, path)
     return manifest
 
 
@@ -82,6 +88,7 @@ class StoreWriter:
 
     def __init__(self, folder: Path, header: dict, fingerprint: str, overwrite: bool):
         self.folder = Path(folder)
+        self.redo: set[int] = set()
         self.manifest = self._open(header, fingerprint, overwrite)
 
     def _open(self, header: dict, fingerprint: str, overwrite: bool) -> dict:
@@ -95,7 +102,9 @@ class StoreWriter:
                 )
             return self._keep_valid_shards(old)
         if self.folder.exists() and any(self.folder.iterdir()):
-            if not overwrite and not manifest_path.exists():
+            # only leftovers of our own unfinished writes (a harvest killed before its first manifest)
+            leftovers = all(p.name.endswith(".tmp") for p in self.folder.iterdir())
+            if not overwrite and not manifest_path.exists() and not leftovers:
                 raise UserError(
                     f"the folder {self.folder} exists and is not an activation store; "
                     "pass harvest.overwrite=true to replace it or choose another harvest.out_dir"
@@ -110,22 +119,31 @@ class StoreWriter:
             "n_tokens": 0,
             "shards": [],
         }
-        write_json_atomic(manifest_path, manifest)
+        write_manifest(self.folder, manifest)
         return manifest
 
     def _keep_valid_shards(self, manifest: dict) -> dict:
-        """On resume, keep the leading shards whose files exist with the recorded checksum."""
-        kept = []
-        for shard in manifest["shards"]:
-            file = self.folder / shard["file"]
-            if not file.exists() or sha256_file(file) != shard["sha256"]:
-                break
-            kept.append(shard)
-        manifest["shards"] = kept
-        manifest["n_tokens"] = sum(s["n_rows"] for s in kept)
+        """On resume (or rerun of a complete store), check every shard's checksum: a damaged or
+        missing one is rewritten in place (`redo`), the others are kept."""
+        self.redo = set()
+        for i, shard in enumerate(manifest["shards"]):
+            problem = shard_problem(self.folder / shard["file"], shard["sha256"])
+            if problem:
+                print(f"{problem.split(';')[0]}: it will be rewritten", file=sys.stderr)
+                self.redo.add(i)
+        if self.redo:
+            manifest["complete"] = False
         for leftover in self.folder.glob("*.tmp"):
             leftover.unlink()
         return manifest
+
+    def needs(self, index: int) -> bool:
+        """Whether shard `index` still has to be written (new, or damaged on disk)."""
+        return index >= self.n_complete_shards or index in self.redo
+
+    @property
+    def first_needed(self) -> int:
+        return min(self.redo, default=self.n_complete_shards)
 
     @property
     def n_complete_shards(self) -> int:
@@ -138,42 +156,45 @@ class StoreWriter:
     def write_shard(
         self, index: int, tensors: dict[str, torch.Tensor], first_context: int, n_contexts: int
     ) -> None:
-        if index < self.n_complete_shards:  # already on disk from an earlier, interrupted run
+        if not self.needs(index):  # already on disk from an earlier, interrupted run
             return
-        if index != self.n_complete_shards:
+        if index > self.n_complete_shards:
             raise RuntimeError(f"shard {index} written out of order in {self.folder}")
         file = self.folder / layout.shard_name(index)
         acts = tensors["activations"]
         norms = acts.float().norm(dim=-1)
         try:
             save_tensors_atomic(file, {k: tensors[k] for k in SHARD_KEYS}, metadata={"shard": str(index)})
-        except OSError as err:
-            if err.errno == errno.ENOSPC:
+        except (OSError, SafetensorError) as err:
+            if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err):
                 raise UserError(
                     f"no space left on the device while writing {file}; the store keeps its "
                     f"{self.n_complete_shards} complete shards and the same command resumes from there"
                 ) from None
             raise
-        self.manifest["shards"].append(
-            {
-                "file": file.name,
-                "n_rows": int(acts.shape[0]),
-                "sha256": sha256_file(file),
-                "first_context": first_context,
-                "n_contexts": n_contexts,
-                "norm_sum": float(norms.sum()),
-                "norm_sq_sum": float(norms.square().sum()),
-                "norm_max": float(norms.max()) if norms.numel() else 0.0,
-            }
-        )
-        self.manifest["n_tokens"] += int(acts.shape[0])
+        entry = {
+            "file": file.name,
+            "n_rows": int(acts.shape[0]),
+            "sha256": sha256_file(file),
+            "first_context": first_context,
+            "n_contexts": n_contexts,
+            "norm_sum": float(norms.sum()),
+            "norm_sq_sum": float(norms.square().sum()),
+            "norm_max": float(norms.max()) if norms.numel() else 0.0,
+        }
+        if index in self.redo:
+            self.manifest["shards"][index] = entry
+            self.redo.discard(index)
+        else:
+            self.manifest["shards"].append(entry)
+        self.manifest["n_tokens"] = sum(s["n_rows"] for s in self.manifest["shards"])
         self.manifest["norm_stats"] = norm_summary(self.manifest["shards"])
-        write_json_atomic(self.folder / layout.MANIFEST, self.manifest)
+        write_manifest(self.folder, self.manifest)
 
     def finish(self, extra: dict) -> None:
         self.manifest.update(extra)
         self.manifest["complete"] = True
-        write_json_atomic(self.folder / layout.MANIFEST, self.manifest)
+        write_manifest(self.folder, self.manifest)
 
 
 class BackgroundWriter:

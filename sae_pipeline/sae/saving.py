@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from sae_pipeline import layout
 from sae_pipeline.errors import UserError
-from sae_pipeline.files import save_tensors_atomic, write_json_atomic
+from sae_pipeline.files import save_tensors_atomic, sha256_file, write_json_atomic
 
 from .base import SAE
 from .registry import SAE_CLASSES, build_sae
@@ -30,6 +30,7 @@ def save_sae(sae: SAE, folder: Path | str, extra: dict[str, Any] | None = None) 
         "d_sae": sae.d_sae,
         "sae": asdict(sae.cfg),
         **(extra or {}),
+        "sha256": {layout.SAE_WEIGHTS: sha256_file(folder / layout.SAE_WEIGHTS)},
     }
     write_json_atomic(folder / layout.CONFIG, meta)
 
@@ -62,6 +63,9 @@ def load_sae(folder: Path | str, map_location: str | torch.device = "cpu") -> SA
         raise UserError(
             f"SAE config file {cfg_path} says d_sae={d_sae} but its sae settings give {sae.d_sae}."
         )
+    recorded = (meta.get("sha256") or {}).get(layout.SAE_WEIGHTS)
+    if recorded is not None and sha256_file(weights_path) != recorded:
+        raise UserError(f"SAE weights file {weights_path} is damaged: its sha256 does not match {cfg_path}.")
     try:
         tensors = load_file(str(weights_path), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as err:

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from sae_pipeline.sae import CONFIG_CLASSES
 
-from . import eval, export, features, harvest, steer, train
+from . import eval, export, features, harvest, steer, train, verify
 from .common import to_container
 
 __all__ = ["compose", "register_configs", "to_container"]
@@ -30,6 +30,7 @@ def register_configs() -> None:
     cs.store(name="features_schema", node=features.FeaturesJob)
     cs.store(name="steer_schema", node=steer.SteerJob)
     cs.store(name="export_schema", node=export.ExportJob)
+    cs.store(name="verify_schema", node=verify.VerifyJob)
     for arch, cls in CONFIG_CLASSES.items():
         cs.store(group="sae", name=f"base_{arch}", node=cls)
 

@@ -48,6 +48,7 @@ class TrainConfig:
     run_dir: Optional[str] = None  # default: Hydra's output dir (train.yaml's hydra.run.dir)
     resume: bool = False  # continue the run in run_dir from its last checkpoint
     overwrite: bool = False  # replace a run folder that already holds a run
+    allow_changes: bool = False  # let a resume change training settings (recorded in config.json `changes`)
     # Sweep group: one list entry per SAE, each a dict of sae overrides, e.g.
     # train.group=[{l1_coefficient:1e-4},{l1_coefficient:3e-4}] ; an entry may carry `name`.
     group: list[Any] = field(default_factory=list)

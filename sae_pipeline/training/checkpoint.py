@@ -4,10 +4,13 @@
         sae.safetensors     SAE parameters and buffers (training units: input scale not folded)
         state.safetensors   optimizer moments ("opt.<param>.<key>") and extra tensors ("x.<name>":
                             RNG states as uint8, dead-latent counters, ...)
-        state.json          step, tokens, reader position, optimizer hyper-parameters, anything JSON-able
+        state.json          step, tokens, reader position, optimizer hyper-parameters, anything JSON-able,
+                            the sha256 of both safetensors files and of itself (`state_sha256`)
 
 A checkpoint is written into `step-....tmp/` and renamed when complete, so a run killed while
-saving keeps its previous checkpoint; `latest()` ignores unfinished folders.
+saving keeps its previous checkpoint; `latest()` ignores unfinished folders. `problem()` checks a
+checkpoint's checksums and values; a resume starts from the newest intact checkpoint
+(`newest_intact`), moving a damaged one aside to `step-....damaged/`.
 """
 
 from __future__ import annotations
@@ -16,14 +19,19 @@ import json
 import os
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from sae_pipeline import layout
+from sae_pipeline import faults, layout
 from sae_pipeline.errors import UserError
+from sae_pipeline.files import json_sha256, save_tensors, sha256_file
+
+SEAL = "state_sha256"  # state.json's checksum of itself
+FAULT = "checkpoint"  # tests/faults pause a save here (see sae_pipeline.faults)
 
 
 def rng_state() -> tuple[dict, dict]:
@@ -82,24 +90,86 @@ def save(
     tmp = layout.tmp_name(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}, str(tmp / layout.SAE_WEIGHTS)
-    )
-    opt_tensors, opt_meta = _optimizer_split(optimizer)
-    tensors = {**opt_tensors, **{f"x.{k}": v.detach().cpu().contiguous() for k, v in extra_tensors.items()}}
-    save_file(tensors, str(tmp / layout.TRAIN_STATE))
-    (tmp / layout.TRAIN_META).write_text(json.dumps({**meta, "step": step, "optimizer": opt_meta}, indent=1))
-    for file in tmp.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
+    try:
+        save_tensors(tmp / layout.SAE_WEIGHTS, sae.state_dict())
+        opt_tensors, opt_meta = _optimizer_split(optimizer)
+        save_tensors(
+            tmp / layout.TRAIN_STATE, {**opt_tensors, **{f"x.{k}": v for k, v in extra_tensors.items()}}
+        )
+        checksums = {name: sha256_file(tmp / name) for name in (layout.SAE_WEIGHTS, layout.TRAIN_STATE)}
+        state = {**meta, "step": step, "optimizer": opt_meta, "sha256": checksums}
+        state[SEAL] = json_sha256(state, SEAL)
+        (tmp / layout.TRAIN_META).write_text(json.dumps(state, indent=1))
+        for file in tmp.iterdir():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        faults.point(FAULT)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees the space a full disk needs back
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
 
 
+def problem(ckpt: Path) -> str | None:
+    """One sentence when the checkpoint's files do not match their checksums or hold non-finite
+    values, else None (a checkpoint written before checksums existed is checked for values only)."""
+    try:
+        state = json.loads((ckpt / layout.TRAIN_META).read_text())
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        return f"its {layout.TRAIN_META} is unreadable ({err})"
+    if SEAL in state and state[SEAL] != json_sha256(state, SEAL):
+        return f"its {layout.TRAIN_META} does not match its {SEAL}"
+    for name in (layout.SAE_WEIGHTS, layout.TRAIN_STATE):
+        file = ckpt / name
+        if not file.is_file():
+            return f"its {name} is missing"
+        recorded = (state.get("sha256") or {}).get(name)
+        if recorded is not None and sha256_file(file) != recorded:
+            return f"its {name} does not match the sha256 recorded in {layout.TRAIN_META}"
+        try:
+            tensors = load_file(str(file))
+        except (OSError, SafetensorError) as err:
+            return f"its {name} is unreadable ({err})"
+        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            return f"its {name} holds non-finite values in {bad[0]}"
+    return None
+
+
+def newest_intact(found: list[dict[str, Path]], names: list[str]) -> str:
+    """The newest checkpoint name (of `names`, oldest first) intact in every member's folders `found`.
+
+    A damaged checkpoint is named, moved aside to `<name>.damaged` and the next older one tried."""
+    for name in reversed(names):
+        damaged = [(f[name], why) for f in found if (why := problem(f[name]))]
+        if not damaged:
+            return name
+        for ckpt, why in damaged:
+            aside = ckpt.with_name(ckpt.name + ".damaged")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(ckpt, aside)
+            print(
+                f"warning: the checkpoint {ckpt} is damaged ({why}); it was moved to {aside.name} and "
+                "the run resumes from the newest intact checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
+    raise UserError(
+        f"no intact checkpoint is left in {found[0][names[0]].parent} (each damaged one was moved to "
+        "step-*.damaged); start the run again with train.overwrite=true"
+    )
+
+
 def load(ckpt: Path, sae: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Restore SAE and optimizer in place; returns (meta, extra tensors)."""
+    why = problem(ckpt)
+    if why:
+        raise UserError(f"the checkpoint {ckpt} is damaged: {why}")
     try:
         weights = load_file(str(ckpt / layout.SAE_WEIGHTS))
         tensors = load_file(str(ckpt / layout.TRAIN_STATE))
@@ -133,9 +203,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     done = [
-        p
-        for p in folder.iterdir()
-        if p.is_dir() and not p.name.endswith(".tmp") and (p / layout.TRAIN_META).exists()
+        p for p in folder.iterdir() if p.is_dir() and "." not in p.name and (p / layout.TRAIN_META).exists()
     ]
     return sorted(done, key=lambda p: p.name)
 

@@ -40,6 +40,7 @@ class Member:
         self.stats = LatentStats(self.sae.d_sae, tcfg.dead_tokens, device, dist)
         self.rng = checkpoint.rng_state()[0]
         self.logger: RunLogger | None = None
+        self.resumed_from: Path | None = None  # the checkpoint this run resumed from
 
     def train_step(self, x_BD, step: int, lr: float, sparsity_scale: float, tcfg, autocast) -> None:
         checkpoint.set_rng_state(self.rng, {})
@@ -60,9 +61,12 @@ class Member:
             check = check + torch.nn.utils.clip_grad_norm_(self.params, tcfg.max_grad_norm)
         if not torch.isfinite(check).item():
             last = checkpoint.latest(self.run_dir)
-            kept = (
-                f"the last good checkpoint {last} is kept" if last else "no checkpoint had been written yet"
-            )
+            kept = f"the last checkpoint {last} is kept" if last else "no checkpoint had been written yet"
+            if last is not None and last == self.resumed_from:  # nothing saved since the resume
+                kept += (
+                    "; this run resumed from it, so it may be damaged: move it aside and resume again "
+                    "to continue from the checkpoint before it"
+                )
             raise UserError(
                 f"the loss of {self.name or 'the SAE'} became {float(out.loss.detach()):g} (or its gradient non-finite) at step "
                 f"{step + 1}, so training stopped; {kept} (lower train.lr or check the store for inf/nan activations)"

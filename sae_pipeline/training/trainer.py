@@ -32,6 +32,7 @@ from sae_pipeline.training.member import Member
 from sae_pipeline.training.run_folder import check_resumable, prepare_run_dir, provenance, save_final
 from sae_pipeline.training.runlog import NullLogger, RunLogger
 from sae_pipeline.training.schedule import lr_at, sparsity_scale_at
+from sae_pipeline.training.settings import change_history, check_train_config, resume_changes
 from sae_pipeline.training.validation import LossRecovered, validate
 
 
@@ -60,6 +61,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
     hydra_info: the Hydra job's overrides and sweep name (empty without Hydra) for W&B names and groups.
     dist: the ranks of a data-parallel job (training/distributed.py); rank 0 alone writes run_dir."""
     tcfg = cfg.train
+    check_train_config(tcfg)
     dist = dist or Distributed(device=resolve_device(tcfg.device))
     dist.check_batch(tcfg.batch_size)
     store = ActivationStore(Path(cfg.store).expanduser())
@@ -113,6 +115,8 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
             f"the members of the run {run_dir} share no checkpoint step, so it cannot be resumed exactly; "
             "resume with the same train.group or pass train.overwrite=true"
         )
+    if common:  # never resume from a damaged checkpoint: fall back to the newest intact one
+        common = common[: common.index(checkpoint.newest_intact(ckpts, common)) + 1]
     start_step, reader_state, exit_code = 0, None, 1
     for m, found in zip(members, ckpts, strict=True):
         record = {
@@ -120,8 +124,11 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
             "sae": asdict(m.sae_cfg), "member": m.name, "input_scale": m.input_scale,
             "world_size": dist.world_size,
         }  # fmt: skip
+        old = {}
         if resuming and (m.run_dir / layout.CONFIG).exists():
-            record["wandb_id"] = check_resumable(m.run_dir, record, store).get("wandb_id")
+            old = check_resumable(m.run_dir, record, store)
+            record["wandb_id"] = old.get("wandb_id")
+        changes = resume_changes(old, container, m.run_dir, tcfg.allow_changes)
         if common:
             meta, extra = checkpoint.load(found[common[-1]], m.sae, m.opt)
             if meta.get("world_size", 1) != dist.world_size:
@@ -132,6 +139,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
             m.rng = {k: v for k, v in extra.items() if k.startswith("rng_")}
             m.stats.since_fired_F.copy_(extra["since_fired_F"])
             start_step, reader_state = meta["step"], meta["reader"]
+            m.resumed_from = found[common[-1]]
         else:
             m.sae.init_from_data((sample * m.input_scale).to(device))
         dist.broadcast_module(m.sae)  # every rank starts from rank 0's weights
@@ -139,6 +147,8 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
             m.logger = NullLogger()
             continue
         record.setdefault("wandb_id", record.get("wandb_id") or uuid.uuid4().hex[:8])
+        if changes or old.get("changes"):
+            record["changes"] = change_history(old, changes, start_step)
         write_json_atomic(m.run_dir / layout.CONFIG, record)
         base_name = cfg.logger.name or hydra_info.get("overrides") or run_dir.name
         m.logger = RunLogger(

@@ -1,0 +1,83 @@
+"""What `train` settings may be: checked before anything runs, and held fixed across a resume.
+
+    check_train_config(cfg.train)             # one sentence naming the first bad key
+    changes = resume_changes(old_record, config, run, allowed)  # {"train.lr": [0.01, 0.001]}, or refused
+
+A resume that changes a setting which shapes the trained SAE is refused with the list of
+differences, unless train.allow_changes=true: then the change is appended, with its step, to the
+`changes` list of the run's config.json (so the record of how the first steps were trained stays).
+"""
+
+from __future__ import annotations
+
+import math
+
+from sae_pipeline.errors import UserError
+
+# keys that do not change the SAE a run trains (logging, evaluation, checkpoints, the folder, debug)
+FREE_TO_CHANGE = {
+    "prefetch", "log_every", "val_every", "eval_every", "eval_tokens", "eval_batch_size",
+    "checkpoint_every_tokens", "keep_checkpoints", "run_dir", "resume", "overwrite", "allow_changes",
+    "stop_after_steps", "device", "group",
+}  # fmt: skip
+
+_POSITIVE = ("batch_size", "buffer_rows", "chunk_rows", "prefetch", "init_tokens", "dead_tokens", "log_every")
+_POSITIVE += ("eval_tokens", "eval_batch_size", "keep_checkpoints")
+_NON_NEGATIVE = ("val_tokens", "lr_warmup_steps", "sparsity_warmup_steps", "val_every", "eval_every")
+_NON_NEGATIVE += ("checkpoint_every_tokens",)
+
+
+def check_train_config(t) -> None:
+    """Raise a UserError naming the first bad key of `train`."""
+    for key in _POSITIVE:
+        if t[key] < 1:
+            raise UserError(f"train.{key}={t[key]} must be a positive integer")
+    for key in _NON_NEGATIVE:
+        if t[key] < 0:
+            raise UserError(f"train.{key}={t[key]} must be 0 or more")
+    if t.total_tokens < t.batch_size:
+        raise UserError(
+            f"train.total_tokens={t.total_tokens} is less than one batch (train.batch_size={t.batch_size}); "
+            "nothing would be trained"
+        )
+    for key in ("lr", "adam_eps"):
+        if not (math.isfinite(t[key]) and t[key] > 0):
+            raise UserError(f"train.{key}={t[key]} must be a positive finite number")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0 <= t[key] < 1:
+            raise UserError(f"train.{key}={t[key]} must be in [0, 1)")
+    if not 0 <= t.lr_decay_fraction <= 1:
+        raise UserError(f"train.lr_decay_fraction={t.lr_decay_fraction} must be in [0, 1]")
+    if not (math.isfinite(t.max_grad_norm) and t.max_grad_norm >= 0):
+        raise UserError(f"train.max_grad_norm={t.max_grad_norm} must be a finite number >= 0 (0 = off)")
+    if t.stop_after_steps is not None and t.stop_after_steps < 1:
+        raise UserError(f"train.stop_after_steps={t.stop_after_steps} must be a positive integer or null")
+
+
+def _differences(old: dict, new: dict) -> dict[str, list]:
+    """Training settings that differ between the recorded config and this one: {key: [old, new]}."""
+    old_t, new_t = old.get("train") or {}, new.get("train") or {}
+    return {
+        f"train.{k}": [old_t.get(k), new_t.get(k)]
+        for k in sorted(set(old_t) | set(new_t))
+        if k not in FREE_TO_CHANGE and old_t.get(k) != new_t.get(k)
+    }
+
+
+def resume_changes(old_record: dict, new_config: dict, run, allowed: bool) -> dict[str, list]:
+    """The training settings a resume changes; refused (one sentence listing them) unless allowed."""
+    if not old_record.get("config"):  # a fresh run (or a record from before configs were kept)
+        return {}
+    changes = _differences(old_record["config"], new_config)
+    if changes and not allowed:
+        listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        raise UserError(
+            f"resuming the run {run} would change its training settings ({listed}); resume with the "
+            "values it was started with, or pass train.allow_changes=true to record the change in its config.json"
+        )
+    return changes
+
+
+def change_history(old_record: dict, changes: dict, step: int) -> list[dict]:
+    """The run's `changes` list with this resume's changes (and the step they start at) appended."""
+    return list(old_record.get("changes") or []) + ([{"step": step, **changes}] if changes else [])
