@@ -78,10 +78,14 @@ def norm_summary(shards: list[dict]) -> dict:
 class StoreWriter:
     """Writes one store folder. Shards go to a temporary name and are renamed when complete;
     the manifest is rewritten atomically after each shard, so a killed harvest loses at most
-    the shard being written."""
+    the shard being written. With `parts` > 1 it holds only the shards part, part + parts, ...
+    of the whole store (one part of a sharded harvest, data/parts.py)."""
 
-    def __init__(self, folder: Path, header: dict, fingerprint: str, overwrite: bool):
+    def __init__(
+        self, folder: Path, header: dict, fingerprint: str, overwrite: bool, part: int = 0, parts: int = 1
+    ):
         self.folder = Path(folder)
+        self.part, self.parts = part, parts
         self.manifest = self._open(header, fingerprint, overwrite)
 
     def _open(self, header: dict, fingerprint: str, overwrite: bool) -> dict:
@@ -138,9 +142,10 @@ class StoreWriter:
     def write_shard(
         self, index: int, tensors: dict[str, torch.Tensor], first_context: int, n_contexts: int
     ) -> None:
-        if index < self.n_complete_shards:  # already on disk from an earlier, interrupted run
+        position, rest = divmod(index - self.part, self.parts)  # this writer's n-th shard
+        if position < self.n_complete_shards and not rest:  # on disk from an earlier, interrupted run
             return
-        if index != self.n_complete_shards:
+        if position != self.n_complete_shards or rest:
             raise RuntimeError(f"shard {index} written out of order in {self.folder}")
         file = self.folder / layout.shard_name(index)
         acts = tensors["activations"]
