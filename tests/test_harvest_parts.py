@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -169,6 +170,50 @@ def test_torchrun_two_ranks_equal_one_process(setup, capsys):
         print(f"\ntorchrun 2 ranks == 1 process: {n} rows, {time.perf_counter() - started:.1f} s")
 
 
+def test_parts_when_the_text_runs_out(tmp_path):
+    """Fewer contexts than asked for: parts past the end write nothing, and the merge equals one process."""
+    model = save_tiny_model(tmp_path / "model", "llama")
+    corpus = write_corpus(tmp_path / "corpus.jsonl", n_docs=4, words_per_doc=120)
+
+    def run(name, *extra):
+        args = tiny_overrides(tmp_path / name, model, corpus, n_tokens=1800) + list(extra)
+        return harvest.run(compose_config("harvest", args))[0]
+
+    one = run("one")
+    for part in range(4):
+        split = run("split", "harvest.parts=4", f"harvest.part={part}")
+    a, b = store.read_manifest(split), store.read_manifest(one)
+    assert b["data_exhausted"] and a["data_exhausted"] and a["parts"] == 4
+    assert b["n_tokens"] < 1800 and a["n_tokens"] == b["n_tokens"]
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+    assert len(b["shards"]) == 3 and b["shards"][-1]["n_contexts"] < b["contexts_per_shard"]
+    manifests = [store.read_manifest(layout.part_dir(split, j, 4)) for j in range(4)]
+    # 4 shards were asked for; the text ends inside shard 2, and shard 3 lies past the end
+    assert [len(m["shards"]) for m in manifests] == [1, 1, 1, 0]
+    assert [m["data_exhausted"] for m in manifests] == [False, False, True, True]
+
+
+def test_part_runs_respect_an_existing_store(setup, tmp_path):
+    """A complete store with the same settings: nothing to do; other settings: refused unless overwrite."""
+    shutil.copytree(setup["root"] / "one", tmp_path / "one")
+    folder = _store(tmp_path / "one")
+    before = (folder / layout.MANIFEST).read_text()
+
+    def run(*extra):
+        args = tiny_overrides(tmp_path / "one", setup["model"], setup["corpus"], N_TOKENS) + list(extra)
+        return harvest.run(compose_config("harvest", ["harvest.parts=2", *args]))
+
+    run("harvest.part=1")
+    assert not layout.part_dir(folder, 1, 2).exists() and (folder / layout.MANIFEST).read_text() == before
+    with pytest.raises(UserError, match="already exists with different settings.*harvest.overwrite=true"):
+        run("harvest.part=0", "harvest.seed=1")
+    run("harvest.part=0", "harvest.seed=1", "harvest.overwrite=true")
+    assert not (folder / layout.MANIFEST).exists() and not list(
+        folder.glob("shard-*")
+    )  # the old store is gone
+    assert store.read_manifest(layout.part_dir(folder, 0, 2))["complete"]
+
+
 def test_part_keys_are_checked(monkeypatch, tmp_path):
     cfg = compose_config("harvest", ["harvest.parts=2", "harvest.part=2"])
     from sae_pipeline.schema.harvest import check_harvest_config
@@ -180,3 +225,5 @@ def test_part_keys_are_checked(monkeypatch, tmp_path):
     assert parts.resolve_part(compose_config("harvest", []).harvest) == (1, 2)
     with pytest.raises(UserError, match="disagree with torchrun's WORLD_SIZE=2"):
         parts.resolve_part(compose_config("harvest", ["harvest.parts=3"]).harvest)
+    with pytest.raises(UserError, match="harvest.merge=true merges the parts of a split harvest"):
+        check_harvest_config(compose_config("harvest", ["harvest.merge=true"]).harvest)

@@ -51,5 +51,9 @@ def check_harvest_config(h) -> None:
             raise UserError(f"harvest.{key}={h[key]} must be a positive integer")
     if int(h.parts) < 1 or not 0 <= int(h.part) < int(h.parts):
         raise UserError(f"harvest.part={h.part} must be between 0 and harvest.parts-1={int(h.parts) - 1}")
+    if h.merge and int(h.parts) < 2:
+        raise UserError(
+            "harvest.merge=true merges the parts of a split harvest; set harvest.parts to their number"
+        )
     if h.context_size < 2 and h.prepend_bos:
         raise UserError(f"harvest.context_size={h.context_size} leaves no room for text after BOS")
