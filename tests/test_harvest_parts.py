@@ -128,7 +128,7 @@ def test_killed_part_resumes_alone_and_merge_names_missing_parts(setup, capsys):
     res = _harvest(setup, "killed", "harvest.parts=2", "harvest.merge=true")
     assert res.returncode == 2
     (line,) = res.stderr.strip().splitlines()
-    assert "part 0 of 2 is incomplete" in line and "part 1" not in line.split(";")[0]
+    assert "part 0 of 2 is incomplete (1 shards in" in line and "(harvest.part=0 harvest.parts=2)" in line
 
     other = _harvest(setup, "killed", "harvest.parts=2", "harvest.part=1")
     assert other.returncode == 0 and "waiting for other parts" in other.stderr

@@ -160,21 +160,20 @@ def open_part_writer(
     return StoreWriter(folder, header, fingerprint, overwrite, part=part, parts=parts)
 
 
-def _part_manifests(store: Path, parts: int, fingerprint: str) -> tuple[list[dict], list[str]]:
-    """The manifests of the complete parts, and a description of each part that is not ready."""
+def _part_manifests(store: Path, parts: int, fingerprint: str) -> tuple[list[dict], list[tuple[int, str]]]:
+    """The manifests of the complete parts, and (part, what is wrong) for each part that is not ready."""
     manifests, missing = [], []
     for j in range(parts):
         folder = layout.part_dir(store, j, parts)
         if not (folder / layout.MANIFEST).exists():
-            missing.append(f"part {j} of {parts} is missing ({folder / layout.MANIFEST} does not exist)")
+            missing.append((j, f"part {j} of {parts} is missing ({folder / layout.MANIFEST} does not exist)"))
             continue
         manifest = read_manifest(folder)
         if manifest.get("fingerprint") != fingerprint:
-            missing.append(f"part {j} of {parts} ({folder}) was harvested with different settings")
+            missing.append((j, f"part {j} of {parts} ({folder}) was harvested with different settings"))
         elif not manifest.get("complete"):
-            missing.append(
-                f"part {j} of {parts} is incomplete ({len(manifest['shards'])} shards in {folder})"
-            )
+            n = len(manifest["shards"])
+            missing.append((j, f"part {j} of {parts} is incomplete ({n} shards in {folder})"))
         else:
             manifests.append(manifest)
     return manifests, missing
@@ -197,8 +196,9 @@ def merge(store: Path, parts: int, fingerprint: str) -> dict:
     store = Path(store)
     manifests, missing = _part_manifests(store, parts, fingerprint)
     if missing:
+        j, what = missing[0]
         raise UserError(
-            f"cannot merge {store}: {missing[0]}; run that part (harvest.part=N harvest.parts={parts}) first"
+            f"cannot merge {store}: {what}; run it first (harvest.part={j} harvest.parts={parts})"
         )
     shards = []
     for j, m in enumerate(manifests):
@@ -228,7 +228,7 @@ def merge_if_ready(store: Path, parts: int, fingerprint: str) -> bool:
     """After a part finishes: merge when every part is complete (this was the last), else say who is left."""
     _, missing = _part_manifests(Path(store), parts, fingerprint)
     if missing:
-        print(f"{store}: waiting for other parts ({'; '.join(missing)})", file=sys.stderr)
+        print(f"{store}: waiting for other parts: {'; '.join(what for _, what in missing)}", file=sys.stderr)
         return False
     merge(store, parts, fingerprint)
     print(f"all {parts} parts are complete: merged into {Path(store) / layout.MANIFEST}", file=sys.stderr)
