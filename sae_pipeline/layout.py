@@ -30,7 +30,6 @@ def store_dir(out_dir: Path, hook_name: str) -> Path:
 
 
 # --- a harvest split into parts (data/parts.py) ------------------------------------------------
-PART_DIR_GLOB = "part-*-of-*"
 
 
 def part_dir(store: Path, part: int, parts: int) -> Path:
