@@ -8,7 +8,8 @@ and `main` only; they import the library below them and never each other
     api.py        the Python API for notebooks (load_sae, splice_sae, harvest(), ...), re-exported here
     schema/       every config group's dataclass (one module per stage + common groups) and checks
     conf/         the Hydra YAML files (only values that differ from the schema), shipped in the wheel
-    data/         the activation store (shards + manifest), the shuffled reader, text packing
+    data/         the activation store (shards + manifest), harvest parts and their merge, the shuffled
+                  reader, text packing
     model/        loading models, hook names and points, capture/splice, the embedded assets
     sae/          one file per architecture, registry, sparse kernels, saving and loading
     training/     trainer loop, members, schedules, statistics, checkpoints, run folders, validation

@@ -7,12 +7,17 @@
 The forward stops right after the deepest requested hook (no later layer, no LM head). Shards are
 written by a background thread while the model computes the next batch. A killed harvest resumes
 from its last complete shard when the same command is run again.
+
+Split across processes or SLURM array tasks, each part writes every N-th shard and the last part to
+finish merges them into one store with the same rows as one process (data/parts.py):
+    torchrun --standalone --nproc_per_node=4 $(which sae-harvest) harvest.n_tokens=10000000
+    sae-harvest harvest.parts=4 harvest.part=$SLURM_ARRAY_TASK_ID      # one array task each
+    sae-harvest harvest.parts=4 harvest.merge=true                     # merge by hand, if ever needed
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import sys
 import time
 from pathlib import Path
@@ -22,8 +27,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sae_pipeline import layout
-from sae_pipeline.data import store, text
-from sae_pipeline.data.shards import ShardBuffer, batches, store_fingerprint, write_shard_job
+from sae_pipeline.data import parts, store, text
+from sae_pipeline.data.shards import ShardBuffer, store_fingerprint, write_shard_job
 from sae_pipeline.errors import UserError, report_config_errors, report_user_errors
 from sae_pipeline.model import hook_points, hooks
 from sae_pipeline.model.hook_points import requested_hook_names
@@ -38,7 +43,14 @@ def run(cfg: DictConfig) -> list[Path]:
     """Harvest every requested hook point into its own store folder; returns the store folders."""
     h = cfg.harvest
     check_harvest_config(h)
-    device = resolve_device(h.device)
+    out_dir = Path(h.out_dir)
+    part, n_parts = parts.resolve_part(h)
+    if h.merge:
+        for name in requested_hook_names(cfg.hook):
+            parts.merge(layout.store_dir(out_dir, name), n_parts, store_fingerprint(cfg, name))
+            print(f"merged {n_parts} parts into {layout.store_dir(out_dir, name)}", file=sys.stderr)
+        return [layout.store_dir(out_dir, name) for name in requested_hook_names(cfg.hook)]
+    device = resolve_device(parts.part_device(h.device))
     model, tokenizer = load_model(cfg.model, device)
     limit = max_context(model)
     if limit is not None and h.context_size > limit:
@@ -57,8 +69,7 @@ def run(cfg: DictConfig) -> list[Path]:
     train_docs, heldout = text.split_documents(cfg.data, h.seed)
     probe = torch.full((1, min(h.context_size, 4)), tokenizer.eos_token_id or 0, device=device)
     d_in = {name: t.shape[-1] for name, t in hooks.capture(model, probe, None, points).items()}
-    out_dir = Path(h.out_dir)
-    writers = {}
+    writers, fingerprints = {}, {}
     for hp in points:
         header = {
             "model": {
@@ -78,66 +89,70 @@ def run(cfg: DictConfig) -> list[Path]:
             "n_tokens_requested": h.n_tokens,
             "config": to_container(cfg),
         }
-        folder = layout.store_dir(out_dir, hp.name)
-        writers[hp.name] = store.StoreWriter(folder, header, store_fingerprint(cfg, hp.name), h.overwrite)
-    folders = [w.folder for w in writers.values()]
+        folder, fingerprints[hp.name] = layout.store_dir(out_dir, hp.name), store_fingerprint(cfg, hp.name)
+        if n_parts == 1:
+            writers[hp.name] = store.StoreWriter(folder, header, fingerprints[hp.name], h.overwrite)
+        else:
+            writer = parts.open_part_writer(folder, header, fingerprints[hp.name], h.overwrite, part, n_parts)
+            if writer is not None:  # None: the merged store is already complete
+                writers[hp.name] = writer
+    folders = [layout.store_dir(out_dir, hp.name) for hp in points]
     if all(w.complete for w in writers.values()):
         print(f"store already complete, nothing to do: {', '.join(map(str, folders))}", file=sys.stderr)
+        for name in writers if n_parts > 1 else ():  # this part is done: merge if the others are too
+            parts.merge_if_ready(layout.store_dir(out_dir, name), n_parts, fingerprints[name])
         return folders
 
-    first_shard = min(w.first_needed for w in writers.values())
-
-    def needed(index: int) -> bool:  # a shard no writer needs is on disk: its contexts are skipped
-        return any(w.needs(index) for w in writers.values())
-
-    contexts = text.pack_contexts(tokenizer, train_docs, h.context_size, bos_id)
-    skipped = sum(1 for _ in itertools.islice(contexts, first_shard * contexts_per_shard))
-    context_index = skipped
+    plan = parts.shard_plan(n_contexts, contexts_per_shard, part, n_parts)
+    first_shard = min(w.first_needed for w in writers.values())  # counted among this part's shards
+    cursor = parts.ContextCursor(text.pack_contexts(tokenizer, train_docs, h.context_size, bos_id))
+    skipped = sum(span.n_contexts for span in plan[:first_shard])
     if first_shard:
         print(f"resuming after {first_shard} complete shards ({skipped} contexts)", file=sys.stderr)
 
     writer_thread = store.BackgroundWriter(h.writer_queue)
     buffers = {name: ShardBuffer() for name in writers}
-    shard_index, shard_first_context = first_shard, context_index
-    forward_s, started = 0.0, time.perf_counter()
-    bar = progress(n_contexts * rows_per_context, "harvest", initial=skipped * rows_per_context)
-
-    def flush() -> None:
-        nonlocal shard_index, shard_first_context
-        n_ctx = context_index - shard_first_context
-        for name, buf in buffers.items():
-            if not writers[name].needs(shard_index):
-                continue
-            job = functools.partial(
-                write_shard_job, writers[name], buf, h.seed, shard_index, shard_first_context, n_ctx
-            )
-            writer_thread.submit(job)
-            buffers[name] = ShardBuffer()
-        shard_index, shard_first_context = shard_index + 1, context_index
+    forward_s, started, harvested_contexts, written = 0.0, time.perf_counter(), 0, 0
+    total = sum(span.n_contexts for span in plan) * rows_per_context
+    bar = progress(total, "harvest", initial=skipped * rows_per_context)
 
     try:
-        for ids_NT in batches(contexts, h.batch_size, n_contexts - skipped):
-            if needed(shard_index):
+        for span in plan[first_shard:]:
+            if not any(w.needs(span.index) for w in writers.values()):
+                continue  # intact on disk (a rerun that repairs damaged shards): its contexts are skipped
+            n_ctx = 0
+            for ids_NT in cursor.batches(span, h.batch_size):
                 tick = time.perf_counter()
                 acts = hooks.capture(model, ids_NT.to(device), None, points, early_exit=h.early_exit)
                 forward_s += time.perf_counter() - tick
                 for name, acts_NTD in acts.items():
-                    buffers[name].add(acts_NTD, ids_NT, context_index, start_pos, dtype)
-            context_index += ids_NT.shape[0]
-            bar.update(ids_NT.shape[0] * rows_per_context)
-            if context_index - shard_first_context >= contexts_per_shard:
-                flush()
-        if context_index > shard_first_context:
-            flush()
+                    buffers[name].add(acts_NTD, ids_NT, span.first_context + n_ctx, start_pos, dtype)
+                n_ctx += ids_NT.shape[0]
+                bar.update(ids_NT.shape[0] * rows_per_context)
+            if n_ctx == 0:
+                break
+            for name, buf in buffers.items():
+                if writers[name].needs(span.index):  # another hook's store may hold this shard intact
+                    job = functools.partial(
+                        write_shard_job, writers[name], buf, h.seed, span.index, span.first_context, n_ctx
+                    )
+                    writer_thread.submit(job)
+                buffers[name] = ShardBuffer()
+            harvested_contexts, written = harvested_contexts + n_ctx, written + 1
+            if written == h.stop_after_shards:
+                writer_thread.submit(parts.kill_self)
+            if n_ctx < span.n_contexts:
+                break
     finally:
         bar.close()
         writer_thread.close()
     wall_s = time.perf_counter() - started
-    harvested = (context_index - skipped) * rows_per_context
-    exhausted = context_index < n_contexts
+    harvested = harvested_contexts * rows_per_context
+    # a rerun that only repaired shards stops reading early: the first run's record stands
+    exhausted = cursor.exhausted or any(bool(w.manifest.get("data_exhausted")) for w in writers.values())
     if exhausted:
         print(
-            f"warning: the data ran out after {context_index * rows_per_context} tokens "
+            f"warning: the data ran out after {cursor.position * rows_per_context} tokens "
             f"of the {h.n_tokens} requested",
             file=sys.stderr,
         )
@@ -151,8 +166,10 @@ def run(cfg: DictConfig) -> list[Path]:
         "device": str(device),
         "early_exit": bool(h.early_exit),
     }
-    for w in writers.values():
+    for name, w in writers.items():
         w.finish({"throughput": throughput, "data_exhausted": exhausted})
+        if n_parts > 1:
+            parts.merge_if_ready(layout.store_dir(out_dir, name), n_parts, fingerprints[name])
     print(
         f"harvested {harvested} tokens at {throughput['tokens_per_s']} tok/s "
         f"({100 * (throughput['forward_fraction'] or 0):.1f}% in the forward) into {', '.join(map(str, folders))}",

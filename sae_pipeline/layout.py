@@ -29,6 +29,14 @@ def store_dir(out_dir: Path, hook_name: str) -> Path:
     return Path(out_dir) / safe
 
 
+# --- a harvest split into parts (data/parts.py) ------------------------------------------------
+
+
+def part_dir(store: Path, part: int, parts: int) -> Path:
+    """<store>/part-001-of-004/: part 1's shards and its own manifest (a store of its shards)."""
+    return Path(store) / f"part-{part:03d}-of-{parts:03d}"
+
+
 # --- SAE run folders ------------------------------------------------------------------------
 CONFIG = "config.json"  # <run>/config.json (how the run was trained) and <run>/sae/config.json (the SAE)
 CHECKPOINTS = "checkpoints"

@@ -1,4 +1,4 @@
-"""Harvest's side of the store: rows collected per shard, forward batches, and what identifies a store.
+"""Harvest's side of the store: rows collected per shard and what identifies a store.
 
 `store_fingerprint` is what must match for an existing store to be resumed; `ShardBuffer` collects one
 shard's rows with their context ids and positions and shuffles them (seeded) when the shard is written.
@@ -7,9 +7,7 @@ shard's rows with their context ids and positions and shuffles them (seeded) whe
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
-from collections.abc import Iterator
 
 import torch
 from omegaconf import DictConfig
@@ -58,13 +56,3 @@ def write_shard_job(
 ) -> None:
     """Runs on the writer thread: shuffle the shard's rows, then write it atomically."""
     writer.write_shard(index, buf.shuffled(seed, index), first_context, n_contexts)
-
-
-def batches(contexts: Iterator[torch.Tensor], batch_size: int, n_contexts: int) -> Iterator[torch.Tensor]:
-    taken = 0
-    while taken < n_contexts:
-        batch = list(itertools.islice(contexts, min(batch_size, n_contexts - taken)))
-        if not batch:
-            return
-        taken += len(batch)
-        yield torch.stack(batch)

@@ -84,11 +84,15 @@ def norm_summary(shards: list[dict]) -> dict:
 class StoreWriter:
     """Writes one store folder. Shards go to a temporary name and are renamed when complete;
     the manifest is rewritten atomically after each shard, so a killed harvest loses at most
-    the shard being written."""
+    the shard being written. With `parts` > 1 it holds only the shards part, part + parts, ...
+    of the whole store (one part of a sharded harvest, data/parts.py)."""
 
-    def __init__(self, folder: Path, header: dict, fingerprint: str, overwrite: bool):
+    def __init__(
+        self, folder: Path, header: dict, fingerprint: str, overwrite: bool, part: int = 0, parts: int = 1
+    ):
         self.folder = Path(folder)
         self.redo: set[int] = set()
+        self.part, self.parts = part, parts
         self.manifest = self._open(header, fingerprint, overwrite)
 
     def _open(self, header: dict, fingerprint: str, overwrite: bool) -> dict:
@@ -137,12 +141,19 @@ class StoreWriter:
             leftover.unlink()
         return manifest
 
+    def position(self, index: int) -> int | None:
+        """Where global shard `index` sits among this writer's shards (part i of N writes i, i+N, ...)."""
+        position, rest = divmod(index - self.part, self.parts)
+        return None if rest or position < 0 else position
+
     def needs(self, index: int) -> bool:
-        """Whether shard `index` still has to be written (new, or damaged on disk)."""
-        return index >= self.n_complete_shards or index in self.redo
+        """Whether global shard `index` is this writer's and still has to be written (new, or damaged)."""
+        position = self.position(index)
+        return position is not None and (position >= self.n_complete_shards or position in self.redo)
 
     @property
     def first_needed(self) -> int:
+        """The first of this writer's shards (counted among its own) that has to be written."""
         return min(self.redo, default=self.n_complete_shards)
 
     @property
@@ -156,9 +167,14 @@ class StoreWriter:
     def write_shard(
         self, index: int, tensors: dict[str, torch.Tensor], first_context: int, n_contexts: int
     ) -> None:
+        position = self.position(index)
+        if position is None:
+            raise RuntimeError(
+                f"shard {index} does not belong to part {self.part} of {self.parts} ({self.folder})"
+            )
         if not self.needs(index):  # already on disk from an earlier, interrupted run
             return
-        if index > self.n_complete_shards:
+        if position > self.n_complete_shards:
             raise RuntimeError(f"shard {index} written out of order in {self.folder}")
         file = self.folder / layout.shard_name(index)
         acts = tensors["activations"]
@@ -182,9 +198,9 @@ class StoreWriter:
             "norm_sq_sum": float(norms.square().sum()),
             "norm_max": float(norms.max()) if norms.numel() else 0.0,
         }
-        if index in self.redo:
-            self.manifest["shards"][index] = entry
-            self.redo.discard(index)
+        if position in self.redo:
+            self.manifest["shards"][position] = entry
+            self.redo.discard(position)
         else:
             self.manifest["shards"].append(entry)
         self.manifest["n_tokens"] = sum(s["n_rows"] for s in self.manifest["shards"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from sae_pipeline.data.store import store_dtype
 from sae_pipeline.errors import UserError
@@ -24,6 +25,13 @@ class HarvestConfig:
     out_dir: str = "${paths.stores}/${model.id}/${data.id}"  # one store folder per hook under here
     overwrite: bool = False  # replace an existing store with different settings
     writer_queue: int = 2  # shards buffered for the background writer
+    # A harvest split into parts (processes, SLURM array tasks): part i of N writes shards i, i+N, ...
+    # under <store>/part-00i-of-00N/; the last part to finish merges them into one manifest.
+    # Under torchrun, RANK and WORLD_SIZE choose the part (leave both keys at their defaults).
+    parts: int = 1  # how many parts the harvest is split into
+    part: int = 0  # which part this process writes (0 .. parts-1)
+    merge: bool = False  # only merge the finished parts' manifests into the store manifest
+    stop_after_shards: Optional[int] = None  # debug: the process kills itself after writing this many shards
 
 
 @dataclass
@@ -41,5 +49,11 @@ def check_harvest_config(h) -> None:
     for key in ("context_size", "batch_size", "n_tokens", "shard_size"):
         if int(h[key]) < 1:
             raise UserError(f"harvest.{key}={h[key]} must be a positive integer")
+    if int(h.parts) < 1 or not 0 <= int(h.part) < int(h.parts):
+        raise UserError(f"harvest.part={h.part} must be between 0 and harvest.parts-1={int(h.parts) - 1}")
+    if h.merge and int(h.parts) < 2:
+        raise UserError(
+            "harvest.merge=true merges the parts of a split harvest; set harvest.parts to their number"
+        )
     if h.context_size < 2 and h.prepend_bos:
         raise UserError(f"harvest.context_size={h.context_size} leaves no room for text after BOS")
