@@ -46,6 +46,13 @@ FEATURES_DATA_JS = "features_data.js"  # the same data as a script the page load
 FEATURES_HTML = "index.html"
 STEER = "steer"  # <run>/steer/: steering / clamping / ablation results
 STEER_JSON = "steer.json"
+PROBE = "probe"  # <run>/probe/<task>/: metrics.json, the table and the score-vs-k plot of sae-probe
+PROBE_TABLE_MD = "probe.md"
+PROBE_PLOT = "probe_vs_k.png"
+
+
+def probe_dir(run_dir: Path, task: str) -> Path:
+    return Path(run_dir) / PROBE / task
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

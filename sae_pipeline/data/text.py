@@ -52,6 +52,11 @@ def _load_split(data_cfg: Any, split: str):
         ) from None
 
 
+def load_split(data_cfg: Any, split: str):
+    """One split of the dataset a DataConfig-like mapping names (the embedded plays included)."""
+    return _load_split(data_cfg, split)
+
+
 def _check_column(ds, data_cfg: Any) -> str:
     column = _get(data_cfg, "text_column", "text")
     names = ds.column_names

@@ -1,7 +1,7 @@
 """Typed schemas of every config group, one module per stage plus the groups they share.
 
     common.py    paths, model, data, hook, logger (shared by several stages)
-    harvest.py   train.py   eval.py   features.py   steer.py   (one Job dataclass each)
+    harvest.py   train.py   eval.py   features.py   steer.py   probe.py   (one Job dataclass each)
 
 `register_configs()` puts every schema in Hydra's ConfigStore; each stage calls it before
 `@hydra.main` composes, and `compose()` calls it for notebooks and tests. A typo in a key or a
@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from sae_pipeline.sae import CONFIG_CLASSES
 
-from . import eval, features, harvest, steer, train
+from . import eval, features, harvest, probe, steer, train
 from .common import to_container
 
 __all__ = ["compose", "register_configs", "to_container"]
@@ -29,6 +29,7 @@ def register_configs() -> None:
     cs.store(name="eval_schema", node=eval.EvalJob)
     cs.store(name="features_schema", node=features.FeaturesJob)
     cs.store(name="steer_schema", node=steer.SteerJob)
+    cs.store(name="probe_schema", node=probe.ProbeJob)
     for arch, cls in CONFIG_CLASSES.items():
         cs.store(group="sae", name=f"base_{arch}", node=cls)
 
