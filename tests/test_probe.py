@@ -143,11 +143,13 @@ def test_a_label_unrelated_to_the_text_stays_near_chance(planted, tmp_path):
     from sae_pipeline import probe
 
     out = tmp_path / "out"
-    cfg = compose_config("probe", [*_overrides(run_dir, shuffled), f"probe.out_dir={out}", "probe.ks=[1]"])
+    # weak regularisation: a probe that saw probe-test while fitting would score far above chance here
+    over = [*_overrides(run_dir, shuffled), f"probe.out_dir={out}", "probe.ks=[1]", "probe.Cs=[1000.0]"]
+    cfg = compose_config("probe", over)
     report = probe.run(cfg)[run_dir.name]
     for pool in report["results"].values():
-        for e in (pool["dense"], pool["sae_all"], pool["sae_k"]["1"]):
-            assert e["balanced_accuracy"] < 0.75 and e["balanced_accuracy_ci"][0] < 0.5, e
+        for e in (pool["dense"], pool["sae_all"], pool["sae_k"]["1"]):  # 36 test rows: chance is 0.5 +- 0.08
+            assert e["balanced_accuracy"] < 0.72 and e["balanced_accuracy_ci"][0] < 0.56, e
 
 
 def test_speaker_labels_follow_the_markdown():

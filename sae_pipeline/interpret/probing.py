@@ -5,7 +5,7 @@
     sets = sequence_features(acts_NTD, ctx.valid_NT, sae)            # {"mean": (dense, latents), "max": ...}
     results = probe_all(sets, ..., ks=[1, 2, 5])
 
-Probes are L2-regularised logistic regressions on standardised features (scaler fit on probe-train),
+Probes are L2-regularised logistic regressions on features scaled to unit variance on probe-train,
 class-weighted so that every class counts equally; C is chosen by cross-validated log loss on the training
 split only, with folds that keep documents together. k-sparse probes use the k latents with the largest
 difference of class means on the training split (SAEBench's sparse probing; several classes: the largest
@@ -159,10 +159,14 @@ def _model(C: float, max_iter: int):
 
 def fit_probe(X_tr, y_tr, g_tr, X_te, n_classes: int, Cs, n_folds: int, seed: int, max_iter: int = 1000):
     """Standardise on train, choose C by grouped CV log loss on train, refit; returns (P_test [N, C], info)."""
+    from scipy import sparse
     from sklearn.metrics import log_loss
     from sklearn.preprocessing import StandardScaler
 
-    scaler = StandardScaler().fit(X_tr)
+    if X_tr.size and np.count_nonzero(X_tr) < 0.1 * X_tr.size:  # SAE latents: lbfgs costs O(non-zeros)
+        X_tr, X_te = sparse.csr_matrix(X_tr), sparse.csr_matrix(X_te)
+    # No centring (it would fill sparse latents): with an unpenalised intercept the fit is the same.
+    scaler = StandardScaler(with_mean=False).fit(X_tr)
     X_tr, X_te = scaler.transform(X_tr), scaler.transform(X_te)
     folds, unit = _folds(y_tr, g_tr, n_folds, seed)
     losses = []
