@@ -197,9 +197,14 @@ def build_contexts(
     body = context_size - (1 if bos_id is not None else 0)
     rows, labels, tok_labels, groups = [], [], [], []
     for d in docs:
-        enc = tokenizer(d.text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        tl = token_labels(speaker_char_labels(d.text), offsets) if token_task else [IGNORE] * len(ids)
+        # character offsets only where token labels need them (slow tokenizers, e.g. ESM's, have none)
+        enc = tokenizer(d.text, add_special_tokens=False, return_offsets_mapping=token_task, verbose=False)
+        ids = enc["input_ids"]
+        tl = (
+            token_labels(speaker_char_labels(d.text), enc["offset_mapping"])
+            if token_task
+            else [IGNORE] * len(ids)
+        )
         for s in _windows(len(ids), body, per_doc):
             chunk, chunk_tl = ids[s : s + body], tl[s : s + body]
             if not chunk:

@@ -93,7 +93,7 @@ def probe_sae(task: Task, sae, p_cfg) -> dict:
         "context_size": int(task.ctx.ids_NT.shape[1]),
         "splits": {"train": _counts(y_tr, g_tr, classes), "test": _counts(y_te, g_te, classes)},
         "documents": {"train": task.split.train_groups, "test": task.split.test_groups},
-        "seen_by_sae": {
+        "in_store_training_documents": {  # not held out by the store (its harvest may have read only some)
             side: sum(bool(seen.get(d)) for d in docs)
             for side, docs in (("train", task.split.train_groups), ("test", task.split.test_groups))
         },  # fmt: skip
