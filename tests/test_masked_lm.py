@@ -120,3 +120,56 @@ def test_masked_lm_probe_finds_a_planted_motif(esm_run):
     for pool in report["results"].values():  # a random 2-layer model at layer 0: clearly above chance
         assert pool["dense"]["balanced_accuracy"] >= 0.85 and pool["dense"]["balanced_accuracy_ci"][0] > 0.6
     assert (tmp / "run" / layout.PROBE / "files" / layout.METRICS).is_file()
+
+
+def test_masked_lm_splice_scores_the_masked_tokens(esm_run):
+    """Clean CE is the cross-entropy of the original tokens at the masked positions (no shift), and an SAE
+    that reconstructs exactly (x = relu(x) - relu(-x)) recovers all of the loss."""
+    from torch.nn.functional import cross_entropy
+
+    from sae_pipeline.evaluation.splice import SpliceEvaluator
+    from sae_pipeline.sae import CONFIG_CLASSES, build_sae
+
+    _, model_dir, _ = esm_run
+    model, tok = load_model({"name": str(model_dir)}, "cpu")
+    gen = torch.Generator().manual_seed(3)
+    ids_NT = torch.randint(len(SPECIALS), len(SPECIALS) + len(AMINO), (6, 20), generator=gen)
+    ids_NT[:, 0] = tok.cls_token_id
+    valid_NT = torch.ones_like(ids_NT, dtype=torch.bool)
+    valid_NT[:, 0] = False
+    hp = resolve_hook(model, "blocks.0.hook_resid_post")
+    ev = SpliceEvaluator(model, hp, ids_NT, valid_NT, batch_size=4)
+    score = ev.score_NT
+    assert score.any(1).all() and not score[:, 0].any()  # >= 1 per context, never the CLS position
+    assert 0.05 < score.float().mean() < 0.35
+    assert (ev.input_ids_NT[score] == tok.mask_token_id).all()
+    assert torch.equal(ev.input_ids_NT[~score], ids_NT[~score])
+
+    d = 32
+    sae = build_sae(CONFIG_CLASSES["relu"](d_sae=2 * d, normalize_input=False), d_in=d, seed=0)
+    with torch.no_grad():
+        eye = torch.eye(d)
+        sae.W_enc_DF.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec_FD.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc_F.zero_()
+        sae.b_dec_D.zero_()
+    out = ev.evaluate(sae)
+    with torch.no_grad():
+        logits = model(input_ids=ev.input_ids_NT).logits
+    want = cross_entropy(logits[score], ids_NT[score]).item()
+    assert out["n_scored_positions"] == int(score.sum())
+    assert out["ce_clean"] == pytest.approx(want, rel=1e-5)
+    assert out["ce_sae"] == pytest.approx(out["ce_clean"], abs=1e-4)
+    assert out["loss_recovered"] == pytest.approx(1.0, abs=1e-3)
+    assert out["ce_zero"] > out["ce_clean"]
+
+
+def test_masked_lm_sae_eval_cli_runs(esm_run):
+    from tests.helpers import run_cli
+
+    tmp, _, _ = esm_run
+    res = run_cli("eval", [f"sae_path={tmp / 'run'}", f"paths.root={tmp / 'runs'}", "eval.n_tokens=200",
+                           "eval.device=cpu", "logger=none"], cwd=tmp)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = json.loads((tmp / "run" / layout.EVAL / layout.METRICS).read_text())
+    assert 0 < m["ce_clean"] < 10 and m["n_scored_positions"] > 0

@@ -181,3 +181,21 @@ def test_auroc_matches_the_pairwise_definition():
     P2 = np.stack([1 - P[:, 1], P[:, 1]], 1)
     pos, neg = P2[y2 == 1, 1], P2[y2 == 0, 1]
     assert auroc(y2, P2) == pytest.approx(np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg]))
+
+
+def test_a_sweep_folder_probes_every_run(planted, tmp_path):
+    """Two runs under one folder: each gets its own report; the same SAE twice gives the same numbers."""
+    import shutil
+
+    from sae_pipeline import probe
+
+    run_dir, data = planted
+    sweep = tmp_path / "sweep"
+    for name in ("a", "b"):
+        shutil.copytree(run_dir, sweep / name, ignore=shutil.ignore_patterns(layout.PROBE))
+    cfg = compose_config("probe", [*_overrides(sweep, data), "probe.ks=[1]", "probe.n_bootstrap=20"])
+    reports = probe.run(cfg)
+    assert sorted(reports) == ["a", "b"]
+    for name in ("a", "b"):
+        assert (sweep / name / layout.PROBE / "files" / layout.METRICS).is_file()
+    assert reports["a"]["results"] == reports["b"]["results"]
