@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_SILENT ?= true
 
-.PHONY: help setup assets browser demo sweep steer test test-fast faults lint format bench gpu-check clean distclean
+.PHONY: help setup assets browser demo sweep steer probe test test-fast faults lint format bench gpu-check clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,10 @@ demo: setup ## the main job: harvest -> train -> eval -> feature browser on the 
 
 steer: setup ## steer SmolLM2 with a latent of the demo SAE (run `make demo` first)
 	$(VENV)/bin/sae-steer paths.root=$(ROOT) sae_path=$(DEMO_RUN) 'steer.latents=[0]' 'steer.scales=[8.0]'
+
+probe: setup ## sparse probing of the demo SAE vs dense activations: play genre, held-out play, speaker headings (run `make demo` first)
+	$(VENV)/bin/sae-probe -m paths.root=$(ROOT) sae_path=$(DEMO_RUN) probe_task=genre,play,speaker
+	@echo "tables: $(DEMO_RUN)/probe/{genre,play,speaker}/probe.md (plots: probe_vs_k.png beside them)"
 
 sweep: setup ## a small L1 sweep (Hydra multirun) on the embedded default, then its Pareto table and plots
 	$(VENV)/bin/sae-harvest paths.root=$(ROOT) harvest.n_tokens=200000

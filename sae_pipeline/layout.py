@@ -60,6 +60,14 @@ EXPORT = "export"  # <run>/export/<format>/: the SAE in another library's format
 SAELENS_CONFIG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 
+PROBE = "probe"  # <run>/probe/<task>/: metrics.json, the table and the score-vs-k plot of sae-probe
+PROBE_TABLE_MD = "probe.md"
+PROBE_PLOT = "probe_vs_k.png"
+
+
+def probe_dir(run_dir: Path, task: str) -> Path:
+    return Path(run_dir) / PROBE / task
+
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"step-{step:09d}"

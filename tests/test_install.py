@@ -30,8 +30,15 @@ def test_regular_install_finds_configs(tmp_path):
     )
     assert build.returncode == 0, build.stderr
     assert (site / "sae_pipeline" / "conf" / "harvest.yaml").exists()
+    assert (site / "sae_pipeline" / "conf" / "probe_task" / "genre.yaml").exists()
+    assert (site / "sae_pipeline" / "data" / "first_folio_genres.json").exists()  # the genre task's data
     env = {**os.environ, "PYTHONPATH": str(site)}
-    required = {"harvest": [], "train": ["store=/nowhere"], "eval": ["sae_path=/nowhere"]}
+    required = {
+        "harvest": [],
+        "train": ["store=/nowhere"],
+        "eval": ["sae_path=/nowhere"],
+        "probe": ["sae_path=/nowhere"],
+    }
     for stage, args in required.items():
         proc = subprocess.run(
             [sys.executable, "-m", f"sae_pipeline.{stage}", "--cfg", "job", *args],

@@ -52,6 +52,11 @@ def _load_split(data_cfg: Any, split: str):
         ) from None
 
 
+def load_split(data_cfg: Any, split: str):
+    """One split of the dataset a DataConfig-like mapping names (the embedded plays included)."""
+    return _load_split(data_cfg, split)
+
+
 def _check_column(ds, data_cfg: Any) -> str:
     column = _get(data_cfg, "text_column", "text")
     names = ds.column_names
@@ -112,11 +117,14 @@ def eval_documents(data_cfg: Any, record: dict) -> Iterator[str]:
 def bos_token_id(tokenizer, prepend_bos: bool) -> int | None:
     if not prepend_bos:
         return None
-    if tokenizer.bos_token_id is None:
+    bos = tokenizer.bos_token_id
+    if bos is None:  # masked LMs (ESM-2, BERT) start a sequence with their CLS token instead
+        bos = getattr(tokenizer, "cls_token_id", None)
+    if bos is None:
         raise UserError(
-            "harvest.prepend_bos=true but the tokenizer has no BOS token; set harvest.prepend_bos=false"
+            "harvest.prepend_bos=true but the tokenizer has no BOS (or CLS) token; set harvest.prepend_bos=false"
         )
-    return int(tokenizer.bos_token_id)
+    return int(bos)
 
 
 def pack_contexts(

@@ -8,7 +8,8 @@
 
 Only valid positions (loss_mask True: not BOS, not padding) are measured *and* replaced: BOS and
 padding keep their clean activations in every variant, since the SAE never saw them in training.
-The prediction at position t of token t+1 is scored when t and t+1 are both valid.
+The prediction at position t of token t+1 is scored when t and t+1 are both valid. A masked LM is
+scored on a fixed, seeded set of masked valid tokens instead (`masked.py`).
 
 Efficiency: the clean forward records the outputs of every decoder block before the hook's block;
 the zero / mean / SAE forwards replay those outputs instead of recomputing them (exact, since a
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 from sae_pipeline.errors import UserError
 from sae_pipeline.evaluation import metrics as M
+from sae_pipeline.evaluation.masked import is_masked_lm, mask_tokens, masked_logprobs
 from sae_pipeline.model.hook_points import HookPoint, find_blocks
 from sae_pipeline.model.hooks import capture, splice
 from sae_pipeline.progress import progress
@@ -219,9 +221,18 @@ class SpliceEvaluator:
     ) -> None:
         self.model, self.hook = model, hook
         self.input_ids_NT, self.loss_mask_NT, self.batch_size = input_ids_NT, loss_mask_NT, batch_size
+        self.target_ids_NT, self.score_NT = input_ids_NT, None  # masked LM: original ids, masked positions
+        if is_masked_lm(model):
+            self.input_ids_NT, self.score_NT = mask_tokens(model, input_ids_NT, loss_mask_NT)
         self.replay = PrefixReplay(model, hook, enabled=reuse_prefix)
         self.mean_act_D = mean_act_D
         self.baseline: dict | None = None  # ce_zero, ce_mean, kl_zero, kl_mean once measured
+
+    def _scored(self, logits_BTV: Tensor, b: int, ids_BT: Tensor, mask_BT: Tensor) -> tuple[Tensor, Tensor]:
+        if self.score_NT is None:
+            return _scored_logprobs(logits_BTV, ids_BT, mask_BT)
+        rows = slice(b * self.batch_size, (b + 1) * self.batch_size)
+        return masked_logprobs(logits_BTV, self.target_ids_NT[rows], self.score_NT[rows])
 
     def evaluate(self, sae, activation: bool = True) -> dict:
         """Spliced metrics (and, with `activation`, the activation metrics) of one SAE."""
@@ -252,7 +263,8 @@ class SpliceEvaluator:
 
         bar = progress(int(self.loss_mask_NT.sum()), "eval")
         with torch.inference_mode():
-            for ids_BT, mask_BT in _batches(self.input_ids_NT, self.loss_mask_NT, self.batch_size, device):
+            batches = _batches(self.input_ids_NT, self.loss_mask_NT, self.batch_size, device)
+            for b, (ids_BT, mask_BT) in enumerate(batches):
                 bar.update(int(mask_BT.sum()))
                 seen.clear()
                 with self.replay.record(), splice(model, hook, record_x):
@@ -267,7 +279,7 @@ class SpliceEvaluator:
                         stats = M.ActivationStats(acts_NF.shape[-1])
                     stats.update(x_ND.float(), x_hat_ND.float(), acts_NF)
                 replacements["sae"] = lambda x_ND, _x_hat=x_hat_ND: _x_hat
-                logp_clean, targets = _scored_logprobs(logits, ids_BT, mask_BT)
+                logp_clean, targets = self._scored(logits, b, ids_BT, mask_BT)
                 del logits
                 n_scored += targets.numel()
                 if targets.numel() == 0:
@@ -279,7 +291,7 @@ class SpliceEvaluator:
                         splice(model, hook, _replace_valid(mask_BT, replacements[name])),
                     ):
                         logits = _forward_logits(model, ids_BT)
-                    logp, _ = _scored_logprobs(logits, ids_BT, mask_BT)
+                    logp, _ = self._scored(logits, b, ids_BT, mask_BT)
                     del logits
                     ce_sum[name] += -logp.gather(1, targets[:, None]).double().sum().item()
                     kl_sum[name] += M.kl_divergence(logp_clean, logp).double().sum().item()

@@ -1,4 +1,8 @@
-"""Loading a causal language model and its tokenizer: hub name, local folder, GGUF, or the embedded default."""
+"""Loading a language model and its tokenizer: hub name, local folder, GGUF, or the embedded default.
+
+Causal LMs by default; masked LMs (ESM-2, BERT-style) with model.kind=masked_lm or when the model's config
+names a *ForMaskedLM architecture. Activations are read from the base model either way.
+"""
 
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ def load_model(model_cfg: Any, device: str | torch.device = "auto"):
     """Return (model, tokenizer), the model in eval mode on `device`.
 
     `model_cfg` is a ModelConfig, a DictConfig or the plain dict a store manifest records."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars are the ones that matter
@@ -65,13 +69,29 @@ def load_model(model_cfg: Any, device: str | torch.device = "auto"):
     dtype = resolve_dtype(_get(model_cfg, "dtype", "float32") or "float32", device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        auto_cls = _auto_class(_get(model_cfg, "kind", "auto") or "auto", source, kwargs)
+        model = auto_cls.from_pretrained(source, dtype=dtype, **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"could not load model.name={name!r} ({first})") from None
     model.to(device).eval()
     model.requires_grad_(False)
     return model, tokenizer
+
+
+MODEL_KINDS = ("auto", "causal_lm", "masked_lm")
+
+
+def _auto_class(kind: str, source: str, kwargs: dict):
+    """AutoModelForMaskedLM for model.kind=masked_lm or a config whose architectures say *ForMaskedLM."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    if kind not in MODEL_KINDS:
+        raise UserError(f"model.kind={kind!r} is not one of {', '.join(MODEL_KINDS)}")
+    if kind == "auto":
+        archs = AutoConfig.from_pretrained(source, **kwargs).architectures or []
+        kind = "masked_lm" if any(a.endswith("ForMaskedLM") for a in archs) else "causal_lm"
+    return AutoModelForMaskedLM if kind == "masked_lm" else AutoModelForCausalLM
 
 
 def max_context(model) -> int | None:

@@ -30,6 +30,7 @@ class ModelConfig:
     revision: Optional[str] = None  # hub revision (branch, tag or commit)
     dtype: str = "float32"  # float32 | float16 | bfloat16 | auto (bfloat16 on CUDA, float32 on CPU)
     trust_remote_code: bool = False
+    kind: str = "auto"  # auto (from the config's architectures) | causal_lm | masked_lm (ESM-2, BERT-style)
 
 
 @dataclass
