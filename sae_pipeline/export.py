@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from sae_pipeline import layout
-from sae_pipeline.errors import UserError, report_user_errors
+from sae_pipeline.errors import UserError, report_config_errors, report_user_errors
 from sae_pipeline.runs import training_metadata
 from sae_pipeline.sae import load_sae, write_saelens
 from sae_pipeline.schema import register_configs
@@ -61,6 +61,7 @@ def run(cfg: DictConfig) -> Path:
 register_configs()
 
 
+@report_config_errors  # outside hydra.main: an override it cannot compose is one line too
 @hydra.main(version_base="1.3", config_path="conf", config_name="export")
 @report_user_errors  # inside hydra.main, so a UserError is one line instead of Hydra's traceback
 def main(cfg: DictConfig) -> None:

@@ -24,7 +24,7 @@ import hydra
 from omegaconf import DictConfig
 
 from sae_pipeline import layout
-from sae_pipeline.errors import report_user_errors
+from sae_pipeline.errors import report_config_errors, report_user_errors
 from sae_pipeline.interpret.probe_report import log_wandb, prepare_task, probe_sae, write_report
 from sae_pipeline.model.hook_points import resolve_hook
 from sae_pipeline.model.loading import load_model
@@ -85,6 +85,7 @@ def _summary(name: str, report: dict, out_dir: Path) -> str:
 register_configs()
 
 
+@report_config_errors  # outside hydra.main: an override it cannot compose is one line too
 @hydra.main(version_base="1.3", config_path="conf", config_name="probe")
 @report_user_errors  # inside hydra.main, so a UserError is one line instead of Hydra's traceback
 def main(cfg: DictConfig) -> None:
