@@ -144,8 +144,8 @@ def run(cfg: DictConfig) -> list[Path]:
             if n_ctx < span.n_contexts:
                 break
     finally:
-        bar.close()
-        writer_thread.close()
+        writer_thread.close()  # a failed shard write surfaces here, before the bar's final line
+    bar.close()
     wall_s = time.perf_counter() - started
     harvested = harvested_contexts * rows_per_context
     # a rerun that only repaired shards stops reading early: the first run's record stands

@@ -19,12 +19,12 @@ D, F_ = 6, 24
 
 
 def random_sae(arch: str):
-    kwargs = {"k": 3} if arch in ("topk", "batchtopk") else {}
+    kwargs = {"k": 3} if arch in ("topk", "batchtopk", "matryoshka") else {}
     sae = build_sae(CONFIG_CLASSES[arch](d_sae=F_, **kwargs), D, seed=0)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         sae.b_enc_F.copy_(torch.randn(F_, generator=g) * 0.5)
-        if arch == "batchtopk":
+        if arch in ("batchtopk", "matryoshka"):
             sae.threshold.fill_(0.8)
     return sae.eval()
 
@@ -77,7 +77,14 @@ def test_readme_example_runs(tmp_path, capsys):
     model_dir = helpers.save_tiny_model(tmp_path / "model")
     corpus = helpers.write_corpus(tmp_path / "corpus.jsonl", n_docs=8, words_per_doc=200)
     harvest = helpers.tiny_overrides(tmp_path, model_dir, corpus)
-    train = [f"paths.root={tmp_path / 'runs'}", "sae=topk", "sae.k=4", "train=tiny", "logger=none"]
+    train = [
+        f"paths.root={tmp_path / 'runs'}",
+        "sae=topk",
+        "sae.k=4",
+        "train=tiny",
+        "train.val_tokens=31",
+        "logger=none",
+    ]
     text = _replace_line(EXAMPLE.read_text(), "harvest_settings = ", f"harvest_settings = {harvest!r}")
     text = _replace_line(text, "train_settings = ", f"train_settings = {train!r}")
     ns: dict = {}

@@ -335,6 +335,11 @@ def test_load_errors_name_the_file(tmp_path):
     save_sae(sae, tmp_path / "b", extra={})
     save_sae(build_sae(TopKConfig(d_sae=F_ + 1, k=4), D), tmp_path / "c", extra={})
     (tmp_path / "c" / "config.json").replace(tmp_path / "b" / "config.json")
+    with pytest.raises(UserError, match="sae.safetensors is damaged"):  # the recorded checksum disagrees
+        load_sae(tmp_path / "b")
+    meta = json.loads((tmp_path / "b" / "config.json").read_text())
+    del meta["sha256"]  # a config without a recorded checksum (written elsewhere): the shapes are checked
+    (tmp_path / "b" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="sae.safetensors.*shape"):
         load_sae(tmp_path / "b")
     (tmp_path / "c" / "config.json").write_text("{broken")

@@ -33,6 +33,11 @@ def write_manifest(folder: Path, manifest: dict) -> None:
     write_json_atomic(Path(folder) / layout.MANIFEST, manifest)
 
 
+def _inside(file: str) -> bool:
+    rel = Path(file)
+    return bool(file) and not rel.is_absolute() and ".." not in rel.parts
+
+
 def check_manifest(manifest: object, path: Path) -> None:
     """The seal (when the manifest has one: stores written before it had none) and the keys read later."""
     if not isinstance(manifest, dict):
@@ -51,7 +56,8 @@ def check_manifest(manifest: object, path: Path) -> None:
         if not isinstance(manifest.get(key), kind):
             raise UserError(f"the store manifest {path} lacks a valid {key!r}; it is damaged")
     for i, shard in enumerate(shards):
-        ok = isinstance(shard, dict) and isinstance(shard.get("file"), str) and "/" not in shard["file"]
+        # a file inside the store: `shard-*.safetensors`, or `part-*/shard-*` in a merged sharded harvest
+        ok = isinstance(shard, dict) and isinstance(shard.get("file"), str) and _inside(shard["file"])
         ok = ok and isinstance(shard.get("n_rows"), int) and isinstance(shard.get("sha256"), str)
         if not ok:
             raise UserError(

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from sae_pipeline import layout
+from sae_pipeline.data.integrity import write_manifest
 from sae_pipeline.data.store import StoreWriter, norm_summary, read_manifest
 from sae_pipeline.errors import UserError
-from sae_pipeline.files import write_json_atomic
 
 
 def resolve_part(h) -> tuple[int, int]:
@@ -220,7 +220,7 @@ def merge(store: Path, parts: int, fingerprint: str) -> dict:
         data_exhausted=any(m.get("data_exhausted") for m in manifests),
         complete=True,
     )
-    write_json_atomic(store / layout.MANIFEST, merged)
+    write_manifest(store, merged)  # sealed with its own checksum, like every store manifest
     return merged
 
 
