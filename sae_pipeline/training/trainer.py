@@ -189,14 +189,19 @@ def _train_loop(members, reader, store, tcfg, device, autocast, step: int, resum
     while step < total_steps:
         x_BD = reader.next_batch()[rows].to(device, non_blocking=True)
         lr, scale = lr_at(step, total_steps, tcfg), sparsity_scale_at(step, tcfg)
-        for m in members:
-            m.train_step(x_BD, step, lr, scale, tcfg, autocast)
+        try:
+            for m in members:
+                m.train_step(x_BD, step, lr, scale, tcfg, autocast)
+        except Exception:  # a failure after a non-finite step is reported as that step
+            _check_finite(members)
+            raise
         step += 1
         if reader.epoch != epoch:
             epoch = reader.epoch
             log0.event(step, f"starting pass {epoch + 1} over the store")
         last = step == total_steps
         if step % tcfg.log_every == 0 or last:
+            _check_finite(members)  # the one host sync of the finiteness checks (per log line)
             for m in members:
                 rec = {
                     **m.stats.summary(),
@@ -217,6 +222,7 @@ def _train_loop(members, reader, store, tcfg, device, autocast, step: int, resum
                 loss_rec(m, step)
         every = tcfg.checkpoint_every_tokens
         if last or (every > 0 and step * tcfg.batch_size // every > (step - 1) * tcfg.batch_size // every):
+            _check_finite(members)  # never a checkpoint with non-finite weights (every rank checks)
             if main:
                 _save_checkpoints(members, step, reader, tcfg, dist.world_size)
             last_ckpt = step
@@ -230,6 +236,11 @@ def _train_loop(members, reader, store, tcfg, device, autocast, step: int, resum
     for m in members if main else ():
         print(f"saved {save_final(m, store)}", flush=True)
     dist.barrier()
+
+
+def _check_finite(members) -> None:
+    for m in members:
+        m.check_finite()
 
 
 def _save_checkpoints(members, step: int, reader, tcfg, world_size: int) -> None:
