@@ -11,6 +11,7 @@ from sae_pipeline.errors import UserError
 from sae_pipeline.sae import build_sae
 from sae_pipeline.training import checkpoint
 from sae_pipeline.training.runlog import RunLogger
+from sae_pipeline.training.schedule import resolve_lr
 from sae_pipeline.training.stats import LatentStats
 
 
@@ -33,7 +34,8 @@ class Member:
         self.sae = build_sae(sae_cfg, d_in, seed=tcfg.seed).to(device)
         self.params = [p for p in self.sae.parameters() if p.requires_grad]
         betas = (tcfg.adam_beta1, tcfg.adam_beta2)
-        self.opt = _adam(self.params, tcfg.lr, betas, tcfg.adam_eps)
+        self.lr = resolve_lr(tcfg.lr, self.sae.d_sae)  # peak learning rate (train.lr or the width's default)
+        self.opt = _adam(self.params, self.lr, betas, tcfg.adam_eps)
         self.dist = dist  # training.distributed.Distributed of a data-parallel job, else None
         if dist is not None and dist.active:
             self.sae.collective = dist  # batch-wide top-k and AuxK normaliser over all ranks

@@ -121,7 +121,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
     for m, found in zip(members, ckpts, strict=True):
         record = {
             "config": container, **origin, "arch": m.sae_cfg.arch, "d_in": store.d_in, "d_sae": m.sae.d_sae,
-            "sae": asdict(m.sae_cfg), "member": m.name, "input_scale": m.input_scale,
+            "sae": asdict(m.sae_cfg), "member": m.name, "input_scale": m.input_scale, "lr": m.lr,
             "world_size": dist.world_size,
         }  # fmt: skip
         old = {}
@@ -176,6 +176,13 @@ def _train_loop(members, reader, store, tcfg, device, autocast, step: int, resum
     log0 = members[0].logger
     if resuming:
         log0.event(step, f"resuming at step {step}/{total_steps} (pass {reader.epoch + 1} over the store)")
+    for m in members:
+        why = (
+            "train.lr"
+            if tcfg.lr is not None
+            else f"train.lr not given: 2e-4 / sqrt(d_sae / 2**14), d_sae={m.sae.d_sae}"
+        )
+        m.logger.event(step, f"peak learning rate {m.lr:.4g} ({why})")
     if step == 0 and total_steps * tcfg.batch_size > reader.epoch_rows:
         passes = total_steps * tcfg.batch_size / reader.epoch_rows
         log0.event(
@@ -188,10 +195,10 @@ def _train_loop(members, reader, store, tcfg, device, autocast, step: int, resum
     epoch, last_ckpt, rows = reader.epoch, step, dist.rows(tcfg.batch_size)
     while step < total_steps:
         x_BD = reader.next_batch()[rows].to(device, non_blocking=True)
-        lr, scale = lr_at(step, total_steps, tcfg), sparsity_scale_at(step, tcfg)
+        lr, scale = lr_at(step, total_steps, tcfg, 1.0), sparsity_scale_at(step, tcfg)  # lr: schedule factor
         try:
             for m in members:
-                m.train_step(x_BD, step, lr, scale, tcfg, autocast)
+                m.train_step(x_BD, step, lr * m.lr, scale, tcfg, autocast)
         except Exception:  # a failure after a non-finite step is reported as that step
             _check_finite(members)
             raise
@@ -205,7 +212,7 @@ def _train_loop(members, reader, store, tcfg, device, autocast, step: int, resum
             for m in members:
                 rec = {
                     **m.stats.summary(),
-                    "lr": lr,
+                    "lr": m.opt.param_groups[0]["lr"],  # what the optimizer used
                     "sparsity_coefficient": scale,
                     "tokens": step * tcfg.batch_size,
                 }
