@@ -76,9 +76,10 @@ format: $(STAMP) ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: setup ## benchmarks: harvest early exit, SAE training roofline, reader throughput
+bench: setup ## benchmarks: harvest early exit, SAE training roofline, loop vs step, reader throughput
 	$(PY) scripts/bench_harvest.py
 	$(PY) scripts/bench_sae.py
+	$(PY) scripts/bench_loop.py
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_sweep_group.py
 

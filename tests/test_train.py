@@ -175,6 +175,23 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path, monk
     ).all()
 
 
+def test_nan_inside_a_log_window_never_reaches_a_checkpoint(store, tmp_path, monkeypatch):
+    """The finiteness check runs per log line, and before every checkpoint: with no log line between the
+    non-finite step 30 and the checkpoint at step 32, the run still stops before writing step 32."""
+    original, calls = ShuffledReader.next_batch, {"n": 0}
+
+    def poisoned(self):
+        calls["n"] += 1
+        x = original(self)
+        return x * float("inf") if calls["n"] == 30 else x
+
+    monkeypatch.setattr(ShuffledReader, "next_batch", poisoned)
+    with pytest.raises(UserError, match="step 30.*step-000000016"):
+        run(cfg_for(store, tmp_path / "r", "train.log_every=1000"))
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "r")] == ["step-000000016"]
+    assert calls["n"] == 32  # stopped at the checkpoint, not at the step
+
+
 def test_d_in_mismatch_is_one_sentence(store, tmp_path):
     with pytest.raises(UserError, match="d_in=99 does not match the store"):
         run(_with_d_in(store, tmp_path))

@@ -50,6 +50,31 @@ def test_dead_counter_counts_tokens_and_resets_when_a_latent_fires():
     assert stats.since_fired_F.tolist() == [2, 6, 0] and stats.dead_mask_F().tolist() == [False, True, False]
 
 
+@pytest.mark.parametrize("flat", [False, True])
+def test_sparse_code_gives_the_hand_counted_l0_firing_and_dead_latents(flat):
+    """The same activations as the hand example, given as a sparse code (K=2 per row, one padded zero;
+    or BatchTopK's flat entries with their rows): L0 = (1 + 2) / 2, latents 0 and 1 fire on 1 and 2 of
+    the 2 rows, latent 2 never fires; the padded (value 0) entry on latent 2 must not count."""
+    from sae_pipeline.sae.base import SparseCode
+
+    stats = LatentStats(d_sae=3, dead_tokens=4, device=torch.device("cpu"))
+    x_BD = torch.tensor([[10.0, 0.0], [12.0, 2.0]])
+    if flat:
+        code = SparseCode(
+            torch.tensor([1, 2, 0, 1]), torch.tensor([3.0, 0.0, 1.0, 2.0]), 3, 2, torch.tensor([0, 0, 1, 1])
+        )
+    else:
+        code = SparseCode(torch.tensor([[1, 2], [0, 1]]), torch.tensor([[3.0, 0.0], [1.0, 2.0]]), 3, 2)
+    stats.update(x_BD, x_BD, None, torch.tensor(1.0), {}, 1.0, sparse=code)
+    assert stats.fired_F.tolist() == [1, 2, 0]
+    assert stats.since_fired_F.tolist() == [0, 0, 2]
+    stats.update(x_BD, x_BD, None, torch.tensor(1.0), {}, 1.0, sparse=code)
+    assert stats.dead_mask_F().tolist() == [False, False, True]
+    out = stats.summary()
+    assert out["l0"] == pytest.approx(1.5) and out["dead_latents"] == 1 and out["dense_latents"] == 2
+    assert code.dense().tolist() == [[0.0, 3.0, 0.0], [1.0, 2.0, 0.0]]
+
+
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 def test_auxk_gradient_reaches_only_dead_latents(arch):
     """The AuxK term reconstructs the residual of the main reconstruction with dead latents only: its

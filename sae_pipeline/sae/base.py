@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from sae_pipeline.errors import UserError
+
+from .kernels import scatter_dense
 
 B_DEC_INITS = ("geometric_median", "mean", "zeros")
 
@@ -63,14 +65,46 @@ class SAEConfig:
 
 
 @dataclass
-class TrainOutput:
-    """What `SAE.training_forward` returns."""
+class SparseCode:
+    """The kept entries of a batch's latent activations (detached): `idx` latent indices and `vals` their
+    activations, [B, K] per row, or flat [N] with `rows_N` naming each entry's row (BatchTopK)."""
 
-    loss: Tensor  # scalar to backpropagate: sum of the weighted parts
-    # loss terms before the sparsity warm-up weighting, e.g. "mse", "l1"
-    parts: dict[str, Tensor] = field(default_factory=dict)
-    acts_BF: Tensor | None = None  # latent activations (detached, dense)
-    x_hat_BD: Tensor | None = None  # reconstruction (detached)
+    idx: Tensor
+    vals: Tensor
+    d_sae: int
+    n_rows: int
+    rows_N: Tensor | None = None
+
+    def dense(self) -> Tensor:
+        """The [B, F] activations (a B x F scatter: what the trainer's statistics avoid)."""
+        return scatter_dense(self.idx, self.vals, self.d_sae, self.rows_N, self.n_rows)
+
+
+class TrainOutput:
+    """What `SAE.training_forward` returns.
+
+    loss: scalar to backpropagate (sum of the weighted parts); parts: loss terms before the sparsity warm-up
+    weighting ("mse", "l1", ...); x_hat_BD: the reconstruction (detached). The activations come as dense
+    `acts_BF` or, for architectures that keep K latents per row, as a `sparse` code; `acts_BF` of a sparse
+    output is built (and cached) on first access only, so the training loop never pays for it."""
+
+    def __init__(
+        self,
+        loss: Tensor,
+        parts: dict[str, Tensor] | None = None,
+        acts_BF: Tensor | None = None,
+        x_hat_BD: Tensor | None = None,
+        sparse: SparseCode | None = None,
+    ):
+        self.loss, self.parts, self.x_hat_BD, self.sparse = loss, parts or {}, x_hat_BD, sparse
+        self._acts_BF = acts_BF
+
+    @property
+    def acts_BF(self) -> Tensor | None:
+        """Dense latent activations (detached)."""
+        if self._acts_BF is None and self.sparse is not None:
+            self._acts_BF = self.sparse.dense()
+        return self._acts_BF
 
 
 def scale_for_mean_norm(d_in: int, mean_norm: float) -> float:

@@ -20,9 +20,9 @@ from torch import Tensor
 
 from sae_pipeline.errors import UserError
 
-from .base import SAE, TrainOutput
+from .base import SAE, SparseCode, TrainOutput
 from .batch_reduce import kth_largest
-from .kernels import gather_encode, scatter_dense, sparse_decode
+from .kernels import gather_encode, sparse_decode
 from .registry import register
 from .topk import TopKConfig, TopKSAE
 
@@ -113,5 +113,5 @@ class BatchTopKSAE(TopKSAE):
             torch.cumsum(keep_BM.sum(1)[:-1], 0, out=offsets_B[1:])
         vals_N = gather_encode(x_BD, self.W_enc_DF, bias_F, pre_BF, idx_N, rows_N, offsets_B)
         x_hat_BD = sparse_decode(idx_N, vals_N, self.W_dec_FD, self.b_dec_D, offsets_B)
-        acts_BF = scatter_dense(idx_N, vals_N, self.d_sae, rows_N, n_rows)
-        return self._output(x_BD, x_hat_BD, pre_BF, bias_F, dead_mask_F, acts_BF)
+        code = SparseCode(idx_N, vals_N.detach(), self.d_sae, n_rows, rows_N)
+        return self._output(x_BD, x_hat_BD, pre_BF, bias_F, dead_mask_F, code)

@@ -29,9 +29,9 @@ from torch import Tensor
 
 from sae_pipeline.errors import UserError
 
-from .base import TrainOutput
+from .base import SparseCode, TrainOutput
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
-from .kernels import gather_encode, scatter_dense, sparse_decode
+from .kernels import gather_encode, sparse_decode
 from .registry import register
 
 
@@ -138,8 +138,8 @@ class MatryoshkaSAE(BatchTopKSAE):
             aux = self._aux_k_loss(x_BD, x_hat_BD.detach(), pre_BF, bias_F, dead_mask_F)
             loss = loss + self.cfg.aux_k_coefficient * aux
             parts["aux_k"] = aux.detach()
-        acts_BF = scatter_dense(idx_N, vals_N, self.d_sae, rows_N, n_rows)
-        return TrainOutput(loss=loss, parts=parts, acts_BF=acts_BF, x_hat_BD=x_hat_BD.detach())
+        code = SparseCode(idx_N, vals_N.detach(), self.d_sae, n_rows, rows_N)
+        return TrainOutput(loss=loss, parts=parts, x_hat_BD=x_hat_BD.detach(), sparse=code)
 
 
 def _starts(sorted_keys_N: Tensor, n_bags: int) -> Tensor:

@@ -15,9 +15,9 @@ from torch import Tensor
 
 from sae_pipeline.errors import UserError
 
-from .base import SAE, SAEConfig, TrainOutput
+from .base import SAE, SAEConfig, SparseCode, TrainOutput
 from .batch_reduce import centered_sq_sum
-from .kernels import gather_encode, scatter_dense, sparse_decode
+from .kernels import gather_encode, sparse_decode
 from .registry import register
 
 
@@ -91,10 +91,10 @@ class TopKSAE(SAE):
     ) -> TrainOutput:
         bias_F, pre_BF, idx_BK, vals_BK = self._sparse_code(x_BD)
         x_hat_BD = sparse_decode(idx_BK, vals_BK, self.W_dec_FD, self.b_dec_D)
-        acts_BF = scatter_dense(idx_BK, vals_BK, self.d_sae)
-        return self._output(x_BD, x_hat_BD, pre_BF, bias_F, dead_mask_F, acts_BF)
+        code = SparseCode(idx_BK, vals_BK.detach(), self.d_sae, x_BD.shape[0])
+        return self._output(x_BD, x_hat_BD, pre_BF, bias_F, dead_mask_F, code)
 
-    def _output(self, x_BD, x_hat_BD, pre_BF, bias_F, dead_mask_F, acts_BF) -> TrainOutput:
+    def _output(self, x_BD, x_hat_BD, pre_BF, bias_F, dead_mask_F, code: SparseCode) -> TrainOutput:
         """Reconstruction loss plus AuxK on the dead latents (shared with BatchTopK)."""
         mse = self.mse(x_hat_BD, x_BD)
         loss = mse
@@ -103,7 +103,7 @@ class TopKSAE(SAE):
             aux = self._aux_k_loss(x_BD, x_hat_BD.detach(), pre_BF, bias_F, dead_mask_F)
             loss = loss + self.cfg.aux_k_coefficient * aux
             parts["aux_k"] = aux.detach()
-        return TrainOutput(loss=loss, parts=parts, acts_BF=acts_BF, x_hat_BD=x_hat_BD.detach())
+        return TrainOutput(loss=loss, parts=parts, x_hat_BD=x_hat_BD.detach(), sparse=code)
 
     def _aux_k_loss(
         self, x_BD: Tensor, x_hat_BD: Tensor, pre_BF: Tensor, bias_F: Tensor, dead_mask_F: Tensor

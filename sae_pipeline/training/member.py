@@ -11,6 +11,7 @@ from sae_pipeline.errors import UserError
 from sae_pipeline.sae import build_sae
 from sae_pipeline.training import checkpoint
 from sae_pipeline.training.runlog import RunLogger
+from sae_pipeline.training.schedule import resolve_lr
 from sae_pipeline.training.stats import LatentStats
 
 
@@ -33,7 +34,8 @@ class Member:
         self.sae = build_sae(sae_cfg, d_in, seed=tcfg.seed).to(device)
         self.params = [p for p in self.sae.parameters() if p.requires_grad]
         betas = (tcfg.adam_beta1, tcfg.adam_beta2)
-        self.opt = _adam(self.params, tcfg.lr, betas, tcfg.adam_eps)
+        self.lr = resolve_lr(tcfg.lr, self.sae.d_sae)  # peak learning rate (train.lr or the width's default)
+        self.opt = _adam(self.params, self.lr, betas, tcfg.adam_eps)
         self.dist = dist  # training.distributed.Distributed of a data-parallel job, else None
         if dist is not None and dist.active:
             self.sae.collective = dist  # batch-wide top-k and AuxK normaliser over all ranks
@@ -41,6 +43,7 @@ class Member:
         self.rng = checkpoint.rng_state()[0]
         self.logger: RunLogger | None = None
         self.resumed_from: Path | None = None  # the checkpoint this run resumed from
+        self._bad_step = self._bad_loss = None  # first non-finite step (device tensors), see _note_finite
 
     def train_step(self, x_BD, step: int, lr: float, sparsity_scale: float, tcfg, autocast) -> None:
         checkpoint.set_rng_state(self.rng, {})
@@ -59,27 +62,48 @@ class Member:
         self.sae.before_optimizer_step()
         if tcfg.max_grad_norm > 0:
             check = check + torch.nn.utils.clip_grad_norm_(self.params, tcfg.max_grad_norm)
-        if not torch.isfinite(check).item():
-            last = checkpoint.latest(self.run_dir)
-            kept = f"the last checkpoint {last} is kept" if last else "no checkpoint had been written yet"
-            if last is not None and last == self.resumed_from:  # nothing saved since the resume
-                kept += (
-                    "; this run resumed from it, so it may be damaged: move it aside and resume again "
-                    "to continue from the checkpoint before it"
-                )
-            raise UserError(
-                f"the loss of {self.name or 'the SAE'} became {float(out.loss.detach()):g} (or its gradient non-finite) at step "
-                f"{step + 1}, so training stopped; {kept} (lower train.lr or check the store for inf/nan activations)"
-            )
+        self._note_finite(check, out.loss, step)
         self.opt.step()
         self.sae.after_optimizer_step()
-        acts_BF, x_hat_BD = out.acts_BF, out.x_hat_BD
-        if acts_BF is None or x_hat_BD is None:
+        sparse, x_hat_BD = out.sparse, out.x_hat_BD
+        acts_BF = None if sparse is not None else out.acts_BF  # a sparse code is never made dense here
+        if (acts_BF is None and sparse is None) or x_hat_BD is None:
             with torch.no_grad():
-                acts_BF = self.sae.encode(xs_BD)
+                acts_BF, sparse = self.sae.encode(xs_BD), None
                 x_hat_BD = self.sae.decode(acts_BF)
-        self.stats.update(xs_BD, x_hat_BD, acts_BF, out.loss, out.parts, self.input_scale)
+        self.stats.update(xs_BD, x_hat_BD, acts_BF, out.loss, out.parts, self.input_scale, sparse)
         self.rng = checkpoint.rng_state()[0]
+
+    def _note_finite(self, check, loss, step: int) -> None:
+        """Remember, on the device, the first step whose loss or gradient norm was not finite.
+
+        Reading it back costs a host sync, so the trainer does it (`check_finite`) at every log line, before
+        every checkpoint and before the final save: a non-finite step is never written to disk and always
+        stops the run with the step it happened at, without a sync per step."""
+        bad = ~torch.isfinite(check)
+        if self._bad_step is None:
+            self._bad_step = torch.full((), -1, dtype=torch.long, device=check.device)
+            self._bad_loss = torch.zeros((), device=check.device)
+        first = bad & (self._bad_step < 0)
+        self._bad_step = torch.where(first, step + 1, self._bad_step)
+        self._bad_loss = torch.where(first, loss.detach().float(), self._bad_loss)
+
+    def check_finite(self) -> None:
+        """Raise UserError if a step since the start had a non-finite loss or gradient (one host sync)."""
+        if self._bad_step is None or int(self._bad_step) < 0:
+            return
+        last = checkpoint.latest(self.run_dir)
+        kept = f"the last checkpoint {last} is kept" if last else "no checkpoint had been written yet"
+        if last is not None and last == self.resumed_from:  # nothing saved since the resume
+            kept += (
+                "; this run resumed from it, so it may be damaged: move it aside and resume again "
+                "to continue from the checkpoint before it"
+            )
+        raise UserError(
+            f"the loss of {self.name or 'the SAE'} became {float(self._bad_loss):g} (or its gradient non-finite) at "
+            f"step {int(self._bad_step)}, so training stopped; {kept} (lower train.lr or check the store for inf/nan "
+            "activations)"
+        )
 
     def folded(self):
         """A copy that takes raw activations (the input scale folded into the weights)."""

@@ -1,22 +1,36 @@
 """Learning-rate and sparsity schedules: pure functions of the step, so a resume needs no scheduler state.
 
-Learning rate: linear warm-up from 0 over `lr_warmup_steps`, constant `lr`, then linear decay to 0 over
+Learning rate (`train.lr`, or `default_lr(d_sae)` when it is not given): linear warm-up from 0 over `lr_warmup_steps`, constant `lr`, then linear decay to 0 over
 the final `lr_decay_fraction` of the steps. The sparsity coefficient warms up linearly from 0 to its full
 value over `sparsity_warmup_steps` (the `sparsity_scale` handed to the SAE).
 """
 
 from __future__ import annotations
 
+import math
 
-def lr_at(step: int, total_steps: int, cfg) -> float:
-    """Learning rate for optimizer step `step` (0-based)."""
+
+def default_lr(d_sae: int) -> float:
+    """The peak learning rate when `train.lr` is not given: 2e-4 / sqrt(d_sae / 2**14), the scaling law
+    Gao et al. (2024, "Scaling and evaluating sparse autoencoders") fit for TopK SAEs (smaller for wider
+    dictionaries: 2e-4 at 16,384 latents, 3.77e-4 at 8 x 576)."""
+    return 2e-4 / math.sqrt(d_sae / 2**14)
+
+
+def resolve_lr(lr: float | None, d_sae: int) -> float:
+    """`train.lr` if given, else `default_lr(d_sae)`."""
+    return float(lr) if lr is not None else default_lr(d_sae)
+
+
+def lr_at(step: int, total_steps: int, cfg, base: float | None = None) -> float:
+    """Learning rate for optimizer step `step` (0-based): the schedule times `base` (default `cfg.lr`)."""
     scale = 1.0
     if cfg.lr_warmup_steps > 0:
         scale = min(scale, (step + 1) / cfg.lr_warmup_steps)
     decay_steps = int(cfg.lr_decay_fraction * total_steps)
     if decay_steps > 0:
         scale = min(scale, (total_steps - step) / decay_steps)
-    return cfg.lr * max(scale, 0.0)
+    return (cfg.lr if base is None else base) * max(scale, 0.0)
 
 
 def sparsity_scale_at(step: int, cfg) -> float:

@@ -41,6 +41,8 @@ def check_train_config(t) -> None:
             "nothing would be trained"
         )
     for key in ("lr", "adam_eps"):
+        if key == "lr" and t[key] is None:  # the default that follows the dictionary width
+            continue
         if not (math.isfinite(t[key]) and t[key] > 0):
             raise UserError(f"train.{key}={t[key]} must be a positive finite number")
     for key in ("adam_beta1", "adam_beta2"):

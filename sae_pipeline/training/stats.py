@@ -30,25 +30,34 @@ class LatentStats:
     def dead_mask_F(self) -> torch.Tensor:
         return self.since_fired_F >= self.dead_tokens
 
+    def fired_counts_F(self, acts_BF=None, sparse=None) -> torch.Tensor:
+        """How many of the batch's rows each latent fired on (float32, exact below 2**24 rows), from dense
+        [B, F] activations or from a sparse code (sae.base.SparseCode: only its K entries per row are read,
+        so a K-sparse architecture's statistics cost O(B*K), not O(B*F))."""
+        if sparse is not None:
+            counts_F = torch.zeros(self.since_fired_F.shape[0], device=sparse.vals.device)
+            return counts_F.index_add_(0, sparse.idx.reshape(-1), (sparse.vals.reshape(-1) != 0).float())
+        return (acts_BF != 0).sum(0, dtype=torch.float32)  # one B x F pass, no int64 copy
+
     @torch.no_grad()
-    def update(self, x_BD, x_hat_BD, acts_BF, loss, parts: dict, input_scale: float) -> None:
-        fired_BF = acts_BF != 0
-        fired_F = fired_BF.sum(0)
+    def update(self, x_BD, x_hat_BD, acts_BF, loss, parts: dict, input_scale: float, sparse=None) -> None:
+        """One step's statistics (no host sync); acts_BF may be None when `sparse` is given."""
+        fired_F = self.fired_counts_F(acts_BF, sparse)
         err_B = (x_hat_BD.float() - x_BD).pow(2).sum(-1)
-        n_rows, err, l0 = x_BD.shape[0], err_B.sum(), fired_BF.sum().float()
+        n_rows, err, l0 = x_BD.shape[0], err_B.sum(), fired_F.sum()
         means = {"loss": loss.detach().float(), **{f"loss/{k}": v.detach().float() for k, v in parts.items()}}
         if self.dist is not None and self.dist.active:  # the global batch's values (one all-reduce + one)
             n, names = self.dist.world_size, list(means)
-            flat = torch.cat([fired_F.float(), x_BD.sum(0), torch.stack([err, l0, *means.values()])])
+            flat = torch.cat([fired_F, x_BD.sum(0), torch.stack([err, l0, *means.values()])])
             flat = self.dist.all_reduce_sum(flat)
-            fired_F, sum_x_D = flat[: fired_F.numel()].round().long(), flat[fired_F.numel() : -len(names) - 2]
+            fired_F, sum_x_D = flat[: fired_F.numel()].round(), flat[fired_F.numel() : -len(names) - 2]
             err, l0, n_rows = flat[-len(names) - 2], flat[-len(names) - 1], n_rows * n
             means = {k: v / n for k, v in zip(names, flat[-len(names) :], strict=True)}
             var = self.dist.all_reduce_sum((x_BD - sum_x_D / n_rows).pow(2).sum())
         else:
             var = (x_BD - x_BD.mean(0)).pow(2).sum()
         self.since_fired_F += n_rows
-        self.since_fired_F[fired_F > 0] = 0
+        self.since_fired_F.masked_fill_(fired_F > 0, 0)  # (a boolean index would sync with the host)
         self.fired_F = fired_F if self.fired_F is None else self.fired_F + fired_F
         values = {
             "loss": means.pop("loss"),

@@ -121,7 +121,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
     for m, found in zip(members, ckpts, strict=True):
         record = {
             "config": container, **origin, "arch": m.sae_cfg.arch, "d_in": store.d_in, "d_sae": m.sae.d_sae,
-            "sae": asdict(m.sae_cfg), "member": m.name, "input_scale": m.input_scale,
+            "sae": asdict(m.sae_cfg), "member": m.name, "input_scale": m.input_scale, "lr": m.lr,
             "world_size": dist.world_size,
         }  # fmt: skip
         old = {}
@@ -176,6 +176,13 @@ def _train_loop(members, reader, store, tcfg, device, autocast, step: int, resum
     log0 = members[0].logger
     if resuming:
         log0.event(step, f"resuming at step {step}/{total_steps} (pass {reader.epoch + 1} over the store)")
+    for m in members:
+        why = (
+            "train.lr"
+            if tcfg.lr is not None
+            else f"train.lr not given: 2e-4 / sqrt(d_sae / 2**14), d_sae={m.sae.d_sae}"
+        )
+        m.logger.event(step, f"peak learning rate {m.lr:.4g} ({why})")
     if step == 0 and total_steps * tcfg.batch_size > reader.epoch_rows:
         passes = total_steps * tcfg.batch_size / reader.epoch_rows
         log0.event(
@@ -188,19 +195,24 @@ def _train_loop(members, reader, store, tcfg, device, autocast, step: int, resum
     epoch, last_ckpt, rows = reader.epoch, step, dist.rows(tcfg.batch_size)
     while step < total_steps:
         x_BD = reader.next_batch()[rows].to(device, non_blocking=True)
-        lr, scale = lr_at(step, total_steps, tcfg), sparsity_scale_at(step, tcfg)
-        for m in members:
-            m.train_step(x_BD, step, lr, scale, tcfg, autocast)
+        lr, scale = lr_at(step, total_steps, tcfg, 1.0), sparsity_scale_at(step, tcfg)  # lr: schedule factor
+        try:
+            for m in members:
+                m.train_step(x_BD, step, lr * m.lr, scale, tcfg, autocast)
+        except Exception:  # a failure after a non-finite step is reported as that step
+            _check_finite(members)
+            raise
         step += 1
         if reader.epoch != epoch:
             epoch = reader.epoch
             log0.event(step, f"starting pass {epoch + 1} over the store")
         last = step == total_steps
         if step % tcfg.log_every == 0 or last:
+            _check_finite(members)  # the one host sync of the finiteness checks (per log line)
             for m in members:
                 rec = {
                     **m.stats.summary(),
-                    "lr": lr,
+                    "lr": m.opt.param_groups[0]["lr"],  # what the optimizer used
                     "sparsity_coefficient": scale,
                     "tokens": step * tcfg.batch_size,
                 }
@@ -217,6 +229,7 @@ def _train_loop(members, reader, store, tcfg, device, autocast, step: int, resum
                 loss_rec(m, step)
         every = tcfg.checkpoint_every_tokens
         if last or (every > 0 and step * tcfg.batch_size // every > (step - 1) * tcfg.batch_size // every):
+            _check_finite(members)  # never a checkpoint with non-finite weights (every rank checks)
             if main:
                 _save_checkpoints(members, step, reader, tcfg, dist.world_size)
             last_ckpt = step
@@ -230,6 +243,11 @@ def _train_loop(members, reader, store, tcfg, device, autocast, step: int, resum
     for m in members if main else ():
         print(f"saved {save_final(m, store)}", flush=True)
     dist.barrier()
+
+
+def _check_finite(members) -> None:
+    for m in members:
+        m.check_finite()
 
 
 def _save_checkpoints(members, step: int, reader, tcfg, world_size: int) -> None:
