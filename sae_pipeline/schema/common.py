@@ -61,8 +61,9 @@ class LoggerConfig:
     entity: Optional[str] = None
     mode: str = "auto"  # auto (online only with WANDB_API_KEY) | offline | online
     group: Optional[str] = None  # W&B group; default: the multirun sweep folder name
-    name: Optional[str] = None  # W&B run name; default: the job's overrides
+    name: Optional[str] = None  # W&B run name; default: <arch>-<hook>-<overrides> (sae-train)
     tags: list[str] = field(default_factory=list)
+    log_artifact: bool = True  # the final SAE as a W&B `model` artifact (sae-train)
 
 
 def to_container(cfg: DictConfig) -> dict:
