@@ -25,7 +25,7 @@ class PathsConfig:
 @dataclass
 class ModelConfig:
     name: str = "embedded:smollm2"  # hub id, local folder, or embedded:smollm2 (offline default)
-    id: str = "smollm2-135m"  # short name used in folder names
+    id: str = "${sae_id:${.name},${.gguf_file}}"  # folder name; default derived from name (schema/ids.py)
     gguf_file: Optional[str] = None  # a GGUF file inside `name` (folder or hub repo)
     revision: Optional[str] = None  # hub revision (branch, tag or commit)
     dtype: str = "float32"  # float32 | float16 | bfloat16 | auto (bfloat16 on CUDA, float32 on CPU)
@@ -35,7 +35,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "embedded:shakespeare"  # hub dataset, builder (json/text/parquet/csv), local folder or embedded:shakespeare
-    id: str = "shakespeare"  # short name used in folder names
+    id: str = "${sae_id:${.name},${.data_files},${.config_name}}"  # folder name; default derived from name
     data_files: Optional[Any] = None  # file or list of files for a builder name
     config_name: Optional[str] = None  # dataset configuration (subset)
     split: str = "train"
