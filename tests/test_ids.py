@@ -39,6 +39,6 @@ def test_two_local_models_with_the_same_folder_name_harvest_into_two_stores(tmp_
         ]
         (store,) = harvest.run(compose("harvest", overrides))
         stores.append(store)
-        data_id = f"json-corpus-{short_hash(corpus)}"
+        data_id = f"corpus-{short_hash(corpus)}"
         assert store.parent == tmp_path / "runs" / "stores" / f"model-{short_hash(model)}" / data_id
     assert stores[0] != stores[1] and stores[0].is_dir() and stores[1].is_dir()

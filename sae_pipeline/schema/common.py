@@ -34,7 +34,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "embedded:shakespeare"  # hub dataset, builder (json/text/parquet/csv), local folder or embedded:shakespeare
+    name: str = "embedded:shakespeare"  # hub dataset, local folder, embedded:shakespeare, or files (data_files by suffix)
     id: str = "${sae_id:${.name},${.data_files},${.config_name}}"  # folder name; default derived from name
     data_files: Optional[Any] = None  # file or list of files for a builder name
     config_name: Optional[str] = None  # dataset configuration (subset)
@@ -44,6 +44,7 @@ class DataConfig:
     eval_split: Optional[str] = None  # a separate evaluation split; when null, documents are held out
     eval_documents: int = 3  # whole documents held out of harvest for evaluation (when eval_split is null)
     streaming: bool = False  # stream a large hub dataset instead of downloading it whole
+    txt_unit: str = "file"  # .txt data_files: a whole file is one document (file) or each line is (line)
 
 
 @dataclass

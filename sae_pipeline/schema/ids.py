@@ -2,7 +2,7 @@
 (or two datasets) never share a store folder by accident.
 
     embedded:smollm2 -> smollm2-135m        EleutherAI/pythia-70m -> pythia-70m
-    /data/my-model   -> my-model-<hash6>     json + [/d/a.jsonl, /d/b.jsonl] -> json-a-<hash6>
+    /data/my-model   -> my-model-<hash6>     files [/d/a.jsonl, /d/b.jsonl] -> a-<hash6>
 A local path (or a builder's data files) gets a short hash of its absolute path(s); an explicit id wins.
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+FILE_NAMES = ("files", "json", "text", "csv", "parquet")  # data.name values that mean "read data_files"
 EMBEDDED_IDS = {"embedded:smollm2": "smollm2-135m", "embedded:shakespeare": "shakespeare"}
 
 
@@ -33,8 +34,6 @@ def _hash(parts: list[str]) -> str:
 def derived_id(name, *extra) -> str:
     """The id for `name` (+ gguf_file / data_files / config_name, whichever the group has)."""
     name = str(name)
-    if name in EMBEDDED_IDS:
-        return EMBEDDED_IDS[name]
     extra_values = []
     for e in extra:
         if e is None:
@@ -42,8 +41,14 @@ def derived_id(name, *extra) -> str:
         e = OmegaConf.to_container(e) if OmegaConf.is_config(e) else e
         extra_values.extend([str(v) for v in e] if isinstance(e, (list, tuple)) else [str(e)])
     files = [v for v in extra_values if _is_local(v)]
+    if name in EMBEDDED_IDS and not files:
+        return EMBEDDED_IDS[name]
+    if files and name in (*FILE_NAMES, *EMBEDDED_IDS):  # local files read by a builder: named by the files
+        name = ""
     others = [_safe(Path(v).stem) for v in extra_values if v not in files]
-    if _is_local(name):
+    if not name:
+        absolute, base = [], []
+    elif _is_local(name):
         absolute = [str(Path(name).expanduser().resolve())]
         base = [_safe(Path(absolute[0]).name)]
     else:
