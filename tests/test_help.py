@@ -10,7 +10,7 @@ from tests.helpers import run_cli
 
 OWN_GROUPS = {  # from each stage's conf/<stage>.yaml defaults list, written out by hand
     "train": {"paths", "sae", "train", "logger", "experiment"},
-    "harvest": {"paths", "model", "data", "hook"},
+    "harvest": {"paths", "model", "data", "hook", "experiment"},
     "eval": {"paths", "logger"},
     "verify": set(),
 }

@@ -31,9 +31,10 @@ def stage_groups(stage: str) -> dict[str, tuple[str | None, list[str]]]:
         if not isinstance(entry, dict):
             continue
         for group, choice in entry.items():
-            if group.startswith(("override", "hydra")) or "/" in group or not (CONF / group).is_dir():
+            folder = next((f for f in (CONF / group, CONF / "presets" / stage / group) if f.is_dir()), None)
+            if group.startswith(("override", "hydra")) or "/" in group or folder is None:
                 continue
-            options = sorted(p.stem for p in (CONF / group).glob("*.yaml") if not p.stem.startswith("base_"))
+            options = sorted(p.stem for p in folder.glob("*.yaml") if not p.stem.startswith("base_"))
             out[group] = (choice, options)
     return out
 
