@@ -42,3 +42,9 @@ def test_two_local_models_with_the_same_folder_name_harvest_into_two_stores(tmp_
         data_id = f"corpus-{short_hash(corpus)}"
         assert store.parent == tmp_path / "runs" / "stores" / f"model-{short_hash(model)}" / data_id
     assert stores[0] != stores[1] and stores[0].is_dir() and stores[1].is_dir()
+
+
+def test_many_files_of_one_folder_are_named_by_the_folder(tmp_path):
+    files = [tmp_path / "texts" / f"doc{i}.txt" for i in range(3)]
+    cfg = compose("harvest", [f"data.data_files=[{','.join(map(str, files))}]"])
+    assert cfg.data.id == f"texts-{short_hash(*files)}"

@@ -2,7 +2,7 @@
 (or two datasets) never share a store folder by accident.
 
     embedded:smollm2 -> smollm2-135m        EleutherAI/pythia-70m -> pythia-70m
-    /data/my-model   -> my-model-<hash6>     files [/d/a.jsonl, /d/b.jsonl] -> a-<hash6>
+    /data/my-model   -> my-model-<hash6>     files /d/a.jsonl -> a-<hash6>; [/d/a.txt, /d/b.txt] -> d-<hash6>
 A local path (or a builder's data files) gets a short hash of its absolute path(s); an explicit id wins.
 """
 
@@ -55,7 +55,9 @@ def derived_id(name, *extra) -> str:
         absolute, base = [], [_safe(name.rstrip("/").split("/")[-1])]
     if files:
         absolute += [str(Path(f).expanduser().resolve()) for f in files]
-        base.append(_safe(Path(files[0]).stem))
+        parents = {Path(f).expanduser().resolve().parent for f in files}
+        one_folder = len(files) > 1 and len(parents) == 1  # many files of one folder: named by the folder
+        base.append(_safe(parents.pop().name if one_folder else Path(files[0]).stem))
     parts = base + others + ([_hash(absolute)] if absolute else [])
     return "-".join(parts)
 
