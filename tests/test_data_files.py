@@ -67,4 +67,4 @@ def test_a_broken_file_prints_the_parser_cause_on_the_console(tmp_path):
     res = run_cli("harvest", [f"data.data_files={bad}", f"paths.root={tmp_path}/runs"], tmp_path)
     assert res.returncode == 2
     (line,) = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    assert "JSON parse error" in line and "ArrowInvalid" in line, line
+    assert "JSON parse error" in line and "ArrowInvalid" in line and str(bad) in line, line

@@ -98,9 +98,13 @@ def _load_split(data_cfg: Any, split: str):
             **kwargs,
         )
     except Exception as err:  # datasets raises many types (missing files, empty files, hub errors)
-        raise UserError(
-            f"could not load data.name={_get(data_cfg, 'name')!r} split {split!r}: {root_cause(err)}"
-        ) from None
+        files = _as_list(data_files) if data_files is not None else []
+        what = f"data.name={_get(data_cfg, 'name')!r}"
+        if files:
+            what = f"data.data_files={files[0]!r}" + (
+                f" (and {len(files) - 1} more)" if len(files) > 1 else ""
+            )
+        raise UserError(f"could not load {what} split {split!r}: {root_cause(err)}") from None
 
 
 def _check_column(ds, data_cfg: Any) -> str:
