@@ -9,7 +9,8 @@ contexts with their token windows, a uniform sample of weaker firings, an exact 
 Logit lens ("promoted / suppressed tokens"): W_U @ (g * W_dec[f]), where g is the final norm's scale (the
 norm's centring and division by the RMS are left out: a direction has no meaningful norm statistics, so this
 is the usual direct-logit approximation: it ranks tokens by how adding the row would move their logits).
-Writes <run>/features/{features.json, features_data.js, index.html}; open index.html from disk.
+Writes <run>/features/{features_data.js, index.html}; open index.html from disk
+(Python reads the data back with sae_pipeline.interpret.browser.read_report).
 """
 
 from __future__ import annotations

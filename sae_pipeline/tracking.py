@@ -41,3 +41,26 @@ def start_wandb(logger_cfg, folder, name: str, group: str | None, config: dict, 
         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
         **kwargs,
     )
+
+
+def run_name(arch: str, hook: str, overrides: str | None) -> str:
+    """`<arch>-<hook>-<key overrides>`: what a W&B table shows for a training run (`sae=<arch>` not repeated)."""
+    keys = [o for o in (overrides or "").split(",") if o and not o.startswith("sae=")]
+    return "-".join([arch, hook, *([",".join(keys)] if keys else [])])
+
+
+def log_sae_artifact(run, sae_dir, name: str, metadata: dict) -> None:
+    """The saved SAE folder as a W&B `model` artifact (files referenced in place, not copied)."""
+    import wandb
+
+    artifact = wandb.Artifact(name=name, type="model", metadata=metadata)
+    artifact.add_dir(str(sae_dir), policy="immutable")
+    run.log_artifact(artifact, aliases=["final"])
+
+
+def training_wandb(record: dict) -> dict | None:
+    """{id, name, group, last_step} of the W&B run that trained a run folder (its config.json), or None."""
+    logger = (record.get("config") or {}).get("logger") or {}
+    if not (logger.get("wandb") and record.get("wandb_id")):
+        return None
+    return {k: record.get(f"wandb_{k}") for k in ("id", "name", "group", "last_step")}

@@ -6,7 +6,6 @@ Needs the Debian package `chromium` (/usr/bin/chromium): skipped locally when it
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 from sae_pipeline import layout
 from sae_pipeline.features import run
 from sae_pipeline.interpret import browser
+from sae_pipeline.interpret.browser import read_report
 from tests.helpers import DEAD, features_cfg, make_sae_run
 
 CHROMIUM = "/usr/bin/chromium"
@@ -88,7 +88,7 @@ def page(tmp_path_factory):
     """A real features report, with a few token strings replaced by text that must be escaped."""
     tmp = tmp_path_factory.mktemp("browser")
     out = run(features_cfg(make_sae_run(tmp), f"features.out_dir={tmp / 'features'}", "features.n_weak=2"))
-    report = json.loads((out / layout.FEATURES_JSON).read_text())
+    report = read_report(out)
     live = next(r for r in report["latents"] if not r["dead"])
     peak = live["top"][0]
     for tok_id, text in zip(dict.fromkeys(peak["toks"]), NASTY, strict=False):
@@ -137,29 +137,75 @@ def test_dead_latent_and_index(page):
     assert [next(x["density"] for x in report["latents"] if x["id"] == i) for i in order] == densities
 
 
-def test_search_by_token_and_id(page):
+def test_search_finds_latents_by_the_tokens_where_they_fire(page):
     html_path, report, live, tmp = page
 
-    def latents_with(word: str) -> list[int]:
-        def has(ids) -> bool:
-            return any(report["tokens"][str(t)].strip().lower() == word for t in ids)
-
+    def latents_firing_on(word: str) -> list[int]:
         return sorted(
             r["id"]
             for r in report["latents"]
-            if any(has(ex["toks"]) for ex in r["top"]) or has(t for t, _ in r.get("promoted", []))
+            if any(
+                a > 0 and report["tokens"][str(t)].strip().lower() == word
+                for ex in r["top"] + r["weak"]
+                for t, a in zip(ex["toks"], ex["acts"], strict=True)
+            )
         )
 
-    # a token some latents show and others do not, so the search must filter
-    word = next(w for w in "kqgvyzwjxbcdfhlmnoprstu" if 0 < len(latents_with(w)) < len(report["latents"]) - 2)
-    want = latents_with(word)
-    dom, console = dump_dom(html_path, f"#q={word}", tmp)
+    def shown_but_silent(word: str) -> bool:  # a latent whose contexts show the token without firing on it
+        return any(
+            r["id"] not in latents_firing_on(word)
+            and any(report["tokens"][str(t)].strip().lower() == word for ex in r["top"] for t in ex["toks"])
+            for r in report["latents"]
+        )
+
+    # a token some latents fire on and others only show in their contexts, so the search must tell them apart
+    words = {
+        report["tokens"][str(t)].strip().lower()
+        for r in report["latents"]
+        for ex in r["top"]
+        for t in ex["toks"]
+    }
+    word = next(
+        w
+        for w in sorted(words)
+        if w.isalpha() and 0 < len(latents_firing_on(w)) < len(report["latents"]) - 2 and shown_but_silent(w)
+    )
+    want = latents_firing_on(word)
+    dom, console = dump_dom(html_path, f"#q={word}&size=1000", tmp)
     assert console == [], console
     got = sorted(int(n[1]["data-latent"]) for n in Nodes(dom).find("tr") if "data-latent" in n[1])
     assert got == want
     dom, _ = dump_dom(html_path, f"#q={live['id']}", tmp)
     got = [int(n[1]["data-latent"]) for n in Nodes(dom).find("tr") if "data-latent" in n[1]]
     assert live["id"] in got
+
+
+def test_index_pages_through_every_latent(page):
+    html_path, report, live, tmp = page
+    order = [r["id"] for r in sorted(report["latents"], key=lambda r: (-r["density"], r["id"]))]
+    size, n = 10, len(order)
+    last = -(-n // size)
+    seen = []
+    for number in range(1, last + 1):
+        dom, console = dump_dom(html_path, f"#page={number}&size={size}", tmp)
+        assert console == [], console
+        nodes = Nodes(dom)
+        rows = [int(n[1]["data-latent"]) for n in nodes.find("tr") if "data-latent" in n[1]]
+        assert rows == order[(number - 1) * size : number * size]
+        assert f"page {number} of {last}" in dom
+        assert ("disabled" in nodes.find("button", id="next")[0][1]) == (number == last)
+        seen += rows
+    assert sorted(seen) == sorted(order)  # every latent is reachable from the index
+
+
+def test_data_is_written_once(page):
+    html_path, report, live, tmp = page
+    folder = html_path.parent
+    assert sorted(p.name for p in folder.iterdir() if p.is_file()) == sorted(
+        [layout.FEATURES_DATA_JS, layout.FEATURES_HTML]
+    )
+    assert read_report(folder) == report  # the page's data is the report, nothing lost or added
+    assert len(html_path.read_text()) < 40_000  # the page itself holds no data
 
 
 def test_missing_data_script_is_reported(page, tmp_path):

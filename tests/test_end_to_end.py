@@ -12,6 +12,7 @@ import pytest
 
 from sae_pipeline import layout
 from sae_pipeline.data import store
+from sae_pipeline.interpret.browser import read_report
 from tests.helpers import run_cli
 
 pytestmark = pytest.mark.slow
@@ -80,5 +81,5 @@ def test_harvest_train_eval_on_smollm2(tmp_path):
     assert "loss recovered" in proc.stdout.lower() or "loss recovered" in proc.stderr.lower()
 
     _ok(run_cli("features", [f"paths.root={root}", f"sae_path={run}", "features.n_tokens=512"], cwd=tmp_path))
-    report = json.loads((run / layout.FEATURES / layout.FEATURES_JSON).read_text())
+    report = read_report(run / layout.FEATURES)
     assert report and (run / layout.FEATURES / layout.FEATURES_HTML).exists()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from sae_pipeline import layout
 from sae_pipeline.data import text
 from sae_pipeline.errors import UserError
 from sae_pipeline.features import run
+from sae_pipeline.interpret.browser import read_report
 from sae_pipeline.interpret.feature_stats import collect
 from sae_pipeline.interpret.logit_lens import final_norm_scale, top_logit_tokens
 from sae_pipeline.runs import load_all
@@ -139,7 +139,7 @@ def test_logit_lens_finds_each_familys_final_norm(family):
 
 def test_run_writes_report(sae_run, tmp_path):
     out = run(features_cfg(sae_run, f"features.out_dir={tmp_path / 'f'}", "features.n_weak=3"))
-    report = json.loads((out / layout.FEATURES_JSON).read_text())
+    report = read_report(out)
     assert len(report["latents"]) == D_SAE and report["n_dead"] == len(DEAD)
     by_id = {r["id"]: r for r in report["latents"]}
     assert all(by_id[f]["dead"] and not by_id[f]["top"] for f in DEAD)
@@ -166,7 +166,7 @@ def test_cli_writes_json_and_html(sae_run):
     )
     assert result.returncode == 0, result.stderr
     out = sae_run / layout.FEATURES
-    report = json.loads((out / layout.FEATURES_JSON).read_text())
+    report = read_report(out)
     assert [r["id"] for r in report["latents"]] == list(range(10))
     assert (out / layout.FEATURES_HTML).is_file() and (out / layout.FEATURES_DATA_JS).is_file()
 

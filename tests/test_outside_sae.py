@@ -12,6 +12,7 @@ from sae_pipeline import eval as eval_stage
 from sae_pipeline import features as features_stage
 from sae_pipeline import layout
 from sae_pipeline.errors import UserError
+from sae_pipeline.interpret.browser import read_report
 from sae_pipeline.sae import load_sae, write_saelens
 from tests import helpers
 
@@ -80,7 +81,7 @@ def test_features_and_steer_of_a_bare_file(outside):
     )  # fmt: skip
     out = features_stage.run(cfg)
     assert out == o["tmp"] / "bare" / layout.FEATURES and (out / layout.FEATURES_HTML).is_file()
-    report = json.loads((out / layout.FEATURES_JSON).read_text())
+    report = read_report(out)
     assert report["text"]["source"] == "source.data held-out documents" and report["n_tokens"] > 0
     res = helpers.run_cli(
         "steer",

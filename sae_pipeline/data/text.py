@@ -26,17 +26,68 @@ def _get(cfg: Any, key: str, default=None):
     return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
 
 
+FILE_BUILDERS = ("files", "json", "text", "csv", "parquet")  # data.name values that read data_files by suffix
+TXT_UNITS = {"file": "document", "line": "line"}  # data.txt_unit -> the text builder's sample_by
+
+
+def _as_list(data_files) -> list[str]:
+    if isinstance(data_files, (str, Path)):
+        return [str(data_files)]
+    if isinstance(data_files, dict):
+        return [str(f) for v in data_files.values() for f in _as_list(v)]
+    return [str(f) for f in data_files]
+
+
+def builder_for_files(data_files) -> str:
+    """The datasets builder for local files, from their suffix (.txt .jsonl .json .csv .parquet)."""
+    suffixes = {Path(f).suffix.lower() for f in _as_list(data_files)}
+    unknown = sorted(s or "(none)" for s in suffixes if s not in BUILDER_BY_SUFFIX)
+    if unknown:
+        raise UserError(
+            f"data.data_files has files ending in {', '.join(unknown)}; use {', '.join(BUILDER_BY_SUFFIX)} files "
+            "or name a datasets builder with data.name"
+        )
+    builders = {BUILDER_BY_SUFFIX[s] for s in suffixes}
+    if len(builders) != 1:
+        raise UserError(
+            f"data.data_files mixes file types ({', '.join(sorted(suffixes))}); give files of one type"
+        )
+    return builders.pop()
+
+
+def root_cause(err: BaseException) -> str:
+    """The first line of the error behind a datasets error: its chain of explicit causes followed to the
+    end (datasets wraps the parser's error), else the error it was raised while handling."""
+    inner, seen = err, set()
+    while inner.__cause__ is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        inner = inner.__cause__
+    if inner is err and err.__context__ is not None:
+        inner = err.__context__
+    text = str(inner).strip()
+    first = text.splitlines()[0] if text else "no rows could be read"
+    return f"{type(inner).__name__}: {first}"
+
+
 def _load_split(data_cfg: Any, split: str):
     import datasets
 
     name = _get(data_cfg, "name")
     data_files = _get(data_cfg, "data_files")
-    if name == assets.EMBEDDED_DATA:
+    if data_files is not None and not isinstance(data_files, (str, dict)):
+        data_files = list(data_files)
+    if data_files is not None and name in (*FILE_BUILDERS, assets.EMBEDDED_DATA, None):
+        name = builder_for_files(data_files)
+    elif name == assets.EMBEDDED_DATA:
         name, data_files = "json", str(assets.shakespeare_jsonl())
     elif Path(str(name)).suffix in BUILDER_BY_SUFFIX and Path(str(name)).is_file():
         name, data_files = BUILDER_BY_SUFFIX[Path(str(name)).suffix], str(name)
-    if data_files is not None and not isinstance(data_files, (str, dict)):
-        data_files = list(data_files)
+    kwargs = {}
+    if name == "text":
+        unit = _get(data_cfg, "txt_unit", "line")  # absent only from manifests written before the key: lines
+        if unit not in TXT_UNITS:
+            raise UserError(f"data.txt_unit={unit!r} is not one of {', '.join(TXT_UNITS)}")
+        kwargs["sample_by"] = TXT_UNITS[unit]
     try:
         return datasets.load_dataset(
             name,
@@ -44,12 +95,16 @@ def _load_split(data_cfg: Any, split: str):
             data_files=data_files,
             split=split,
             streaming=bool(_get(data_cfg, "streaming", False)),
+            **kwargs,
         )
     except Exception as err:  # datasets raises many types (missing files, empty files, hub errors)
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "no rows could be read"
-        raise UserError(
-            f"could not load data.name={_get(data_cfg, 'name')!r} split {split!r} ({first})"
-        ) from None
+        files = _as_list(data_files) if data_files is not None else []
+        what = f"data.name={_get(data_cfg, 'name')!r}"
+        if files:
+            what = f"data.data_files={files[0]!r}" + (
+                f" (and {len(files) - 1} more)" if len(files) > 1 else ""
+            )
+        raise UserError(f"could not load {what} split {split!r}: {root_cause(err)}") from None
 
 
 def load_split(data_cfg: Any, split: str):

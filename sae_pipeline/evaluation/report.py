@@ -22,7 +22,7 @@ from sae_pipeline.evaluation.splice import SpliceEvaluator
 from sae_pipeline.files import sha256_file, write_json_atomic
 from sae_pipeline.runs import Spec, Target, check_matches_store, heldout_text, load_target_sae
 from sae_pipeline.schema.eval import eval_data_config
-from sae_pipeline.tracking import start_wandb
+from sae_pipeline.tracking import start_wandb, training_wandb
 
 
 def eval_tokens(cfg: DictConfig, spec: Spec, tokenizer) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -107,29 +107,51 @@ SCALARS = (
 )  # fmt: skip
 
 
+def _trained_with(target: Target) -> dict | None:
+    """The W&B run that trained target (from its run's config.json), or None."""
+    try:
+        record = json.loads((target.run_dir / layout.CONFIG).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    found = training_wandb(record)
+    if found is not None:
+        train = record["config"].get("train") or {}
+        found["last_step"] = max(
+            1, int(train.get("total_tokens", 0)) // max(1, int(train.get("batch_size", 1)))
+        )
+    return found
+
+
 def log_wandb(cfg: DictConfig, target: Target, metrics: dict, group: str | None) -> str | None:
-    """One W&B run per SAE under <run>/eval/wandb (offline unless WANDB_API_KEY or logger.mode=online)."""
+    """The metrics in W&B: written into the run that trained the SAE when it logged to W&B (resumed by the
+    id in its config.json, under <run>/wandb), else a new `eval` run in the trainer's group (or the run
+    folder's name) under <run>/eval/wandb. Offline unless WANDB_API_KEY or logger.mode=online."""
     lg = cfg.logger
     if not lg.wandb:
         return None
     import wandb
 
-    config = {
-        "eval": OmegaConf.to_container(cfg.eval, resolve=True),
-        "sae": metrics["sae"],
-        "hook": metrics["hook"],
-        "run": str(target.run_dir),
-    }
-    run = start_wandb(
-        lg, target.eval_dir, lg.name or f"eval-{target.name}", lg.group or group, config, job_type="eval"
-    )
+    config = {"eval": OmegaConf.to_container(cfg.eval, resolve=True), "eval_data": metrics["eval_data"]}
+    trained = _trained_with(target)
+    if trained is not None:
+        run = start_wandb(lg, target.run_dir, lg.name or trained["name"], lg.group or trained["group"], config,
+                          id=trained["id"], resume="allow")  # fmt: skip
+        step = trained["last_step"] + 1  # after the training steps: W&B drops rows logged at earlier steps
+    else:
+        config.update(sae=metrics["sae"], hook=metrics["hook"], run=str(target.run_dir))
+        name = lg.name or f"eval-{target.name}"
+        run = start_wandb(
+            lg, target.eval_dir, name, lg.group or group or target.run_dir.name, config, job_type="eval"
+        )
+        step = None
     try:
         flat = {f"eval/{k}": metrics[k] for k in SCALARS if k in metrics}
         flat.update({f"eval/{k}": v for k, v in metrics["latents"].items()})
+        run.summary.update(flat)
         h = metrics["log10_density_histogram"]
         flat["eval/log10_density"] = wandb.Histogram(np_histogram=(h["counts"], h["edges"]))
         flat["eval/density_plot"] = wandb.Image(str(target.eval_dir / layout.DENSITY_PLOT))
-        run.log(flat)
+        run.log(flat, step=step)
         return str(run.dir)
     finally:
         run.finish()

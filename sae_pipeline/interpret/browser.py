@@ -1,10 +1,10 @@
-"""The static latent browser: index.html (inline CSS + JS) + features_data.js (the data as a script).
+"""The static latent browser: index.html (inline CSS + JS) + features_data.js (the data, written once).
 
 Open index.html straight from disk: the data is loaded by <script src> (file:// pages cannot fetch()),
-no CDN, no network. All text goes into the page through textContent / attributes set from JS, so tokens
-containing <, &, quotes or newlines are shown literally. Routes: `#` (index table, sortable by density,
-max and mean activation, searchable by latent id or token; `#q=king` opens it with a search) and
-`#latent-<id>` (one latent).
+no CDN, no network; `read_report(folder)` gives Python the same data back. All text goes into the page
+through textContent / attributes set from JS, so tokens containing <, &, quotes or newlines are shown
+literally. Routes: `#` (index of every latent, paged, sortable by density, max and mean activation,
+searchable by latent id or by a token where latents fire; `#q=king&page=2&size=50`) and `#latent-<id>`.
 """
 
 from __future__ import annotations
@@ -19,15 +19,23 @@ from sae_pipeline.files import write_text_atomic
 def data_script(report: dict) -> str:
     """The report as a script assigning window.SAE_FEATURES (JSON is valid JS; `</` is escaped anyway)."""
     payload = json.dumps(report, separators=(",", ":"), ensure_ascii=False).replace("</", "<\\/")
-    return f"window.SAE_FEATURES = {payload};\n"
+    return f"{PREFIX}{payload};\n"
+
+
+PREFIX = "window.SAE_FEATURES = "
+
+
+def read_report(folder: Path) -> dict:
+    """The report a browser folder holds (its features_data.js, read back as JSON)."""
+    text = (Path(folder) / layout.FEATURES_DATA_JS).read_text()
+    if not text.startswith(PREFIX):
+        raise ValueError(f"{Path(folder) / layout.FEATURES_DATA_JS} is not a features data script")
+    return json.loads(text[len(PREFIX) :].rstrip().rstrip(";").replace("<\\/", "</"))
 
 
 def write_browser(out_dir: Path, report: dict) -> Path:
-    """Write features.json, features_data.js and index.html into out_dir; returns index.html's path."""
+    """Write features_data.js and index.html into out_dir; returns index.html's path."""
     out_dir = Path(out_dir)
-    write_text_atomic(
-        out_dir / layout.FEATURES_JSON, json.dumps(report, separators=(",", ":"), ensure_ascii=False)
-    )
     write_text_atomic(out_dir / layout.FEATURES_DATA_JS, data_script(report))
     page = PAGE.replace("__DATA_JS__", layout.FEATURES_DATA_JS)
     write_text_atomic(out_dir / layout.FEATURES_HTML, page)
@@ -155,41 +163,50 @@ JS = r"""
   }
 
   // ---- index ----
-  const state = { key: "density", asc: false, query: "", limit: 500 };
-  let tokenSets = null;
-  function tokensOf(l) {
-    const s = new Set();
-    for (const ex of l.top) for (const t of ex.toks) s.add(tokStr(t).trim().toLowerCase());
-    for (const [t] of l.promoted || []) s.add(tokStr(t).trim().toLowerCase());
-    return s;
+  const PAGE = 100;
+  const state = { key: "density", asc: false, query: "", page: 1, size: PAGE };
+  let firingIndex = null;  // token text (trimmed, lower case) -> ids of the latents that fire on it
+  function buildIndex() {
+    firingIndex = new Map();
+    for (const l of D.latents) {
+      for (const ex of l.top.concat(l.weak || [])) {
+        ex.toks.forEach((t, i) => {
+          if (!(ex.acts[i] > 0)) return;
+          const key = tokStr(t).trim().toLowerCase();
+          if (!firingIndex.has(key)) firingIndex.set(key, new Set());
+          firingIndex.get(key).add(l.id);
+        });
+      }
+    }
   }
   function matches(l, q) {
     if (!q) return true;
     if (/^\d+$/.test(q) && l.id === Number(q)) return true;
-    if (!tokenSets) tokenSets = new Map(D.latents.map((x) => [x.id, tokensOf(x)]));
-    return tokenSets.get(l.id).has(q.toLowerCase());
+    if (!firingIndex) buildIndex();
+    const hit = firingIndex.get(q.toLowerCase());
+    return hit !== undefined && hit.has(l.id);
   }
   const columns = [["id", "latent"], ["density", "density"], ["max_act", "max act"], ["mean_act", "mean act"]];
   const head = el("tr");
   const body = el("tbody");
   const status = el("p", { class: "muted" });
-  const more = el("button", { text: "show all" });
-  more.onclick = () => { state.limit = Infinity; fill(); };
+  const prev = el("button", { text: "\u2190 previous", id: "prev" });
+  const next = el("button", { text: "next \u2192", id: "next" });
+  const pager = el("p", { id: "pager" }, prev, " ", next);
+  prev.onclick = () => { state.page -= 1; fill(); };
+  next.onclick = () => { state.page += 1; fill(); };
   for (const [key, name] of columns) {
     const th = el("th", { text: name, "data-key": key });
-    th.onclick = () => { state.asc = state.key === key ? !state.asc : key === "id"; state.key = key; fill(); };
+    th.onclick = () => { state.asc = state.key === key ? !state.asc : key === "id"; state.key = key; state.page = 1; fill(); };
     head.append(th);
   }
   head.append(el("th", { text: "promoted tokens" }), el("th", { text: "top context" }));
-  const search = el("input", { type: "search", placeholder: "latent id or token (e.g. 123, king)" });
-  search.oninput = () => {
-    state.query = search.value.trim(); state.limit = 500; fill();
-    history.replaceState(null, "", state.query ? "#q=" + encodeURIComponent(state.query) : "#");
-  };
+  const search = el("input", { type: "search", placeholder: "latent id, or a token it fires on (e.g. 123, king)" });
+  search.oninput = () => { state.query = search.value.trim(); state.page = 1; fill(); };
   const indexView = el("div", { id: "index-view" },
     el("p", { text: D.latents.length + " latents \u00b7 " + D.n_dead + " dead \u00b7 " + D.n_tokens +
       " held-out tokens \u00b7 hook " + D.hook + " \u00b7 " + D.sae.arch + " SAE, d_sae " + D.sae.d_sae }),
-    search, status, el("table", {}, el("thead", {}, head), body), more);
+    search, status, pager, el("table", {}, el("thead", {}, head), body));
 
   function fill() {
     for (const th of head.children) {
@@ -198,8 +215,11 @@ JS = r"""
     const rows = D.latents.filter((l) => matches(l, state.query));
     const dir = state.asc ? 1 : -1;
     rows.sort((a, b) => dir * (a[state.key] - b[state.key]) || a.id - b.id);
+    const pages = Math.max(1, Math.ceil(rows.length / state.size));
+    state.page = Math.min(Math.max(1, state.page), pages);
+    const first = (state.page - 1) * state.size;
     body.replaceChildren();
-    for (const l of rows.slice(0, state.limit)) {
+    for (const l of rows.slice(first, first + state.size)) {
       const tr = el("tr", { class: l.dead ? "dead" : "", "data-latent": l.id }, el("td", {}, el("a", { href: "#latent-" + l.id, text: String(l.id) })));
       tr.append(el("td", { class: "num", text: l.dead ? "dead" : pct(l.density) }),
         el("td", { class: "num", text: num(l.max_act) }), el("td", { class: "num", text: num(l.mean_act) }));
@@ -207,15 +227,23 @@ JS = r"""
       tr.append(el("td", {}, l.top.length ? context(l.top[0], l.max_act) : ""));
       body.append(tr);
     }
-    status.textContent = rows.length + " matching latents" + (rows.length > state.limit ? ", showing " + state.limit : "");
-    more.hidden = rows.length <= state.limit;
+    status.textContent = rows.length + " matching latents \u00b7 page " + state.page + " of " + pages +
+      (rows.length ? " (" + (first + 1) + "\u2013" + Math.min(rows.length, first + state.size) + ")" : "");
+    prev.disabled = state.page <= 1; next.disabled = state.page >= pages;
+    const params = new URLSearchParams();
+    if (state.query) params.set("q", state.query);
+    if (state.page > 1) params.set("page", state.page);
+    if (state.size !== PAGE) params.set("size", state.size);
+    history.replaceState(null, "", "#" + params.toString());
   }
 
   function route() {
     const m = location.hash.match(/^#latent-(\d+)$/);
     if (m) { renderLatent(Number(m[1])); return; }
-    const q = location.hash.match(/^#q=(.*)$/);
-    if (q) { state.query = decodeURIComponent(q[1]).trim(); search.value = state.query; }
+    const params = new URLSearchParams(location.hash.slice(1));
+    state.query = (params.get("q") || "").trim(); search.value = state.query;
+    state.page = Number(params.get("page")) || 1;
+    state.size = Number(params.get("size")) || PAGE;
     document.body.dataset.view = "index";
     fill();
     app.replaceChildren(indexView);

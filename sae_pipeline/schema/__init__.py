@@ -17,12 +17,19 @@ from sae_pipeline.sae import CONFIG_CLASSES
 
 from . import eval, export, features, harvest, probe, steer, train, verify
 from .common import to_container
+from .help import register_resolver as register_help
+from .ids import register_resolver
 
 __all__ = ["compose", "register_configs", "to_container"]
+
+register_help()  # ${sae_help:<stage>}, the --help text (conf/hydra/help/stage.yaml)
+register_resolver()  # ${sae_id:...}, the default model.id / data.id, resolves wherever a schema is used
 
 
 def register_configs() -> None:
     """Register every stage's schema; the group YAML files pick theirs up through `defaults`."""
+    register_resolver()
+    register_help()
     cs = ConfigStore.instance()
     cs.store(name="harvest_schema", node=harvest.HarvestJob)
     cs.store(name="train_schema", node=train.TrainJob)

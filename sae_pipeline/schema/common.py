@@ -25,7 +25,7 @@ class PathsConfig:
 @dataclass
 class ModelConfig:
     name: str = "embedded:smollm2"  # hub id, local folder, or embedded:smollm2 (offline default)
-    id: str = "smollm2-135m"  # short name used in folder names
+    id: str = "${sae_id:${.name},${.gguf_file}}"  # folder name; default derived from name (schema/ids.py)
     gguf_file: Optional[str] = None  # a GGUF file inside `name` (folder or hub repo)
     revision: Optional[str] = None  # hub revision (branch, tag or commit)
     dtype: str = "float32"  # float32 | float16 | bfloat16 | auto (bfloat16 on CUDA, float32 on CPU)
@@ -35,8 +35,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "embedded:shakespeare"  # hub dataset, builder (json/text/parquet/csv), local folder or embedded:shakespeare
-    id: str = "shakespeare"  # short name used in folder names
+    name: str = "embedded:shakespeare"  # hub dataset, local folder, embedded:shakespeare, or files (data_files by suffix)
+    id: str = "${sae_id:${.name},${.data_files},${.config_name}}"  # folder name; default derived from name
     data_files: Optional[Any] = None  # file or list of files for a builder name
     config_name: Optional[str] = None  # dataset configuration (subset)
     split: str = "train"
@@ -45,6 +45,7 @@ class DataConfig:
     eval_split: Optional[str] = None  # a separate evaluation split; when null, documents are held out
     eval_documents: int = 3  # whole documents held out of harvest for evaluation (when eval_split is null)
     streaming: bool = False  # stream a large hub dataset instead of downloading it whole
+    txt_unit: str = "file"  # .txt data_files: a whole file is one document (file) or each line is (line)
 
 
 @dataclass
@@ -62,8 +63,9 @@ class LoggerConfig:
     entity: Optional[str] = None
     mode: str = "auto"  # auto (online only with WANDB_API_KEY) | offline | online
     group: Optional[str] = None  # W&B group; default: the multirun sweep folder name
-    name: Optional[str] = None  # W&B run name; default: the job's overrides
+    name: Optional[str] = None  # W&B run name; default: <arch>-<hook>-<overrides> (sae-train)
     tags: list[str] = field(default_factory=list)
+    log_artifact: bool = True  # the final SAE as a W&B `model` artifact (sae-train)
 
 
 def to_container(cfg: DictConfig) -> dict:

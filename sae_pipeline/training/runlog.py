@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from sae_pipeline import layout
-from sae_pipeline.tracking import start_wandb
+from sae_pipeline.tracking import log_sae_artifact, start_wandb
 
 
 class RunLogger:
@@ -29,6 +29,7 @@ class RunLogger:
             self.path.write_text("".join(ln + "\n" for ln in keep))
         self.file = open(self.path, "a")
         self.run = None
+        self.log_artifact = bool(logger_cfg.log_artifact)
         if logger_cfg.wandb:
             self.run = start_wandb(logger_cfg, run_dir, name, group, config, id=wandb_id, resume="allow")
 
@@ -37,6 +38,11 @@ class RunLogger:
         self.file.flush()
         if self.run is not None:
             self.run.log(metrics, step=step)
+
+    def log_sae(self, sae_dir: Path, metadata: dict) -> None:
+        """The final SAE as a W&B artifact `sae-<run id>` (unless `logger.log_artifact=false`)."""
+        if self.run is not None and self.log_artifact:
+            log_sae_artifact(self.run, sae_dir, f"sae-{self.run.id}", metadata)
 
     def event(self, step: int, message: str) -> None:
         """A notable event (new pass over the store, skipped evaluation...): printed and logged."""
@@ -65,6 +71,9 @@ class NullLogger:
         pass
 
     def event(self, step: int, message: str) -> None:
+        pass
+
+    def log_sae(self, sae_dir: Path, metadata: dict) -> None:
         pass
 
     def finish(self, exit_code: int = 0) -> None:

@@ -25,6 +25,7 @@ from sae_pipeline.files import write_json_atomic
 from sae_pipeline.runtime import autocast_dtype, keep_freed_memory, resolve_device
 from sae_pipeline.sae import input_scale_factor, scale_for_mean_norm
 from sae_pipeline.schema import to_container
+from sae_pipeline.tracking import run_name
 from sae_pipeline.training import checkpoint
 from sae_pipeline.training.distributed import Distributed
 from sae_pipeline.training.group import member_specs
@@ -147,14 +148,18 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
             m.logger = NullLogger()
             continue
         record.setdefault("wandb_id", record.get("wandb_id") or uuid.uuid4().hex[:8])
+        base_name = cfg.logger.name or run_name(m.sae_cfg.arch, store.hook_name, hydra_info.get("overrides"))
+        record["wandb_name"] = f"{base_name}/{m.name}" if m.name else base_name
+        record["wandb_group"] = (
+            cfg.logger.group or hydra_info.get("sweep") or (run_dir.name if group_mode else None)
+        )
         if changes or old.get("changes"):
             record["changes"] = change_history(old, changes, start_step)
         write_json_atomic(m.run_dir / layout.CONFIG, record)
-        base_name = cfg.logger.name or hydra_info.get("overrides") or run_dir.name
+        wandb_config = {**container, **origin, "member": m.name, "sae": record["sae"], "arch": m.sae_cfg.arch,
+                        "d_in": store.d_in, "d_sae": m.sae.d_sae}  # fmt: skip
         m.logger = RunLogger(
-            m.run_dir, {**container, "member": m.name, "sae": record["sae"]}, cfg.logger,
-            name=f"{base_name}/{m.name}" if m.name else base_name,
-            group=cfg.logger.group or hydra_info.get("sweep") or (run_dir.name if group_mode else None),
+            m.run_dir, wandb_config, cfg.logger, name=record["wandb_name"], group=record["wandb_group"],
             wandb_id=record["wandb_id"], resume_step=start_step if resuming else None,
         )  # fmt: skip
     if reader_state is not None:
@@ -241,7 +246,11 @@ def _train_loop(members, reader, store, tcfg, device, autocast, step: int, resum
                 f"stopped after step {step} (train.stop_after_steps); last checkpoint at step {last_ckpt}"
             )
     for m in members if main else ():
-        print(f"saved {save_final(m, store)}", flush=True)
+        saved = save_final(m, store)
+        print(f"saved {saved}", flush=True)
+        m.logger.log_sae(
+            saved, {"arch": m.sae_cfg.arch, "hook": store.hook_name, "d_in": store.d_in, "step": step}
+        )
     dist.barrier()
 
 
