@@ -1,7 +1,7 @@
 """Typed schemas of every config group, one module per stage plus the groups they share.
 
     common.py    paths, model, data, hook, logger (shared by several stages)
-    harvest.py   train.py   eval.py   features.py   steer.py   export.py   (one Job dataclass each)
+    harvest.py   train.py   eval.py   features.py   steer.py   export.py   connect.py   (one Job each)
 
 `register_configs()` puts every schema in Hydra's ConfigStore; each stage calls it before
 `@hydra.main` composes, and `compose()` calls it for notebooks and tests. A typo in a key or a
@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from sae_pipeline.sae import CONFIG_CLASSES
 
-from . import eval, export, features, harvest, steer, train, verify
+from . import connect, eval, export, features, harvest, steer, train, verify
 from .common import to_container
 
 __all__ = ["compose", "register_configs", "to_container"]
@@ -31,6 +31,7 @@ def register_configs() -> None:
     cs.store(name="steer_schema", node=steer.SteerJob)
     cs.store(name="export_schema", node=export.ExportJob)
     cs.store(name="verify_schema", node=verify.VerifyJob)
+    cs.store(name="connect_schema", node=connect.ConnectJob)
     for arch, cls in CONFIG_CLASSES.items():
         cs.store(group="sae", name=f"base_{arch}", node=cls)
 
