@@ -96,7 +96,7 @@ def run(cfg: DictConfig) -> Path:
             f"only {len(f1_NI)} matched rows: too few to hold out connect.val_fraction={c.val_fraction}."
         )
     perm = torch.randperm(len(f1_NI), generator=torch.Generator().manual_seed(c.seed))
-    val, tr = perm[:n_val], perm[n_val:]
+    val, tr = perm[:n_val].to(device), perm[n_val:].to(device)
     ccfg = ConnectorConfig(**{f.name: c[f.name] for f in fields(ConnectorConfig)})
     init = _layer_init(c.layer_weights, sae_in.cpu(), sae_out.cpu()) if c.init == "e2wd1" else None
     conn, train_metrics = train_connector(
@@ -107,7 +107,7 @@ def run(cfg: DictConfig) -> Path:
     lines = format_connections(conn.W_IO, n_outputs=20, alive_O=alive_O)
     out.mkdir(parents=True, exist_ok=True)
     save_tensors_atomic(
-        out / layout.CONNECTOR_WEIGHTS, {"W_IO": conn.W_IO.detach(), "b_O": conn.b_O.detach()}
+        out / layout.CONNECTOR_WEIGHTS, {"W_IO": conn.W_IO.detach().cpu(), "b_O": conn.b_O.detach().cpu()}
     )
     metrics = {
         "train": {k: v for k, v in train_metrics.items() if k != "config"},

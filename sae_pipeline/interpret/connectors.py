@@ -135,7 +135,7 @@ def train_connector(
     if f1_NI.shape[0] == 0:
         raise UserError("connector training got no rows.")
     f1_NI, f2_NO = f1_NI.float(), f2_NO.float()
-    conn = FeatureConnector(f1_NI.shape[1], f2_NO.shape[1])
+    conn = FeatureConnector(f1_NI.shape[1], f2_NO.shape[1]).to(f1_NI.device)  # trains where the rows are
     gen = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
         if cfg.init == "e2wd1":
@@ -151,7 +151,7 @@ def train_connector(
     batch = n if cfg.batch_size == 0 else min(cfg.batch_size, n)
     for step in range(cfg.steps):
         if batch < n:
-            idx = torch.randint(0, n, (batch,), generator=gen)
+            idx = torch.randint(0, n, (batch,), generator=gen).to(f1_NI.device)
             x_BI, y_BO = f1_NI[idx], f2_NO[idx]
         else:
             x_BI, y_BO = f1_NI, f2_NO
@@ -215,7 +215,7 @@ def plot_connector(W_IO: Tensor, path, title: str = "feature connector W2") -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    W_OI = W_IO.t().float().numpy()
+    W_OI = W_IO.t().float().cpu().numpy()
     lim = float(abs(W_OI).max()) or 1.0
     fig, ax = plt.subplots(figsize=(7, 6))
     im = ax.imshow(W_OI, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
