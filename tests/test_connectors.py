@@ -168,3 +168,15 @@ def test_fit_sae_recovers_planted_directions_in_raw_units():
         fvu = ((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
     assert fvu < 0.4 and metrics["fvu"] == pytest.approx(fvu, rel=1e-3)
     assert metrics["l0"] < 8
+
+
+def test_normalize_makes_the_penalty_independent_of_feature_units():
+    """F1 * a and F2 * c describe the same connections with W * c / a: trained with normalize=True (the
+    default) the connector finds exactly that rescaled W, so one l1_coefficient fits any model's units."""
+    f1, f2, _ = planted(n=600)
+    cfg = ConnectorConfig(l1_coefficient=3e-3, steps=300, lr=1e-2)
+    conn, _ = train_connector(f1, f2, cfg)
+    a, c = 50.0, 0.02
+    scaled, _ = train_connector(f1 * a, f2 * c, cfg)
+    assert torch.allclose(scaled.W_IO, conn.W_IO * (c / a), atol=1e-3 * c / a)
+    assert torch.allclose(scaled.b_O, conn.b_O * c, atol=1e-3 * c)

@@ -125,7 +125,7 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print) -> dict:
     for name in ("random", "e2wd1"):
         cfg = ConnectorConfig(
             init=name,
-            l1_coefficient=3e-3,
+            l1_coefficient=3e-4,
             steps=200 if quick else 2000,
             lr=5e-3,
             seed=seed,

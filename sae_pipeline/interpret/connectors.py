@@ -8,7 +8,7 @@ I and O are the input and output dictionary sizes. Two initialisations are offer
     e2wd1   the seed's "ignore the inner ReLU" guess W2 = E2 W D1, b2 = E2 b + e2, written in our row-vector
             convention (see `e2wd1_init`); with identity SAEs it equals the layer exactly.
 
-    conn, metrics = train_connector(f1_NI, f2_NO, ConnectorConfig(l1_coefficient=1e-3))
+    conn, metrics = train_connector(f1_NI, f2_NO, ConnectorConfig(l1_coefficient=3e-4))
     print(format_connections(conn.W_IO, n_outputs=5))
 """
 
@@ -29,7 +29,7 @@ CONNECTOR_INITS = ("random", "e2wd1")
 class ConnectorConfig:
     """How a feature connector is trained (full-batch or mini-batch Adam on in-memory feature pairs)."""
 
-    l1_coefficient: float = 1e-3  # weight of sum |W_IO| (summed over entries) against the summed-over-O MSE
+    l1_coefficient: float = 3e-4  # weight of sum |W_IO| (summed over entries) against the summed-over-O MSE
     init: str = "random"  # random | e2wd1 (needs the layer's weight and bias; see e2wd1_init)
     init_std: float = 0.01  # std of the random init of W_IO
     lr: float = 3e-3  # Adam learning rate, decayed linearly to 0 over the steps
@@ -37,6 +37,9 @@ class ConnectorConfig:
     batch_size: int = 0  # rows per step; 0 = all rows (full batch)
     # |w| below prune_fraction * max|W| counts as no connection in the density and connection lists
     prune_fraction: float = 0.01
+    # train on F1 * s1 and F2 * s2, each scaled to mean row norm 1, so l1_coefficient means the same for any
+    # model's feature magnitudes; W_IO and b_O are returned (and scored) in raw feature units
+    normalize: bool = True
     seed: int = 0
 
     def validate(self) -> None:
@@ -114,6 +117,11 @@ def connector_metrics(conn: FeatureConnector, f1_NI: Tensor, f2_NO: Tensor, prun
     }
 
 
+def _unit_mean_norm_scale(f_NF: Tensor) -> float:
+    mean_norm = float(f_NF.norm(dim=1).mean())
+    return 1.0 / mean_norm if mean_norm > 0 and math.isfinite(mean_norm) else 1.0
+
+
 def train_connector(
     f1_NI: Tensor,
     f2_NO: Tensor,
@@ -134,15 +142,19 @@ def train_connector(
         )
     if f1_NI.shape[0] == 0:
         raise UserError("connector training got no rows.")
-    f1_NI, f2_NO = f1_NI.float(), f2_NO.float()
+    raw_f1_NI, raw_f2_NO = f1_NI.float(), f2_NO.float()
+    s1, s2 = (
+        (_unit_mean_norm_scale(raw_f1_NI), _unit_mean_norm_scale(raw_f2_NO)) if cfg.normalize else (1.0, 1.0)
+    )
+    f1_NI, f2_NO = raw_f1_NI * s1, raw_f2_NO * s2
     conn = FeatureConnector(f1_NI.shape[1], f2_NO.shape[1]).to(f1_NI.device)  # trains where the rows are
     gen = torch.Generator().manual_seed(cfg.seed)
     with torch.no_grad():
         if cfg.init == "e2wd1":
             if init is None:
                 raise UserError("connect.init=e2wd1 needs the layer's weight and bias (e2wd1_init).")
-            conn.W_IO.copy_(init[0])
-            conn.b_O.copy_(init[1])
+            conn.W_IO.copy_(init[0] * (s2 / s1))  # F2 s2 = ReLU(F1 s1 (W s2/s1) + b s2)
+            conn.b_O.copy_(init[1] * s2)
         else:
             conn.W_IO.copy_(torch.randn(conn.W_IO.shape, generator=gen) * cfg.init_std)
     opt = torch.optim.Adam(conn.parameters(), lr=cfg.lr)
@@ -163,7 +175,9 @@ def train_connector(
         if log is not None and (step % max(1, cfg.steps // 10) == 0 or step == cfg.steps - 1):
             log(step, {k: float(v) for k, v in parts.items()})
     conn.requires_grad_(False)
-    metrics = connector_metrics(conn, f1_NI, f2_NO, cfg.prune_fraction)
+    conn.W_IO.mul_(s1 / s2)  # back to raw units
+    conn.b_O.div_(s2)
+    metrics = connector_metrics(conn, raw_f1_NI, raw_f2_NO, cfg.prune_fraction)
     metrics["config"] = asdict(cfg)
     return conn, metrics
 
