@@ -100,7 +100,7 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print) -> dict:
     x_tr, y_tr, x_te, y_te = load_data(seed)
     model = train_mlp(x_tr, y_tr, epochs=10 if quick else 40, seed=seed)
     h1_tr, h2_tr = hidden(model, x_tr, H1), hidden(model, x_tr, H2)
-    sae_steps = 200 if quick else 1500
+    sae_steps = 200 if quick else 1200
     sae_cfg = dict(expansion_factor=4.0, l1_coefficient=1.0, sparsity_penalty="l1_decoder_norm")
     sae1, m1 = fit_sae(h1_tr, ReLUConfig(**sae_cfg), steps=sae_steps, lr=3e-3, seed=seed)
     sae2, m2 = fit_sae(h2_tr, ReLUConfig(**sae_cfg), steps=sae_steps, lr=3e-3, seed=seed + 1)
@@ -126,7 +126,7 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print) -> dict:
         cfg = ConnectorConfig(
             init=name,
             l1_coefficient=3e-4,
-            steps=200 if quick else 2000,
+            steps=200 if quick else 1200,
             lr=5e-3,
             seed=seed,
             batch_size=256,
