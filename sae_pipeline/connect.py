@@ -71,6 +71,21 @@ def _layer_init(path: str, sae_in, sae_out):
     return e2wd1_init(sae_in, sae_out, tensors["weight"], tensors.get("bias"))
 
 
+@torch.no_grad()
+def _layer_fvus(conn, sae_out, f1_NI, f2_NO, x2_ND) -> dict:
+    """FVU of the later hook's activations rebuilt from the earlier one (decode2(connector(F1))), next to
+    the FVU of sae_out alone (decode2(F2)): what replacing the layer between them by the connector costs."""
+    total = (x2_ND - x2_ND.mean(0)).pow(2).sum()
+
+    def fvu(x_hat_ND) -> float:
+        return float((x_hat_ND - x2_ND).pow(2).sum() / total) if total > 0 else float("nan")
+
+    return {
+        "fvu_out_activations": fvu(sae_out.decode(conn(f1_NI))),
+        "fvu_out_sae_alone": fvu(sae_out.decode(f2_NO)),
+    }
+
+
 def run(cfg: DictConfig) -> Path:
     """Train the connector between cfg.sae_in and cfg.sae_out; returns the output folder."""
     check_connect_config(cfg)
@@ -103,6 +118,9 @@ def run(cfg: DictConfig) -> Path:
         f1_NI[tr], f2_NO[tr], ccfg, init=init, log=lambda s, p: print(f"step {s}: {p}", flush=True)
     )
     val_metrics = connector_metrics(conn, f1_NI[val], f2_NO[val], ccfg.prune_fraction)
+    val_metrics.update(
+        _layer_fvus(conn, sae_out.to(device), f1_NI[val], f2_NO[val], x2_ND[val.cpu()].to(device))
+    )
     alive_O = (f2_NO > 0).any(0)
     lines = format_connections(conn.W_IO, n_outputs=20, alive_O=alive_O)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,7 +147,8 @@ def run(cfg: DictConfig) -> Path:
     write_text_atomic(out / layout.CONNECTIONS, "\n".join(lines) + "\n")
     plot_connector(conn.W_IO, out / layout.CONNECTOR_PLOT, title=f"W2: {t_in.name} -> {t_out.name}")
     print(
-        f"wrote {out}: held-out FVU of F2 {val_metrics['fvu']:.3f}, "
+        f"wrote {out}: held-out FVU of F2 {val_metrics['fvu']:.3f}, of the later hook's activations "
+        f"{val_metrics['fvu_out_activations']:.3f} (its SAE alone {val_metrics['fvu_out_sae_alone']:.3f}), "
         f"{val_metrics['inputs_per_output']:.1f} strong inputs per output"
     )
     for line in lines[:5]:

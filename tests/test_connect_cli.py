@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -75,6 +76,9 @@ def test_sae_connect_cli_recovers_planted_connections(tmp_path):
     assert torch.equal(strong, W_true != 0)
     metrics = json.loads((out / layout.METRICS).read_text())
     assert metrics["val"]["fvu"] < 0.02 and metrics["n_rows"] == {"train": 1843, "val": 205}
+    # identity SAEs: F2 is the later hook's activations, so both FVUs agree and the SAE alone is exact
+    assert metrics["val"]["fvu_out_activations"] == pytest.approx(metrics["val"]["fvu"], rel=1e-4)
+    assert metrics["val"]["fvu_out_sae_alone"] < 1e-10
     lines = (out / layout.CONNECTIONS).read_text().splitlines()
     assert lines
     for line in lines:  # every listed term is a planted connection of that output, with its sign
