@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_SILENT ?= true
 
-.PHONY: help setup assets browser demo sweep steer probe test test-fast faults lint format bench gpu-check clean distclean
+.PHONY: help setup assets browser demo sweep steer probe example-digits test test-fast faults lint format bench gpu-check clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,6 +52,10 @@ sweep: setup ## a small L1 sweep (Hydra multirun) on the embedded default, then 
 		sae.l1_coefficient=0.5,1,2,4 hydra.sweep.dir=$(ROOT)/sweeps/demo-relu
 	$(VENV)/bin/sae-eval paths.root=$(ROOT) sae_path=$(ROOT)/sweeps/demo-relu eval.n_tokens=4096
 	@echo "Pareto plots: $(ROOT)/sweeps/demo-relu/pareto_l0_loss_recovered.png, pareto_l0_fvu.png"
+
+example-digits: $(STAMP) ## feature connectors on an MLP digit classifier (seeds/002 on sklearn digits; CPU: ~25 s)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) examples/digits/digits.py --out $(ROOT)/digits
+	@echo "W2 pictures and accuracy table: $(ROOT)/digits/"
 
 browser: ## install Debian's Chromium for the feature-browser test (part of setup; the test skips without it)
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \

@@ -4,17 +4,18 @@ The package's folders are its architecture. Stage modules (one `sae-*` command e
 and `main` only; they import the library below them and never each other
 (`python scripts/check_imports.py` checks it, and so does tests/test_layout.py).
 
-    harvest.py train.py eval.py features.py steer.py probe.py export.py verify.py   the stages (sae-*)
+    harvest.py train.py eval.py features.py steer.py probe.py export.py verify.py connect.py   the stages
     api.py        the Python API for notebooks (load_sae, splice_sae, harvest(), ...), re-exported here
     schema/       every config group's dataclass (one module per stage + common groups) and checks
     conf/         the Hydra YAML files (only values that differ from the schema), shipped in the wheel
     data/         the activation store (shards + manifest), harvest parts and their merge, the shuffled
-                  reader, text packing
+                  reader, text packing, rows of two stores matched by (context, position)
     model/        loading models, hook names and points, capture/splice, the embedded assets
     sae/          one file per architecture, registry, sparse kernels, saving and loading
-    training/     trainer loop, members, schedules, statistics, checkpoints, run folders, validation
+    training/     trainer loop, members, schedules, statistics, checkpoints, run folders, validation,
+                  fit_sae for activations already in memory
     evaluation/   metrics, the splice scorer, eval reports, sweep tables and Pareto plots
-    interpret/    feature statistics and browser, logit lens, steering edits
+    interpret/    feature statistics and browser, logit lens, steering edits, feature connectors (seeds/002)
     runs.py       finding an SAE run on disk and what trained it
     layout.py     every file and folder name, defined once
     files.py      atomic writes (temporary name, fsync, rename) and checksums

@@ -54,6 +54,10 @@ FEATURES_HTML = "index.html"
 STEER = "steer"  # <run>/steer/: steering / clamping / ablation results
 STEER_JSON = "steer.json"
 EXPORT = "export"  # <run>/export/<format>/: the SAE in another library's format
+CONNECT = "connect"  # <paths.root>/connect/<in>__<out>/: a feature connector between two SAEs (sae-connect)
+CONNECTOR_WEIGHTS = "connector.safetensors"  # W_IO [d_sae in, d_sae out], b_O
+CONNECTOR_PLOT = "W2.png"
+CONNECTIONS = "connections.txt"  # OF_i = 0.26 IF_j + ... lines
 
 # --- SAELens format (sae-export writes it, load_sae reads it) ---------------------------------
 SAELENS_CONFIG = "cfg.json"

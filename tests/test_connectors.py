@@ -1,0 +1,182 @@
+"""Feature connectors (seeds/002): support recovery on planted data, the E2 W D1 init's algebra, the digits example."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from sae_pipeline.errors import UserError
+from sae_pipeline.interpret.connectors import (
+    ConnectorConfig,
+    FeatureConnector,
+    e2wd1_init,
+    format_connections,
+    train_connector,
+)
+from sae_pipeline.sae import ReLUConfig, build_sae
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("digits_example", ROOT / "examples/digits/digits.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def planted(n=2000, d_in=24, d_out=12, seed=0):
+    """Sparse non-negative F1 (each input feature on 15% of rows) and F2 = ReLU(F1 @ W + b) for a W with 1-3
+    non-zero inputs per output, every weight |w| in [0.5, 1.5] and at most one negative weight per output."""
+    g = torch.Generator().manual_seed(seed)
+    f1_NI = torch.rand(n, d_in, generator=g) * (torch.rand(n, d_in, generator=g) < 0.15)
+    W_IO = torch.zeros(d_in, d_out)
+    for o in range(d_out):
+        k = 1 + o % 3
+        rows = torch.randperm(d_in, generator=g)[:k]
+        w = 0.5 + torch.rand(k, generator=g)
+        if k == 3:
+            w[2] = -w[2]
+        W_IO[rows, o] = w
+    b_O = torch.full((d_out,), 0.05)
+    return f1_NI, (f1_NI @ W_IO + b_O).relu(), W_IO
+
+
+def test_connector_recovers_planted_support():
+    f1, f2, W_true = planted()
+    cfg = ConnectorConfig(l1_coefficient=3e-3, steps=1500, lr=1e-2, prune_fraction=0.1)
+    conn, metrics = train_connector(f1, f2, cfg)
+    W = conn.W_IO
+    strong = W.abs() >= 0.1 * W.abs().max(0).values  # per output: inputs above a tenth of its largest
+    assert torch.equal(strong, W_true != 0), "the strong connections are not the planted ones"
+    pos, neg = W_true > 0, W_true < 0
+    assert torch.allclose(W[pos], W_true[pos], atol=0.1)  # excitatory weights, up to the L1 shrinkage
+    # An inhibitory weight is seen only through rows it does not silence: any weight at least as negative as
+    # the one that zeroes those rows fits equally, so the L1 term picks a smaller magnitude of the right sign.
+    assert (W[neg] < 0).all() and (W[neg] >= W_true[neg] - 0.05).all()
+    on = W_true != 0
+    # the L1 penalty drives unused connections to (near) exactly zero, not merely small: an L2 penalty
+    # leaves them ~1e-2 here, the L1 one ~1e-5
+    assert W[~on].abs().max() < 1e-3
+    assert metrics["fvu"] < 0.02
+    assert metrics["inputs_per_output"] == pytest.approx(float(on.sum(0).float().mean()))
+
+
+def test_format_connections_names_the_planted_terms():
+    W = torch.zeros(4, 3)
+    W[2, 0], W[3, 0] = 0.26, -0.10
+    W[0, 1], W[1, 1], W[3, 1] = 0.5, 0.4, 0.3
+    W[1, 2] = 0.001  # a weak output: below the median peak, never listed
+    lines = format_connections(W, n_outputs=5)
+    assert lines == ["OF_0 = 0.26 IF_2 - 0.10 IF_3", "OF_1 = 0.50 IF_0 + 0.40 IF_1 + 0.30 IF_3"]
+
+
+def identity_sae(d: int):
+    sae = build_sae(ReLUConfig(d_sae=d, b_dec_init="zeros"), d, seed=0)
+    with torch.no_grad():
+        sae.W_enc_DF.copy_(torch.eye(d))
+        sae.W_dec_FD.copy_(torch.eye(d))
+        sae.b_enc_F.zero_()
+        sae.b_dec_D.zero_()
+    return sae.eval().requires_grad_(False)
+
+
+def test_e2wd1_init_with_identity_saes_is_the_layer_and_keeps_the_logits():
+    """With E = D = I (exact on post-ReLU activations), W2 = E2 W D1 and b2 = E2 b + e2 give ReLU(h1 W^T + b)
+    exactly: the spliced classifier's logits equal the original's, so its accuracy does too."""
+    digits = load_example()
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(3) for m in (nn.LazyLinear(16), nn.ReLU())], nn.Linear(16, 10))
+    x = torch.randn(50, 8)
+    model(x)
+    model.eval().requires_grad_(False)
+    sae1, sae2 = identity_sae(16), identity_sae(16)
+    layer = model[digits.LAYER]
+    W_IO, b_O = e2wd1_init(sae1, sae2, layer.weight, layer.bias)
+    assert torch.allclose(W_IO, layer.weight.t()) and torch.allclose(b_O, layer.bias)
+    conn = FeatureConnector(16, 16)
+    with torch.no_grad():
+        conn.W_IO.copy_(W_IO)
+        conn.b_O.copy_(b_O)
+    y = torch.randint(0, 10, (50,))
+    spliced = digits.connector_logits(model, x, sae1, sae2, conn)
+    assert torch.allclose(spliced, model(x), atol=1e-5)
+    assert digits.accuracy(spliced, y) == digits.accuracy(model(x), y)
+
+
+def test_e2wd1_init_matches_the_formula_for_general_saes():
+    """The seed's formula written out by hand, with biases, on random SAEs and layer."""
+    g = torch.Generator().manual_seed(1)
+    sae1 = build_sae(ReLUConfig(d_sae=12), 5, seed=2)
+    sae2 = build_sae(ReLUConfig(d_sae=9), 4, seed=3)
+    with torch.no_grad():
+        for p in (*sae1.parameters(), *sae2.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g))
+    W, b = torch.randn(4, 5, generator=g), torch.randn(4, generator=g)
+    f1 = torch.rand(7, 12, generator=g)
+    # pre-activation of F2 when L2 = L1 W^T + b (inner ReLU dropped) and L1 = decode1(F1)
+    l2 = sae1.decode(f1) @ W.t() + b
+    expected = (l2 - sae2.b_dec_D) @ sae2.W_enc_DF + sae2.b_enc_F
+    W_IO, b_O = e2wd1_init(sae1, sae2, W, b)
+    assert torch.allclose(f1 @ W_IO + b_O, expected, atol=1e-4)
+    with pytest.raises(UserError, match="layer weight"):
+        e2wd1_init(sae1, sae2, W.t(), b)
+
+
+def test_connector_config_errors_name_the_key():
+    f1, f2, _ = planted(n=10)
+    with pytest.raises(UserError, match="connect.init"):
+        train_connector(f1, f2, ConnectorConfig(init="xavier"))
+    with pytest.raises(UserError, match="e2wd1 needs"):
+        train_connector(f1, f2, ConnectorConfig(init="e2wd1"))
+    with pytest.raises(UserError, match="aligned"):
+        train_connector(f1, f2[:5], ConnectorConfig())
+
+
+def test_digits_example_quick(tmp_path):
+    lines: list[str] = []
+    report = load_example().run(tmp_path, quick=True, log=lines.append)
+    acc = report["accuracy"]
+    assert set(acc) >= {"original", "sae_h1_spliced", "sae_h2_spliced", "connector_random", "connector_e2wd1"}
+    assert acc["original"] > 0.85  # even the quick MLP classifies held-out digits far above chance (0.1)
+    assert acc["connector_random"] > 0.3  # the connector carries the class information through
+    assert json.loads((tmp_path / "accuracy.json").read_text())["accuracy"] == acc
+    for name in ("random", "e2wd1"):
+        assert (tmp_path / f"W2_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert report["connectors"][name]["connections"]
+    assert any(re.fullmatch(r"\s*OF_\d+ = -?\d\.\d\d IF_\d+( [+-] \d\.\d\d IF_\d+)*", x) for x in lines)
+
+
+def test_fit_sae_recovers_planted_directions_in_raw_units():
+    """fit_sae on raw activations (mean norm far from sqrt(d)): the true directions are found, and the
+    returned SAE takes raw inputs (its input scale folded in), so its FVU on raw data is small."""
+    from sae_pipeline.training.in_memory import fit_sae
+
+    from .synthetic import SyntheticFeatures, recovered_fraction
+
+    gen = SyntheticFeatures(32, 16, mean_active=3.0, seed=0)
+    x = gen.sample(4096) * 40.0 + 3.0  # raw units: the fit must scale in and fold back out
+    sae, metrics = fit_sae(x, ReLUConfig(d_sae=64, l1_coefficient=2.0), steps=1500, lr=3e-3, seed=0)
+    assert recovered_fraction(gen.dirs_FD, sae.W_dec_FD, threshold=0.9) >= 0.75
+    with torch.no_grad():
+        fvu = ((sae(x) - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item()
+    assert fvu < 0.4 and metrics["fvu"] == pytest.approx(fvu, rel=1e-3)
+    assert metrics["l0"] < 8
+
+
+def test_normalize_makes_the_penalty_independent_of_feature_units():
+    """F1 * a and F2 * c describe the same connections with W * c / a: trained with normalize=True (the
+    default) the connector finds exactly that rescaled W, so one l1_coefficient fits any model's units."""
+    f1, f2, _ = planted(n=600)
+    cfg = ConnectorConfig(l1_coefficient=3e-3, steps=300, lr=1e-2)
+    conn, _ = train_connector(f1, f2, cfg)
+    a, c = 50.0, 0.02
+    scaled, _ = train_connector(f1 * a, f2 * c, cfg)
+    assert torch.allclose(scaled.W_IO, conn.W_IO * (c / a), atol=1e-3 * c / a)
+    assert torch.allclose(scaled.b_O, conn.b_O * c, atol=1e-3 * c)
