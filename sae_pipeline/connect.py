@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from sae_pipeline import layout
 from sae_pipeline.data.aligned import aligned_rows
-from sae_pipeline.errors import UserError, report_user_errors
+from sae_pipeline.errors import UserError, report_config_errors, report_user_errors
 from sae_pipeline.files import save_tensors_atomic, write_json_atomic, write_text_atomic
 from sae_pipeline.interpret.connectors import (
     ConnectorConfig,
@@ -159,6 +159,7 @@ def run(cfg: DictConfig) -> Path:
 register_configs()
 
 
+@report_config_errors  # outside hydra.main: an override it cannot compose is one line too
 @hydra.main(version_base="1.3", config_path="conf", config_name="connect")
 @report_user_errors  # inside hydra.main, so a UserError is one line instead of Hydra's traceback
 def main(cfg: DictConfig) -> None:
