@@ -12,86 +12,36 @@ config.json, W2.png and connections.txt (the sparsest strong connections as `OF_
 
 from __future__ import annotations
 
-import json
 from dataclasses import fields
 from pathlib import Path
 
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from sae_pipeline import layout
 from sae_pipeline.data.aligned import aligned_rows
 from sae_pipeline.errors import UserError, report_config_errors, report_user_errors
 from sae_pipeline.files import save_tensors_atomic, write_json_atomic, write_text_atomic
+from sae_pipeline.interpret.connector_run import encode, layer_fvus, layer_init, sae_and_store
 from sae_pipeline.interpret.connectors import (
     ConnectorConfig,
     connector_metrics,
-    e2wd1_init,
     format_connections,
     plot_connector,
     train_connector,
 )
-from sae_pipeline.runs import single_target_only, store_path
 from sae_pipeline.runtime import resolve_device
-from sae_pipeline.sae import load_sae
 from sae_pipeline.schema import register_configs
 from sae_pipeline.schema.connect import check_connect_config
-
-
-def _sae_and_store(path: str, key: str):
-    target, _ = single_target_only(Path(path))
-    if target.kind != "native":
-        raise UserError(
-            f"{key}={path} is not a run trained here: sae-connect needs the store that trained it."
-        )
-    meta = json.loads((target.sae_dir / layout.CONFIG).read_text())
-    return target, load_sae(target.sae_dir).eval().requires_grad_(False), store_path(target, meta)
-
-
-@torch.no_grad()
-def _encode(sae, x_ND, device, batch: int = 8192):
-    sae = sae.to(device)
-    return torch.cat(
-        [sae.encode(x_ND[i : i + batch].to(device)).float().cpu() for i in range(0, len(x_ND), batch)]
-    )
-
-
-def _layer_init(path: str, sae_in, sae_out):
-    try:
-        tensors = load_file(path)
-    except (OSError, SafetensorError) as err:
-        raise UserError(f"connect.layer_weights={path} cannot be read as safetensors ({err}).") from None
-    if "weight" not in tensors:
-        raise UserError(
-            f"connect.layer_weights={path} has no tensor named 'weight' (it has {sorted(tensors)})."
-        )
-    return e2wd1_init(sae_in, sae_out, tensors["weight"], tensors.get("bias"))
-
-
-@torch.no_grad()
-def _layer_fvus(conn, sae_out, f1_NI, f2_NO, x2_ND) -> dict:
-    """FVU of the later hook's activations rebuilt from the earlier one (decode2(connector(F1))), next to
-    the FVU of sae_out alone (decode2(F2)): what replacing the layer between them by the connector costs."""
-    total = (x2_ND - x2_ND.mean(0)).pow(2).sum()
-
-    def fvu(x_hat_ND) -> float:
-        return float((x_hat_ND - x2_ND).pow(2).sum() / total) if total > 0 else float("nan")
-
-    return {
-        "fvu_out_activations": fvu(sae_out.decode(conn(f1_NI))),
-        "fvu_out_sae_alone": fvu(sae_out.decode(f2_NO)),
-    }
 
 
 def run(cfg: DictConfig) -> Path:
     """Train the connector between cfg.sae_in and cfg.sae_out; returns the output folder."""
     check_connect_config(cfg)
     c = cfg.connect
-    t_in, sae_in, store_in = _sae_and_store(cfg.sae_in, "sae_in")
-    t_out, sae_out, store_out = _sae_and_store(cfg.sae_out, "sae_out")
+    t_in, sae_in, store_in = sae_and_store(cfg.sae_in, "sae_in")
+    t_out, sae_out, store_out = sae_and_store(cfg.sae_out, "sae_out")
     out = Path(c.out) if c.out else Path(cfg.paths.root) / layout.CONNECT / f"{t_in.name}__{t_out.name}"
     if (out / layout.CONNECTOR_WEIGHTS).exists() and not c.overwrite:
         raise UserError(
@@ -104,7 +54,7 @@ def run(cfg: DictConfig) -> Path:
                 f"the SAE {key}={cfg[key]} has d_in={sae.d_in} but its store rows have {x.shape[1]}."
             )
     device = resolve_device(c.device)
-    f1_NI, f2_NO = _encode(sae_in, x1_ND, device), _encode(sae_out, x2_ND, device)
+    f1_NI, f2_NO = encode(sae_in, x1_ND, device), encode(sae_out, x2_ND, device)
     n_val = max(1, int(round(c.val_fraction * len(f1_NI))))
     if len(f1_NI) - n_val < 1:
         raise UserError(
@@ -113,13 +63,13 @@ def run(cfg: DictConfig) -> Path:
     perm = torch.randperm(len(f1_NI), generator=torch.Generator().manual_seed(c.seed))
     val, tr = perm[:n_val].to(device), perm[n_val:].to(device)
     ccfg = ConnectorConfig(**{f.name: c[f.name] for f in fields(ConnectorConfig)})
-    init = _layer_init(c.layer_weights, sae_in.cpu(), sae_out.cpu()) if c.init == "e2wd1" else None
+    init = layer_init(c.layer_weights, sae_in.cpu(), sae_out.cpu()) if c.init == "e2wd1" else None
     conn, train_metrics = train_connector(
         f1_NI[tr], f2_NO[tr], ccfg, init=init, log=lambda s, p: print(f"step {s}: {p}", flush=True)
     )
     val_metrics = connector_metrics(conn, f1_NI[val], f2_NO[val], ccfg.prune_fraction)
     val_metrics.update(
-        _layer_fvus(conn, sae_out.to(device), f1_NI[val], f2_NO[val], x2_ND[val.cpu()].to(device))
+        layer_fvus(conn, sae_out.to(device), f1_NI[val], f2_NO[val], x2_ND[val.cpu()].to(device))
     )
     alive_O = (f2_NO > 0).any(0)
     lines = format_connections(conn.W_IO, n_outputs=20, alive_O=alive_O)

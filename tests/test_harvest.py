@@ -219,7 +219,7 @@ def test_missing_model_folder_and_empty_dataset(tmp_path, assets):
         _harvest(tmp_path, {**assets, "llama": tmp_path / "nowhere"})
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(UserError, match="could not load data.name|is empty"):
+    with pytest.raises(UserError, match=r"could not load data\.(name|data_files)|is empty"):
         _harvest(tmp_path, {**assets, "corpus": empty})
 
 
