@@ -208,17 +208,3 @@ def export_sae(sae_path: str | Path, out: str | Path | None = None, overrides: O
     from sae_pipeline import export as stage
 
     return stage.run(_compose("export", overrides, sae_path=sae_path, **{"export.out": out}))
-
-
-__all__ = [
-    "capture_activations",
-    "evaluate_sae",
-    "export_sae",
-    "browse_features",
-    "harvest_activations",
-    "load_model",
-    "load_sae",
-    "splice_sae",
-    "steering",
-    "train_sae",
-]

@@ -172,3 +172,48 @@ def features_cfg(run_dir: Path, *extra: str):
             *extra,
         ],
     )
+
+
+def identity_sae(d: int):
+    """A ReLU SAE that is exact on non-negative rows (E = D = I, no biases): its latents are the rows."""
+    sae = build_sae(CONFIG_CLASSES["relu"](d_sae=d, b_dec_init="zeros"), d, seed=0)
+    with torch.no_grad():
+        sae.W_enc_DF.copy_(torch.eye(d))
+        sae.W_dec_FD.copy_(torch.eye(d))
+        sae.b_enc_F.zero_()
+        sae.b_dec_D.zero_()
+    return sae.eval().requires_grad_(False)
+
+
+def cfg_for(store: Path, run_dir: Path, *overrides: str) -> DictConfig:
+    """sae-train's config for a tiny run on `store` into `run_dir` (no W&B)."""
+    return compose(
+        "train", [f"store={store}", f"train.run_dir={run_dir}", "train=tiny", "logger=none", *overrides]
+    )
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / layout.FINAL_SAE / layout.SAE_WEIGHTS))
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def planted(n=2000, d_in=24, d_out=12, seed=0):
+    """Sparse non-negative F1 (each input feature on 15% of rows) and F2 = ReLU(F1 @ W + b) for a W with 1-3
+    non-zero inputs per output, every weight |w| in [0.5, 1.5] and at most one negative weight per output."""
+    g = torch.Generator().manual_seed(seed)
+    f1_NI = torch.rand(n, d_in, generator=g) * (torch.rand(n, d_in, generator=g) < 0.15)
+    W_IO = torch.zeros(d_in, d_out)
+    for o in range(d_out):
+        k = 1 + o % 3
+        rows = torch.randperm(d_in, generator=g)[:k]
+        w = 0.5 + torch.rand(k, generator=g)
+        if k == 3:
+            w[2] = -w[2]
+        W_IO[rows, o] = w
+    b_O = torch.full((d_out,), 0.05)
+    return f1_NI, (f1_NI @ W_IO + b_O).relu(), W_IO

@@ -12,11 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from sae_pipeline import layout
 from sae_pipeline.data.aligned import aligned_rows
-from sae_pipeline.sae import ReLUConfig, build_sae, save_sae
-
-from .helpers import run_cli
-from .synthetic import write_store
-from .test_connectors import planted
+from sae_pipeline.sae import save_sae
+from tests.helpers import identity_sae, planted, run_cli
+from tests.synthetic import write_store
 
 CTX, SHARD_CTX = 16, 32
 
@@ -33,13 +31,7 @@ def stores(tmp: Path):
 
 def identity_run(folder: Path, store: Path, d: int) -> Path:
     """A run folder whose SAE is exact on non-negative rows (E = D = I), so F_i is the store's rows."""
-    sae = build_sae(ReLUConfig(d_sae=d, b_dec_init="zeros"), d, seed=0)
-    with torch.no_grad():
-        sae.W_enc_DF.copy_(torch.eye(d))
-        sae.W_dec_FD.copy_(torch.eye(d))
-        sae.b_enc_F.zero_()
-        sae.b_dec_D.zero_()
-    save_sae(sae, folder / layout.FINAL_SAE, extra={"store": str(store)})
+    save_sae(identity_sae(d), folder / layout.FINAL_SAE, extra={"store": str(store)})
     (folder / layout.CONFIG).write_text(json.dumps({"store": str(store)}))
     return folder
 

@@ -20,6 +20,7 @@ from sae_pipeline.interpret.connectors import (
     train_connector,
 )
 from sae_pipeline.sae import ReLUConfig, build_sae
+from tests.helpers import identity_sae, planted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,23 +30,6 @@ def load_example():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def planted(n=2000, d_in=24, d_out=12, seed=0):
-    """Sparse non-negative F1 (each input feature on 15% of rows) and F2 = ReLU(F1 @ W + b) for a W with 1-3
-    non-zero inputs per output, every weight |w| in [0.5, 1.5] and at most one negative weight per output."""
-    g = torch.Generator().manual_seed(seed)
-    f1_NI = torch.rand(n, d_in, generator=g) * (torch.rand(n, d_in, generator=g) < 0.15)
-    W_IO = torch.zeros(d_in, d_out)
-    for o in range(d_out):
-        k = 1 + o % 3
-        rows = torch.randperm(d_in, generator=g)[:k]
-        w = 0.5 + torch.rand(k, generator=g)
-        if k == 3:
-            w[2] = -w[2]
-        W_IO[rows, o] = w
-    b_O = torch.full((d_out,), 0.05)
-    return f1_NI, (f1_NI @ W_IO + b_O).relu(), W_IO
 
 
 def test_connector_recovers_planted_support():
@@ -75,16 +59,6 @@ def test_format_connections_names_the_planted_terms():
     W[1, 2] = 0.001  # a weak output: below the median peak, never listed
     lines = format_connections(W, n_outputs=5)
     assert lines == ["OF_0 = 0.26 IF_2 - 0.10 IF_3", "OF_1 = 0.50 IF_0 + 0.40 IF_1 + 0.30 IF_3"]
-
-
-def identity_sae(d: int):
-    sae = build_sae(ReLUConfig(d_sae=d, b_dec_init="zeros"), d, seed=0)
-    with torch.no_grad():
-        sae.W_enc_DF.copy_(torch.eye(d))
-        sae.W_dec_FD.copy_(torch.eye(d))
-        sae.b_enc_F.zero_()
-        sae.b_dec_D.zero_()
-    return sae.eval().requires_grad_(False)
 
 
 def test_e2wd1_init_with_identity_saes_is_the_layer_and_keeps_the_logits():

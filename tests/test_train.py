@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from safetensors.torch import load_file
 
 from sae_pipeline import layout
@@ -24,7 +23,7 @@ from sae_pipeline.schema.train import TrainConfig
 from sae_pipeline.train import StopRequested, run
 from sae_pipeline.training import checkpoint
 from sae_pipeline.training.schedule import lr_at, sparsity_scale_at
-from tests.helpers import make_store
+from tests.helpers import assert_same, cfg_for, make_store, weights
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
@@ -33,24 +32,6 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILE
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     return make_store(tmp_path_factory.mktemp("store") / "s", n_contexts=64, d_in=16, tag_rows=False)
-
-
-def cfg_for(store: Path, run_dir: Path, *overrides: str):
-    with initialize_config_module("sae_pipeline.conf", version_base="1.3"):
-        return compose(
-            config_name="train",
-            overrides=[f"store={store}", f"train.run_dir={run_dir}", "train=tiny", "logger=none", *overrides],
-        )
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / layout.FINAL_SAE / layout.SAE_WEIGHTS))
-
-
-def assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def cli(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:

@@ -4,20 +4,17 @@ out by hand or forced by construction (not read back from the code under test)."
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from safetensors.torch import load_file
 
 from sae_pipeline import layout
 from sae_pipeline.sae import CONFIG_CLASSES, build_sae
-from sae_pipeline.schema import register_configs
 from sae_pipeline.train import run
 from sae_pipeline.training.stats import LatentStats
 from sae_pipeline.training.trainer import StopRequested
-from tests.helpers import make_store
+from tests.helpers import cfg_for, make_store
 
 
 def test_logged_mse_fvu_l0_by_hand():
@@ -99,15 +96,6 @@ def test_auxk_gradient_reaches_only_dead_latents(arch):
         assert float(aux_FD[16:].abs().sum()) > 0.0, f"no AuxK gradient reached the dead latents' {what}"
 
 
-def _cfg(store: Path, run_dir: Path, *overrides: str):
-    register_configs()
-    with initialize_config_module("sae_pipeline.conf", version_base="1.3"):
-        return compose(
-            config_name="train",
-            overrides=[f"store={store}", f"train.run_dir={run_dir}", "train=tiny", "logger=none", *overrides],
-        )
-
-
 def test_dead_latents_and_their_counters_survive_a_resume(tmp_path):
     """k=1 of 256 latents on 64-row batches leaves >= 192 latents silent each step, so with
     dead_tokens=128 latents die after two steps and AuxK trains them: a resume that lost the counters
@@ -121,10 +109,10 @@ def test_dead_latents_and_their_counters_survive_a_resume(tmp_path):
         "train.dead_tokens=128",
         "train.val_every=0",
     ]
-    run(_cfg(store, tmp_path / "a", *sae))
+    run(cfg_for(store, tmp_path / "a", *sae))
     with pytest.raises(StopRequested):
-        run(_cfg(store, tmp_path / "b", *sae, "train.stop_after_steps=41"))
-    run(_cfg(store, tmp_path / "b", *sae, "train.resume=true"))
+        run(cfg_for(store, tmp_path / "b", *sae, "train.stop_after_steps=41"))
+    run(cfg_for(store, tmp_path / "b", *sae, "train.resume=true"))
     log = [json.loads(ln) for ln in (tmp_path / "a" / layout.TRAIN_LOG).read_text().splitlines()]
     assert all(r["dead_latents"] > 0 for r in log if "dead_latents" in r and r["step"] >= 8)
     a = load_file(str(tmp_path / "a" / layout.FINAL_SAE / layout.SAE_WEIGHTS))

@@ -27,9 +27,9 @@ from torch import Tensor
 
 from sae_pipeline.errors import UserError
 
-from .base import SAE, SAEConfig, TrainOutput
+from .base import SAE, SAEConfig
 from .registry import register
-from .relu import SPARSITY_PENALTIES
+from .relu import SPARSITY_PENALTIES, ReLUSAE
 
 
 @dataclass
@@ -98,20 +98,5 @@ class TiedSAE(SAE):
             return torch.zeros_like(pre_BF).scatter(1, top.indices, top.values.relu())
         return pre_BF.relu()
 
-    def training_forward(
-        self, x_BD: Tensor, sparsity_scale: float = 1.0, dead_mask_F: Tensor | None = None
-    ) -> TrainOutput:
-        acts_BF = self.encode(x_BD)
-        x_hat_BD = self.decode(acts_BF)
-        mse = self.mse(x_hat_BD, x_BD)
-        if self.cfg.sparsity_penalty == "l1_decoder_norm":
-            l1 = torch.mv(acts_BF, self.decoder_norms_F().to(acts_BF.dtype)).mean()  # acts >= 0: |a| = a
-        else:
-            l1 = acts_BF.sum() / x_BD.shape[0]
-        loss = mse + (self.cfg.l1_coefficient * sparsity_scale) * l1
-        return TrainOutput(
-            loss=loss,
-            parts={"mse": mse.detach(), "l1": l1.detach()},
-            acts_BF=acts_BF.detach(),
-            x_hat_BD=x_hat_BD.detach(),
-        )
+    # the loss is ReLU's, written through this class's own encode/decode and decoder norms
+    training_forward = ReLUSAE.training_forward

@@ -19,8 +19,7 @@ from sae_pipeline.train import StopRequested, run
 from sae_pipeline.training import checkpoint
 from tests.faults import harness
 from tests.faults.tally import record
-from tests.helpers import make_store
-from tests.test_train import assert_same, cfg_for, weights
+from tests.helpers import assert_same, cfg_for, make_store, weights
 
 STEPS = ("step-000000016", "step-000000032")  # train=tiny checkpoints every 16 steps, keeps 2
 

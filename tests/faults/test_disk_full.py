@@ -15,8 +15,15 @@ from sae_pipeline.errors import UserError
 from sae_pipeline.train import run
 from tests.faults import harness
 from tests.faults.tally import record
-from tests.helpers import make_store, save_tiny_model, tiny_overrides, write_corpus
-from tests.test_train import assert_same, cfg_for, weights
+from tests.helpers import (
+    assert_same,
+    cfg_for,
+    make_store,
+    save_tiny_model,
+    tiny_overrides,
+    weights,
+    write_corpus,
+)
 
 
 @pytest.fixture

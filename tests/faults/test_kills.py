@@ -16,8 +16,16 @@ from sae_pipeline.files import sha256_file
 from sae_pipeline.train import run
 from tests.faults import harness
 from tests.faults.tally import record
-from tests.helpers import compose_config, make_store, save_tiny_model, tiny_overrides, write_corpus
-from tests.test_train import assert_same, cfg_for, weights
+from tests.helpers import (
+    assert_same,
+    cfg_for,
+    compose_config,
+    make_store,
+    save_tiny_model,
+    tiny_overrides,
+    weights,
+    write_corpus,
+)
 
 
 # ---- training ------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def test_damaged_shard_is_named_by_training_and_verify(clean, tmp_path, seed):
 
 def test_damaged_shard_stops_sae_train_with_what_to_do(clean, tmp_path):
     from sae_pipeline.train import run
-    from tests.test_train import cfg_for
+    from tests.helpers import cfg_for
 
     folder = _copy(clean, tmp_path)
     shard = folder / layout.shard_name(1)
