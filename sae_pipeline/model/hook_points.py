@@ -8,9 +8,17 @@
 Hook names:
   blocks.{L}.hook_resid_pre    input hidden states of decoder block L
   blocks.{L}.hook_resid_post   output hidden states of decoder block L (before any final norm)
-  blocks.{L}.hook_attn_out     output of block L's attention module (element 0 of its tuple)
-  blocks.{L}.hook_mlp_out      output of block L's MLP module
+  blocks.{L}.hook_attn_out     what block L's attention adds to the residual stream
+  blocks.{L}.hook_mlp_out      what block L's MLP adds to the residual stream
   module:{dotted.path}:{input|output}   any module of `model.named_modules()`
+
+attn_out / mlp_out mean the same vectors as in TransformerLens and SAELens, so for a pre-norm block
+resid_post == resid_pre + attn_out + mlp_out. Usually they are the output of the attention module
+(element 0 of its tuple) and of the MLP module. Sandwich-norm blocks (Gemma 2/3, OLMo 2/3, EXAONE 4:
+a block with a `post_feedforward_layernorm`) add post_norm(attn(...)) and post_norm(mlp(...)), so
+there they are the outputs of `post_attention_layernorm` and `post_feedforward_layernorm`. Bloom's
+attention and MLP modules add the residual themselves, so there they are the outputs of their output
+projections; XGLM blocks have no MLP module, so mlp_out is the output of `fc2` (OPT has no mlp_out).
 
 "input" is the first positional argument of the module's forward (or its `hidden_states`
 keyword); "output" is the returned tensor, or element 0 of a returned tuple / ModelOutput.
@@ -132,11 +140,29 @@ def _find_child(block: nn.Module, names: tuple[str, ...], hints: tuple[str, ...]
     return None
 
 
+# Blocks whose attention / MLP module output is not what they add to the residual stream, by class
+# name: Bloom's attention and MLP add the residual inside (dropout_add), after their output projection.
+# OPT flattens its MLP activations to [B*T, D] (no [B, T, D] tensor to name), so it has no mlp_out.
+_PARTS_BY_BLOCK_CLASS = {
+    "BloomBlock": {"attn_out": "self_attention.dense", "mlp_out": "mlp.dense_4h_to_h"},
+    "OPTDecoderLayer": {"attn_out": "self_attn", "mlp_out": None},
+}
+
+
 def _block_parts(block: nn.Module) -> dict[str, str | None]:
-    return {
-        "attn_out": _find_child(block, _ATTN_NAMES, ("attn", "attention")),
-        "mlp_out": _find_child(block, _MLP_NAMES, ("mlp", "feedforward", "feed_forward", "ffn")),
-    }
+    """Relative module paths whose outputs are attn_out / mlp_out: what the block adds to the residual."""
+    if type(block).__name__ in _PARTS_BY_BLOCK_CLASS:
+        return dict(_PARTS_BY_BLOCK_CLASS[type(block).__name__])
+    children = dict(block.named_children())
+    if "post_feedforward_layernorm" in children and "post_attention_layernorm" in children:
+        # Sandwich norms (Gemma 2/3, OLMo 2/3, EXAONE 4): x + post_attention_layernorm(attn(...)), then
+        # x + post_feedforward_layernorm(mlp(...)). (In Llama-style blocks `post_attention_layernorm` is
+        # the pre-MLP norm instead, and there is no `post_feedforward_layernorm`.)
+        return {"attn_out": "post_attention_layernorm", "mlp_out": "post_feedforward_layernorm"}
+    mlp = _find_child(block, _MLP_NAMES, ("mlp", "feedforward", "feed_forward", "ffn"))
+    if mlp is None and "fc2" in children:
+        mlp = "fc2"  # OPT, XGLM: fc1 / activation / fc2 sit directly in the block
+    return {"attn_out": _find_child(block, _ATTN_NAMES, ("attn", "attention")), "mlp_out": mlp}
 
 
 def _available_points(model: nn.Module) -> tuple[str, ...]:
