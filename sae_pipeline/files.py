@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +100,17 @@ def _umask() -> int:
     except OSError:
         pass
     return 0o022
+
+
+def publish_dir(tmp: Path, final: Path) -> None:
+    """Move a finished temporary folder (a sibling of `final`) into place in one rename, its files
+    fsynced first; when another process published `final` meanwhile, theirs is kept and ours removed."""
+    for path in Path(tmp).rglob("*"):
+        if path.is_file():
+            fsync_file(path)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not Path(final).exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -90,3 +90,12 @@ def cache_root() -> Path:
     if env:
         return Path(env).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sae_pipeline"
+
+
+CONVERTED_SOURCE = "SOURCE.txt"  # in a converted model folder: which GGUF file it came from
+
+
+def gguf_cache_dir(gguf_name: str, key: str) -> Path:
+    """The float32 Hugging Face folder a GGUF file is de-quantized into once (model/gguf_cache.py)."""
+    stem = gguf_name[: -len(".gguf")] if gguf_name.endswith(".gguf") else gguf_name
+    return cache_root() / "gguf" / f"{stem}-{key}"

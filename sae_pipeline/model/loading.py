@@ -1,5 +1,7 @@
 """Loading a language model and its tokenizer: hub name, local folder, GGUF, or the embedded default.
 
+A GGUF file (model.gguf_file) is de-quantized once into a cached float32 folder (model/gguf_cache.py).
+
 Causal LMs by default; masked LMs (ESM-2, BERT-style) with model.kind=masked_lm or when the model's config
 names a *ForMaskedLM architecture. Activations are read from the base model either way.
 """
@@ -13,7 +15,7 @@ from typing import Any
 import torch
 
 from sae_pipeline.errors import UserError
-from sae_pipeline.model import assets
+from sae_pipeline.model import assets, gguf_cache
 from sae_pipeline.runtime import resolve_device
 
 MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -55,8 +57,6 @@ def load_model(model_cfg: Any, device: str | torch.device = "auto"):
         raise UserError("model.name is empty; give a hub id, a local folder or embedded:smollm2")
     source = resolve_name(name)
     gguf_file = _get(model_cfg, "gguf_file")
-    if gguf_file and Path(source).is_dir() and not (Path(source) / gguf_file).exists():
-        raise UserError(f"model.gguf_file={gguf_file!r} is not a file in the folder {source}")
     looks_local = os.path.sep in source or source.startswith(".") or Path(source).exists()
     if looks_local and not Path(source).exists():
         raise UserError(f"model.name={name!r}: no such folder")
@@ -64,8 +64,9 @@ def load_model(model_cfg: Any, device: str | torch.device = "auto"):
         revision=_get(model_cfg, "revision"),
         trust_remote_code=bool(_get(model_cfg, "trust_remote_code", False)),
     )
-    if gguf_file:
-        kwargs["gguf_file"] = gguf_file
+    if gguf_file:  # de-quantized once into a cached float32 folder (model/gguf_cache.py)
+        source = str(gguf_cache.cached_dir(gguf_cache.gguf_path(source, gguf_file, kwargs["revision"])))
+        kwargs["revision"] = None
     dtype = resolve_dtype(_get(model_cfg, "dtype", "float32") or "float32", device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
