@@ -36,6 +36,8 @@ def saelens_encode(cfg: dict, t: dict, x: torch.Tensor) -> torch.Tensor:
         gate = (sae_in @ t["W_enc"] + t["b_gate"]) > 0
         return gate * torch.relu(sae_in @ (t["W_enc"] * t["r_mag"].exp()) + t["b_mag"])
     h = sae_in @ t["W_enc"] + t["b_enc"]
+    if cfg.get("rescale_acts_by_decoder_norm"):  # sae_lens 6.x TopK: pre-activations times |W_dec rows|
+        h = h * t["W_dec"].norm(dim=-1)
     if arch == "jumprelu":
         return torch.relu(h) * (h > t["threshold"])
     act = cfg.get("activation_fn_str") or cfg.get("activation_fn") or "relu"
@@ -49,6 +51,8 @@ def saelens_encode(cfg: dict, t: dict, x: torch.Tensor) -> torch.Tensor:
 def saelens_decode(cfg: dict, t: dict, a: torch.Tensor) -> torch.Tensor:
     if cfg.get("finetuning_scaling_factor"):
         a = a * t["finetuning_scaling_factor"]
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        a = a / t["W_dec"].norm(dim=-1)
     return a @ t["W_dec"] + t["b_dec"]
 
 
@@ -205,6 +209,20 @@ def test_import_saelens_6_config(tmp_path):
     sae = load_sae(write_folder(tmp_path / "v6", cfg, t)).eval()
     assert sae.cfg.arch == "topk" and sae.cfg.k == 2
     assert_same_function(sae, cfg, t)
+
+
+def test_import_saelens_6_topk_rescaled_by_decoder_norm(tmp_path):
+    cfg = {"architecture": "topk", "d_in": D, "d_sae": F_, "k": 3, "rescale_acts_by_decoder_norm": True,
+           "apply_b_dec_to_input": True, "normalize_activations": "none", "metadata": {"hook_name": "blocks.2.hook_resid_post"}}  # fmt: skip
+    t = random_tensors(EXPECTED_TENSORS["topk"])
+    t["W_dec"] = t["W_dec"] * torch.linspace(0.2, 3.0, F_).unsqueeze(-1)  # unequal decoder norms matter
+    sae = load_sae(write_folder(tmp_path / "v6", cfg, t)).eval()
+    assert_same_function(sae, cfg, t)
+    bad = write_folder(
+        tmp_path / "gated", {**cfg, "architecture": "gated"}, random_tensors(EXPECTED_TENSORS["gated"])
+    )
+    with pytest.raises(UserError, match="rescale_acts_by_decoder_norm is only supported for topk"):
+        load_sae(bad)
 
 
 @pytest.mark.parametrize("arch", sorted(EXPECTED_TENSORS))

@@ -7,7 +7,8 @@
 Target format: the `cfg.json` + `sae_weights.safetensors` folder that sae_lens 5.x `SAE.save_model` writes
 and `SAE.load_from_disk` loads (flat cfg keys, `SAELENS_FORMAT`). sae_lens 6.x loads such a folder through
 its pre-6.0 config conversion (a cfg.json without `sae_lens_version` is treated as pre-6.0). On reading we
-also accept 6.x configs (run metadata nested under `metadata`/`meta`, `k` at the top level).
+also accept 6.x configs (run metadata nested under `metadata`/`meta`, `k` at the top level). Both
+directions are checked against sae_lens 6.54.12 itself in tests/test_saelens_roundtrip.py.
 
 SAELens's inference maths, which every export reproduces exactly (apply_b_dec_to_input=True,
 normalize_activations="none", no finetuning scaling factor; x in raw activation units like ours):
@@ -19,7 +20,9 @@ normalize_activations="none", no finetuning scaling factor; x in raw activation 
 Our encoders compute the same h. BatchTopK is exported in its inference form, a JumpReLU with one uniform
 threshold max(t, 0) (what SAELens itself saves for a BatchTopK SAE): a = h * (h > t) == ReLU(h) * (h > t).
 Importing folds what we do not model into the weights: apply_b_dec_to_input=False moves b_dec @ W_enc into
-the encoder biases, a finetuning scaling factor s multiplies the decoder rows.
+the encoder biases, a finetuning scaling factor s multiplies the decoder rows, and sae_lens 6.x's TopK
+rescale_acts_by_decoder_norm=True (h scaled by the decoder row norms n, a divided by n before decoding)
+becomes W_enc * n, b_enc * n, W_dec / n.
 """
 
 from __future__ import annotations
@@ -218,6 +221,17 @@ def read_saelens_config(folder: Path) -> dict:
     return _meta(cfg)
 
 
+def _fold_decoder_norm(t: dict[str, Tensor]) -> None:
+    """sae_lens 6.x TopK with rescale_acts_by_decoder_norm=True: h = (pre @ W_enc + b_enc) * n and
+    x_hat = (a / n) @ W_dec with n = |W_dec rows|; the same function with W_enc * n, b_enc * n, W_dec / n."""
+    if "W_dec" not in t or "W_enc" not in t or "b_enc" not in t:
+        return  # from_tensors names what is missing
+    n_F = t["W_dec"].norm(dim=-1)
+    t["W_enc"] = t["W_enc"] * n_F
+    t["b_enc"] = t["b_enc"] * n_F
+    t["W_dec"] = t["W_dec"] / n_F.clamp_min(1e-30).unsqueeze(-1)
+
+
 def read_saelens(folder: Path | str, map_location: str | torch.device = "cpu") -> SAE:
     """Our SAE from a SAELens folder (cfg.json + sae_weights.safetensors)."""
     folder = Path(folder)
@@ -247,6 +261,10 @@ def read_saelens(folder: Path | str, map_location: str | torch.device = "cpu") -
     scale = t.pop("scaling_factor", scale)
     if scale is not None and cfg.get("finetuning_scaling_factor"):
         t["W_dec"] = t["W_dec"] * scale.reshape(-1, 1)  # (a * s) @ W_dec == a @ (s[:, None] * W_dec)
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        if arch != "topk":
+            raise UserError(f"{where}: rescale_acts_by_decoder_norm is only supported for topk SAEs.")
+        _fold_decoder_norm(t)
     sae = from_tensors(
         t, arch, folder / layout.SAELENS_WEIGHTS, k, bool(cfg.get("apply_b_dec_to_input", True))
     )
