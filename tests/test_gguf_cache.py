@@ -15,18 +15,22 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from sae_pipeline import layout
 from sae_pipeline.errors import UserError
 from sae_pipeline.model.loading import load_model
+from tests import helpers
 
 D, FF, LAYERS, HEADS, KV_HEADS = 32, 64, 2, 4, 2
-TOKENS = ["<unk>", "<s>", "</s>", "ab"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+TOKENS = ["<unk>", "<s>", "</s>", "ab"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["Ġ", "."]
 CONVERTING = "converting tiny.gguf to a float32 Hugging Face folder (once)"
 
 
 def write_tiny_gguf(path: Path, seed: int) -> None:
-    """A 2-layer Llama in GGUF: Q8_0 weight matrices, float32 norms, a 30-token byte-level BPE vocabulary."""
+    """A 2-layer Llama in GGUF: Q8_0 weight matrices, float32 norms, a 32-token byte-level BPE vocabulary
+    (lower-case letters, space, full stop: enough for tests.helpers.write_corpus)."""
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_context_length(64)
@@ -144,6 +148,27 @@ def test_a_rewritten_gguf_file_is_converted_again(tmp_path, cache, capfd):
     assert len(_converted(cache)) == 2
     torch.testing.assert_close(new, want, rtol=0, atol=1e-6)
     assert not torch.allclose(new, old)
+
+
+def test_sae_harvest_converts_a_gguf_model_once_across_runs(tmp_path, cache):
+    """The real command, twice: the first run converts, the second reuses the folder; same activations."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    write_tiny_gguf(folder / "tiny.gguf", seed=0)
+    corpus = helpers.write_corpus(tmp_path / "corpus.jsonl", n_docs=6, words_per_doc=80)
+    shards, logs = [], []
+    for run in ("first", "second"):
+        args = helpers.tiny_overrides(tmp_path / run, folder, corpus, n_tokens=200) + [
+            "model.gguf_file=tiny.gguf"
+        ]
+        res = helpers.run_cli("harvest", args, cwd=tmp_path, env={"SAE_PIPELINE_CACHE": str(cache)})
+        assert res.returncode == 0, res.stderr
+        logs.append(res.stderr)
+        [shard] = (tmp_path / run).rglob(layout.shard_name(0))
+        shards.append(load_file(str(shard))["activations"])
+    assert CONVERTING in logs[0] and CONVERTING not in logs[1]
+    assert len(_converted(cache)) == 1
+    assert shards[0].shape[0] > 0 and torch.equal(shards[0], shards[1])
 
 
 def test_a_missing_gguf_file_names_the_key_and_folder(tmp_path, cache):
