@@ -44,6 +44,26 @@ def save_tiny_model(folder: Path, family: str = "llama", **overrides) -> Path:
     return folder
 
 
+def fake_hub_repo(hub_cache: Path, repo_id: str, folder: Path, commit: str = "0" * 40) -> Path:
+    """Lay the files of `folder` out as the Hugging Face hub cache holds a downloaded repo (blobs named by
+    hash, snapshots/<commit>/<file> links to them, refs/main), so HF_HUB_CACHE=hub_cache with
+    HF_HUB_OFFLINE=1 loads `repo_id` without a network. Returns the snapshot folder."""
+    import hashlib
+
+    repo = Path(hub_cache) / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    for f in sorted(Path(folder).iterdir()):
+        data = f.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / f.name).symlink_to(os.path.relpath(blob, snapshot))
+    return snapshot
+
+
 def write_corpus(path: Path, n_docs: int = 12, words_per_doc: int = 400, seed: int = 0) -> Path:
     """JSON lines {title, text} of pseudo-random words (a deterministic function of the seed)."""
     import random

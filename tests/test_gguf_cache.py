@@ -171,6 +171,27 @@ def test_sae_harvest_converts_a_gguf_model_once_across_runs(tmp_path, cache):
     assert shards[0].shape[0] > 0 and torch.equal(shards[0], shards[1])
 
 
+def test_a_gguf_file_in_a_hub_repo_is_converted_once(tmp_path, cache):
+    """model.name=<org/repo> from the hub cache (offline): the snapshot's link names the folder, not the blob."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    write_tiny_gguf(folder / "tiny.gguf", seed=0)
+    corpus = helpers.write_corpus(tmp_path / "corpus.jsonl", n_docs=6, words_per_doc=80)
+    snapshot = helpers.fake_hub_repo(tmp_path / "hub", "tiny-org/tiny-gguf", folder)
+    env = {"SAE_PIPELINE_CACHE": str(cache), "HF_HUB_CACHE": str(tmp_path / "hub")}
+    logs = []
+    for run in ("first", "second"):
+        args = helpers.tiny_overrides(tmp_path / run, folder, corpus, n_tokens=200)
+        args += ["model.name=tiny-org/tiny-gguf", "model.gguf_file=tiny.gguf"]
+        res = helpers.run_cli("harvest", args, cwd=tmp_path, env=env)
+        assert res.returncode == 0, res.stderr
+        logs.append(res.stderr)
+    assert CONVERTING in logs[0] and CONVERTING not in logs[1]
+    [converted] = _converted(cache)
+    assert converted.name.startswith("tiny-")
+    assert str(snapshot / "tiny.gguf") in (converted / layout.CONVERTED_SOURCE).read_text()
+
+
 def test_a_missing_gguf_file_names_the_key_and_folder(tmp_path, cache):
     with pytest.raises(UserError, match=r"model.gguf_file='nope.gguf' is not a file in the folder"):
         load_model({"name": str(tmp_path), "gguf_file": "nope.gguf"}, "cpu")

@@ -5,7 +5,7 @@ a 135M model on a laptop CPU, minutes for billions of parameters); the converted
 fraction of that. `model.name=<folder or hub repo> model.gguf_file=<file.gguf>` goes through here, and
 so does the embedded default (model/assets.py).
 
-Cache key: the GGUF file's resolved path, size and modification time (nanoseconds), and the
+Cache key: the GGUF file's absolute path (for a hub repo, its snapshot path, which names the commit), size and modification time (nanoseconds), and the
 transformers version that converts it, hashed to 16 hex digits in the folder name
 `<cache>/gguf/<file stem>-<key>/`. A stat, not a checksum: hashing a multi-GB file would cost seconds
 on every load. A file rewritten in place gets a new mtime (and usually size) and so a new folder; a
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -31,11 +32,12 @@ def gguf_path(name: str, gguf_file: str, revision: str | None = None) -> Path:
     if Path(name).expanduser().is_dir():
         if not local.is_file():
             raise UserError(f"model.gguf_file={gguf_file!r} is not a file in the folder {name}")
-        return local.resolve()
+        return Path(os.path.abspath(local))
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo_id=name, filename=gguf_file, revision=revision)).resolve()
+        # .../snapshots/<commit>/<file>, a link to the blob: the commit is part of the cache key
+        return Path(os.path.abspath(hf_hub_download(repo_id=name, filename=gguf_file, revision=revision)))
     except Exception as err:  # hub errors are many classes (offline, 404, gated repo, bad id)
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
@@ -44,12 +46,12 @@ def gguf_path(name: str, gguf_file: str, revision: str | None = None) -> Path:
 
 
 def cache_key(gguf: Path) -> str:
-    """16 hex digits of sha256 over the file's resolved path, size, mtime_ns and transformers' version."""
+    """16 hex digits of sha256 over the file's absolute path, size, mtime_ns and transformers' version."""
     import transformers
 
-    stat = Path(gguf).stat()
+    stat = Path(gguf).stat()  # of the file a link points to
     fields = {
-        "path": str(Path(gguf).resolve()),
+        "path": os.path.abspath(gguf),
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
         "transformers": transformers.__version__,
@@ -59,7 +61,7 @@ def cache_key(gguf: Path) -> str:
 
 def cached_dir(gguf: Path) -> Path:
     """The float32 folder of this GGUF file, converted now if this file (path, size, mtime) never was."""
-    gguf = Path(gguf).resolve()
+    gguf = Path(os.path.abspath(gguf))  # links kept: a hub blob's name is its hash, the link's is the file's
     final = layout.gguf_cache_dir(gguf.name, cache_key(gguf))
     if (final / "config.json").exists():
         return final

@@ -57,7 +57,8 @@ def load_model(model_cfg: Any, device: str | torch.device = "auto"):
         raise UserError("model.name is empty; give a hub id, a local folder or embedded:smollm2")
     source = resolve_name(name)
     gguf_file = _get(model_cfg, "gguf_file")
-    looks_local = os.path.sep in source or source.startswith(".") or Path(source).exists()
+    # A hub id is `name` or `org/name`; a path starts with / . ~ or has more parts.
+    looks_local = source.startswith((os.path.sep, ".", "~")) or source.count("/") > 1 or Path(source).exists()
     if looks_local and not Path(source).exists():
         raise UserError(f"model.name={name!r}: no such folder")
     kwargs = dict(
