@@ -5,9 +5,10 @@ a 135M model on a laptop CPU, minutes for billions of parameters); the converted
 fraction of that. `model.name=<folder or hub repo> model.gguf_file=<file.gguf>` goes through here, and
 so does the embedded default (model/assets.py).
 
-Cache key: the GGUF file's absolute path (for a hub repo, its snapshot path, which names the commit), size and modification time (nanoseconds), and the
-transformers version that converts it, hashed to 16 hex digits in the folder name
-`<cache>/gguf/<file stem>-<key>/`. A stat, not a checksum: hashing a multi-GB file would cost seconds
+Cache key: the GGUF file's absolute path (for a hub repo its snapshot path, which names the commit),
+size and modification time (nanoseconds), and the transformers version that converts it, hashed to 16
+hex digits in the folder name `<cache>/gguf/<file stem>-<key>/` (cache: $SAE_PIPELINE_CACHE, else
+~/.cache/sae_pipeline). The folder is float32: 4 bytes per parameter on disk. A stat, not a checksum: hashing a multi-GB file would cost seconds
 on every load. A file rewritten in place gets a new mtime (and usually size) and so a new folder; a
 copy at another path is converted once more. Old folders are never deleted by the pipeline.
 """
