@@ -10,7 +10,7 @@ Hook names:
   blocks.{L}.hook_resid_post   output hidden states of decoder block L (before any final norm)
   blocks.{L}.hook_attn_out     output of block L's attention module (element 0 of its tuple)
   blocks.{L}.hook_mlp_out      output of block L's MLP module
-  module:{dotted.path}:{input|output}   any module of `model.named_modules()`
+  module:{dotted.path}:{input|output}   any module of `model.named_modules()` (module:{dotted.path}: its output)
 
 "input" is the first positional argument of the module's forward (or its `hidden_states`
 keyword); "output" is the returned tensor, or element 0 of a returned tuple / ModelOutput.
@@ -178,7 +178,9 @@ def resolve_hook(model: nn.Module, name: str) -> HookPoint:
     if name.startswith("module:"):
         body = name[len("module:") :]
         path, sep, io = body.rpartition(":")
-        if not sep or io not in IO_KINDS:
+        if not sep:  # module:<dotted.path> alone is the module's output
+            path, sep, io = body, ":", "output"
+        if io not in IO_KINDS:
             raise UserError(
                 f"hook {name!r} must look like module:<dotted.path>:<input|output> (the part after the last "
                 f"':' is {io!r}, expected one of {', '.join(IO_KINDS)})."
