@@ -157,10 +157,12 @@ def test_identity_and_zero_saes_give_loss_recovered_one_and_zero(tmp_path):
 
 
 def test_without_labels_the_loss_is_the_output_error(tmp_path):
-    module_and_data(tmp_path, labels=False)
+    model = module_and_data(tmp_path, labels=False)
     store = harvested(tmp_path, "data.eval_path=null", "data.eval_fraction=0.25")
-    _, ctx = rows_of(store)
-    assert len(set(ctx.tolist())) == N - N // 4  # the held-out quarter is not harvested
+    acts, ctx = rows_of(store)
+    assert len(set(ctx.tolist())) == len(ctx) == N - N // 4  # the held-out quarter is not harvested
+    inputs = load_file(str(tmp_path / "train.safetensors"))["inputs"]
+    torch.testing.assert_close(acts, model[:2](inputs[ctx]), rtol=0, atol=1e-6)  # row i is example ctx[i]
     ident = evaluated(tmp_path, run_with(tmp_path, "identity", identity_sae(HIDDEN), store))
     assert ident["task_loss"] == "output_mse" and ident["n_examples"] == N // 4
     assert ident["loss_sae"] == 0.0 and ident["loss_recovered"] == 1.0 and "accuracy_sae" not in ident

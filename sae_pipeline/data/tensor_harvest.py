@@ -105,10 +105,8 @@ def harvest_tensors(cfg: DictConfig, device: torch.device) -> list[Path]:
             e = min(b + h.batch_size, last)
             rows = capture_rows(model, train.inputs[b:e].to(device), points, early_exit=h.early_exit)
             ids = torch.zeros(e - b, 1, dtype=torch.int32)
-            for name, x_BD in rows.items():
-                # the context id of a row is its example's index in data.path
-                buffers[name].add(x_BD[:, None, :], ids, 0, 0, dtype)
-                buffers[name].parts["context_ids"][-1] = train.index[b:e].to(torch.int32)
+            for name, x_BD in rows.items():  # a row's context id is its example's index in data.path
+                buffers[name].add(x_BD[:, None, :], ids, b, 0, dtype, context_ids_N=train.index[b:e])
         for name, buf in buffers.items():
             if writers[name].needs(index):
                 writers[name].write_shard(index, buf.shuffled(h.seed, index), first, last - first)
