@@ -123,6 +123,7 @@ def test_harvest_train_eval_through_the_cli(tmp_path):
             "logger=none",
             "train.val_tokens=16",
             "train.device=cpu",
+            "train.eval_every=32",
         ],
         cwd=tmp_path,
     )
@@ -139,6 +140,10 @@ def test_harvest_train_eval_through_the_cli(tmp_path):
         torch.nn.functional.cross_entropy(zero_logits, test["labels"]).item(), rel=1e-5
     )
     assert 0 <= m["l0"] <= HIDDEN * 4 and "fvu" in m and "loss_recovered" in m
+    logged = [json.loads(line) for line in (run / layout.TRAIN_LOG).read_text().splitlines()]
+    during = [r for r in logged if "eval/ce_clean" in r]  # training's loss recovered: the task's loss too
+    assert len(during) == 2 and during[-1]["eval/ce_clean"] == pytest.approx(ce, rel=1e-5)
+    assert during[-1]["eval/ce_sae"] == pytest.approx(m["ce_sae"], rel=1e-5)  # the same final SAE
 
 
 def test_identity_and_zero_saes_give_loss_recovered_one_and_zero(tmp_path):
