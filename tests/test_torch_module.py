@@ -8,16 +8,18 @@ recovered is exactly 1; an SAE whose reconstruction is 0 is the zero ablation, s
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae_pipeline import layout
+from sae_pipeline import harvest, layout
 from sae_pipeline.data.store import read_manifest
+from sae_pipeline.errors import UserError
 from sae_pipeline.sae import save_sae
-from tests.helpers import identity_sae, run_cli
+from tests.helpers import compose_config, identity_sae, run_cli
 
 FACTORY = """
 from torch import nn
@@ -209,9 +211,19 @@ def _missing_key(tmp: Path) -> str:
         (_missing_key, "missing keys 2.bias"),
     ],
 )
-def test_bad_inputs_exit_2_naming_the_key_or_file(tmp_path, make, named):
+def test_bad_inputs_name_the_key_or_file(tmp_path, monkeypatch, make, named):
     module_and_data(tmp_path)
-    r = run_cli("harvest", harvest_args(tmp_path, make(tmp_path)), cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)  # where the CLI would run; the factory is imported from here
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "tinymod", raising=False)
+    with pytest.raises(UserError) as err:
+        harvest.run(compose_config("harvest", harvest_args(tmp_path, make(tmp_path))))
+    assert named in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_bad_input_exits_2_with_one_line(tmp_path):
+    module_and_data(tmp_path)
+    r = run_cli("harvest", harvest_args(tmp_path, _wrong_shape(tmp_path)), cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and named in lines[0], r.stderr
+    assert len(lines) == 1 and "0.weight has shape [9, 6]" in lines[0], r.stderr
