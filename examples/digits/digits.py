@@ -186,7 +186,7 @@ def run(out: Path, quick: bool = False, seed: int = 0, log=print) -> dict:
     x_tr, y_tr, x_te, y_te = load_data(seed)
     model = train_mlp(x_tr, y_tr, epochs=10 if quick else 40, seed=seed)
     h1_tr, h2_tr = hidden(model, x_tr, H1), hidden(model, x_tr, H2)
-    runs = pipeline(out, model, x_tr, y_tr, x_te, y_te, steps=200 if quick else 1200, seed=seed)
+    runs = pipeline(out, model, x_tr, y_tr, x_te, y_te, steps=200 if quick else 800, seed=seed)
     sae1, sae2 = (load_sae(runs[h] / "sae").eval().requires_grad_(False) for h in ("h1", "h2"))
     m1, m2 = (json.loads((runs[h] / "eval" / "metrics.json").read_text()) for h in ("h1", "h2"))
     for h, m in (("h1", m1), ("h2", m2)):
