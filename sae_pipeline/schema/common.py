@@ -32,12 +32,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     kind: str = "auto"  # auto (from the config's architectures) | causal_lm | masked_lm (ESM-2, BERT-style) | torch_module
     # kind=torch_module (model=torch_module): any nn.Module, see model/torch_module.py
-    factory: Optional[str] = (
-        None  # package.module:function or path/to/file.py:function, called with no argument
-    )
-    factory_path: Optional[str] = (
-        None  # a folder put first on sys.path to import the factory (cwd is always there)
-    )
+    factory: Optional[str] = None  # pkg.module:function or path/to/file.py:function, called with no argument
+    factory_path: Optional[str] = None  # a folder put first on sys.path for that import (cwd always is)
     weights: Optional[str] = None  # a safetensors state dict loaded strictly into the factory's module
 
 
