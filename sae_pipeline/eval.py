@@ -5,7 +5,8 @@
     sae-eval sae_path=... 'eval.data={name:json,data_files:/data/other.jsonl}'
 
 Each SAE's store manifest names the model, hook and text; the evaluation text is the store's held-out
-documents (harvest never saw them), packed the same way. Writes <run>/eval/metrics.json and
+documents (harvest never saw them), packed the same way; for model=torch_module it is the store's
+held-out examples, and loss recovered is the task's own loss (cross-entropy and accuracy with labels). Writes <run>/eval/metrics.json and
 <run>/eval/feature_density.png, logs to W&B (offline without an account) and prints one line per SAE.
 On a folder of many runs it also writes sweep.csv / sweep.md and the L0 Pareto plots there.
 """
@@ -22,6 +23,7 @@ from sae_pipeline.errors import report_config_errors, report_user_errors
 from sae_pipeline.evaluation import sweep
 from sae_pipeline.evaluation.report import eval_tokens, evaluate_target, existing_metrics, summary_line
 from sae_pipeline.evaluation.splice import SpliceEvaluator
+from sae_pipeline.evaluation.task import task_evaluator
 from sae_pipeline.model.hook_points import resolve_hook
 from sae_pipeline.model.loading import load_model
 from sae_pipeline.runs import find_targets, load_spec
@@ -57,9 +59,17 @@ def run(cfg: DictConfig) -> dict:
             tkey = json.dumps(
                 [m.get("dataset"), m.get("context_size"), m.get("bos")], sort_keys=True, default=str
             )
-            if tkey not in token_cache:
-                token_cache[tkey] = eval_tokens(cfg, spec, tokenizer)
-            ids, mask, desc = token_cache[tkey]
+            if tokenizer is None:  # model=torch_module: held-out examples, scored by the task's own loss
+                if (tkey, spec.hook_name) not in evaluators:
+                    hook = resolve_hook(model, spec.hook_name)
+                    evaluators[tkey, spec.hook_name], token_cache[tkey] = task_evaluator(
+                        model, hook, m, cfg.eval
+                    )
+                desc = token_cache[tkey]
+            else:
+                if tkey not in token_cache:
+                    token_cache[tkey] = eval_tokens(cfg, spec, tokenizer)
+                ids, mask, desc = token_cache[tkey]
             if (tkey, spec.hook_name) not in evaluators:
                 hook = resolve_hook(model, spec.hook_name)
                 evaluators[tkey, spec.hook_name] = SpliceEvaluator(

@@ -3,6 +3,8 @@
     sae-harvest                                   # embedded SmolLM2 on Shakespeare, layer 9 residual
     sae-harvest hook=all hook.layer=3 harvest.n_tokens=1000000
     sae-harvest model.name=EleutherAI/pythia-70m data.name=NeelNanda/pile-10k hook.layer=3
+    sae-harvest model=torch_module model.factory=pkg.mod:build model.weights=w.safetensors \
+        data=tensors data.path=inputs.safetensors 'hook.names=[module:2]'     # any nn.Module, one row per example
 
 The forward stops right after the deepest requested hook (no later layer, no LM head). Shards are
 written by a background thread while the model computes the next batch. A killed harvest resumes
@@ -29,10 +31,12 @@ from omegaconf import DictConfig, OmegaConf
 from sae_pipeline import layout
 from sae_pipeline.data import parts, store, text
 from sae_pipeline.data.shards import ShardBuffer, store_fingerprint, write_shard_job
+from sae_pipeline.data.tensor_harvest import harvest_tensors
 from sae_pipeline.errors import UserError, report_config_errors, report_user_errors
 from sae_pipeline.model import hook_points, hooks
 from sae_pipeline.model.hook_points import requested_hook_names
 from sae_pipeline.model.loading import load_model, max_context
+from sae_pipeline.model.torch_module import is_torch_module
 from sae_pipeline.progress import progress
 from sae_pipeline.runtime import resolve_device
 from sae_pipeline.schema import register_configs, to_container
@@ -43,6 +47,8 @@ def run(cfg: DictConfig) -> list[Path]:
     """Harvest every requested hook point into its own store folder; returns the store folders."""
     h = cfg.harvest
     check_harvest_config(h)
+    if is_torch_module(cfg.model):  # any nn.Module on a tensor dataset: one row per example
+        return harvest_tensors(cfg, resolve_device(h.device))
     out_dir = Path(h.out_dir)
     part, n_parts = parts.resolve_part(h)
     if h.merge:

@@ -233,6 +233,10 @@ def load_all(sae_path: str, device_name: str, source=None):
     device = resolve_device(device_name)
     sae = load_target_sae(target, spec, device).requires_grad_(False)
     model, tokenizer = load_model(spec.model_cfg, device)
+    if tokenizer is None:
+        raise UserError(
+            f"the SAE in {target.sae_dir} was trained on a model=torch_module store; this command needs a language model"
+        )
     if spec.source is not None and spec.source["prepend_bos"]:
         spec.manifest["bos"]["token_id"] = text.bos_token_id(tokenizer, True)
     hook = resolve_hook(model, spec.hook_name)

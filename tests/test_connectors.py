@@ -121,6 +121,11 @@ def test_digits_example_quick(tmp_path):
     assert acc["original"] > 0.85  # even the quick MLP classifies held-out digits far above chance (0.1)
     assert acc["connector_random"] > 0.3  # the connector carries the class information through
     assert json.loads((tmp_path / "accuracy.json").read_text())["accuracy"] == acc
+    # sae-eval (model=torch_module, the MLP and digits read back from files, the SAE spliced by a hook) agrees
+    # with the example's own in-memory forward on the same test digits
+    for h in ("h1", "h2"):
+        assert report["sae"][h]["accuracy_clean"] == pytest.approx(acc["original"])
+        assert report["sae"][h]["accuracy_sae"] == pytest.approx(acc[f"sae_{h}_spliced"])
     for name in ("random", "e2wd1"):
         assert (tmp_path / f"W2_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert report["connectors"][name]["connections"]

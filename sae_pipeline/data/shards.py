@@ -35,11 +35,15 @@ class ShardBuffer:
     def __init__(self):
         self.parts: dict[str, list[torch.Tensor]] = {k: [] for k in SHARD_KEYS}
 
-    def add(self, acts_NTD: torch.Tensor, ids_NT: torch.Tensor, first_context: int, start_pos: int, dtype):
+    def add(self, acts_NTD: torch.Tensor, ids_NT: torch.Tensor, first_context: int, start_pos: int, dtype,
+            context_ids_N: torch.Tensor | None = None):  # fmt: skip
+        """Rows of n contexts numbered first_context.. (or `context_ids_N`: a tensor dataset's example indices)."""
         n, t, d = acts_NTD.shape
         self.parts["activations"].append(acts_NTD[:, start_pos:].reshape(-1, d).to("cpu", dtype))
         self.parts["token_ids"].append(ids_NT[:, start_pos:].reshape(-1).to(torch.int32))
         contexts = torch.arange(first_context, first_context + n, dtype=torch.int32)
+        if context_ids_N is not None:
+            contexts = context_ids_N.to(torch.int32)
         self.parts["context_ids"].append(contexts[:, None].expand(n, t - start_pos).reshape(-1))
         positions = torch.arange(start_pos, t, dtype=torch.int32)
         self.parts["positions"].append(positions[None, :].expand(n, t - start_pos).reshape(-1))

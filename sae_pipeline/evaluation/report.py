@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from sae_pipeline import layout
 from sae_pipeline.data import text
 from sae_pipeline.evaluation import metrics as M
+from sae_pipeline.evaluation import task
 from sae_pipeline.evaluation.splice import SpliceEvaluator
 from sae_pipeline.files import sha256_file, write_json_atomic
 from sae_pipeline.runs import Spec, Target, check_matches_store, heldout_text, load_target_sae
@@ -93,6 +94,8 @@ def plot_density(metrics: dict, path: Path, title: str) -> Path:
 
 
 def summary_line(name: str, m: dict) -> str:
+    if "task_loss" in m:  # a torch_module's task (evaluation/task.py)
+        return task.summary_line(name, m)
     return (
         f"{name}: L0 {m['l0']:.2f} | FVU {m['fvu']:.4f} | loss recovered {m['loss_recovered']:.4f} | "
         f"CE {m['ce_increase']:+.4f} nats | KL {m['kl']:.4f} | dead {100 * m['latents']['dead_frac']:.1f}% | "
@@ -104,6 +107,7 @@ SCALARS = (
     "l0", "fvu", "explained_variance", "mse_per_token", "mse_per_element", "cosine", "norm_ratio",
     "ce_clean", "ce_zero", "ce_mean", "ce_sae", "loss_recovered", "loss_recovered_mean", "ce_increase",
     "kl", "kl_zero", "kl_mean", "n_tokens",
+    "loss_clean", "loss_zero", "loss_sae", "accuracy_clean", "accuracy_zero", "accuracy_mean", "accuracy_sae",
 )  # fmt: skip
 
 
@@ -186,7 +190,9 @@ def evaluate_target(
     write_json_atomic(target.eval_dir / layout.METRICS, m)
     plot_density(m, target.eval_dir / layout.DENSITY_PLOT, f"{target.name} ({sae.cfg.arch})")
     log_wandb(cfg, target, m, group)
-    if m["n_tokens"] < cfg.eval.n_tokens:
+    if (
+        m["n_tokens"] < cfg.eval.n_tokens and "task_loss" not in m
+    ):  # a torch_module: all its held-out examples
         print(
             f"warning: {target.name}: only {m['n_tokens']} of {cfg.eval.n_tokens} tokens available",
             file=sys.stderr,

@@ -10,7 +10,7 @@ Hook names:
   blocks.{L}.hook_resid_post   output hidden states of decoder block L (before any final norm)
   blocks.{L}.hook_attn_out     what block L's attention adds to the residual stream
   blocks.{L}.hook_mlp_out      what block L's MLP adds to the residual stream
-  module:{dotted.path}:{input|output}   any module of `model.named_modules()`
+  module:{dotted.path}:{input|output}   any module of `model.named_modules()` (module:{dotted.path}: its output)
 
 attn_out / mlp_out mean the same vectors as in TransformerLens and SAELens, so for a pre-norm block
 resid_post == resid_pre + attn_out + mlp_out. Usually they are the output of the attention module
@@ -204,7 +204,9 @@ def resolve_hook(model: nn.Module, name: str) -> HookPoint:
     if name.startswith("module:"):
         body = name[len("module:") :]
         path, sep, io = body.rpartition(":")
-        if not sep or io not in IO_KINDS:
+        if not sep:  # module:<dotted.path> alone is the module's output
+            path, sep, io = body, ":", "output"
+        if io not in IO_KINDS:
             raise UserError(
                 f"hook {name!r} must look like module:<dotted.path>:<input|output> (the part after the last "
                 f"':' is {io!r}, expected one of {', '.join(IO_KINDS)})."

@@ -43,7 +43,7 @@ def _get(cfg: Any, key: str, default=None):
 
 
 def load_model(model_cfg: Any, device: str | torch.device = "auto"):
-    """Return (model, tokenizer), the model in eval mode on `device`.
+    """Return (model, tokenizer), the model in eval mode on `device` (tokenizer None for model.kind=torch_module).
 
     `model_cfg` is a ModelConfig, a DictConfig or the plain dict a store manifest records."""
     from transformers import AutoTokenizer
@@ -52,6 +52,10 @@ def load_model(model_cfg: Any, device: str | torch.device = "auto"):
     hf_logging.disable_progress_bar()  # our own progress bars are the ones that matter
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
+    if _get(model_cfg, "kind") == "torch_module":  # any nn.Module from a factory; no tokenizer
+        from sae_pipeline.model.torch_module import load_torch_module
+
+        return load_torch_module(model_cfg, device), None
     name = _get(model_cfg, "name")
     if not name:
         raise UserError("model.name is empty; give a hub id, a local folder or embedded:smollm2")
@@ -81,7 +85,7 @@ def load_model(model_cfg: Any, device: str | torch.device = "auto"):
     return model, tokenizer
 
 
-MODEL_KINDS = ("auto", "causal_lm", "masked_lm")
+MODEL_KINDS = ("auto", "causal_lm", "masked_lm", "torch_module")
 
 
 def _auto_class(kind: str, source: str, kwargs: dict):

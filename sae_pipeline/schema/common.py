@@ -30,7 +30,11 @@ class ModelConfig:
     revision: Optional[str] = None  # hub revision (branch, tag or commit)
     dtype: str = "float32"  # float32 | float16 | bfloat16 | auto (bfloat16 on CUDA, float32 on CPU)
     trust_remote_code: bool = False
-    kind: str = "auto"  # auto (from the config's architectures) | causal_lm | masked_lm (ESM-2, BERT-style)
+    kind: str = "auto"  # auto (from the config's architectures) | causal_lm | masked_lm (ESM-2, BERT-style) | torch_module
+    # kind=torch_module (model=torch_module): any nn.Module, see model/torch_module.py
+    factory: Optional[str] = None  # pkg.module:function or path/to/file.py:function, called with no argument
+    factory_path: Optional[str] = None  # a folder put first on sys.path for that import (cwd always is)
+    weights: Optional[str] = None  # a safetensors state dict loaded strictly into the factory's module
 
 
 @dataclass
@@ -46,6 +50,10 @@ class DataConfig:
     eval_documents: int = 3  # whole documents held out of harvest for evaluation (when eval_split is null)
     streaming: bool = False  # stream a large hub dataset instead of downloading it whole
     txt_unit: str = "file"  # .txt data_files: a whole file is one document (file) or each line is (line)
+    # data=tensors (a torch_module model): a safetensors file with `inputs` [N, ...] and optional `labels` [N]
+    path: Optional[str] = None
+    eval_path: Optional[str] = None  # held-out examples in a second file of the same names; when null ...
+    eval_fraction: float = 0.2  # ... this fraction of `path` (seeded by harvest.seed) is held out instead
 
 
 @dataclass

@@ -55,6 +55,13 @@ class LossRecovered:
 
             model, tokenizer = loading.load_model(self.store.manifest["model"], device=self.device)
             hook = hook_points.resolve_hook(model, self.store.hook_name)
+            if tokenizer is None:  # model=torch_module: its held-out examples and the task's own loss
+                from sae_pipeline.data.tensors import heldout_examples
+                from sae_pipeline.evaluation.task import TaskEvaluator
+
+                examples = heldout_examples(self.store.manifest, self.tcfg.eval_tokens)
+                self.evaluator = TaskEvaluator(model, hook, examples, self.tcfg.eval_batch_size)
+                return True
             ids_NT, mask_NT = text.heldout_contexts(self.store.manifest, tokenizer, self.tcfg.eval_tokens)
             self.evaluator = SpliceEvaluator(
                 model, hook, ids_NT, mask_NT, batch_size=self.tcfg.eval_batch_size
