@@ -6,6 +6,7 @@ shard's rows with their context ids and positions and shuffles them (seeded) whe
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
@@ -14,6 +15,19 @@ from omegaconf import DictConfig
 
 from sae_pipeline.data.store import SHARD_KEYS
 from sae_pipeline.schema import to_container
+from sae_pipeline.schema.common import DataConfig, ModelConfig
+
+
+def _set_keys(group: DictConfig, schema) -> dict:
+    """The keys that differ from the schema's defaults, so a key added later at its default keeps old fingerprints."""
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    out = {}
+    for k, v in to_container(group).items():
+        f = fields.get(k)
+        default = None if f is None else (f.default_factory() if callable(f.default_factory) else f.default)
+        if f is None or v != default:
+            out[k] = v
+    return out
 
 
 def store_fingerprint(cfg: DictConfig, hook_name: str) -> str:
@@ -21,8 +35,8 @@ def store_fingerprint(cfg: DictConfig, hook_name: str) -> str:
     h = cfg.harvest
     keys = ("context_size", "prepend_bos", "batch_size", "n_tokens", "shard_size", "dtype", "seed")
     spec = {
-        "model": to_container(cfg.model),
-        "data": to_container(cfg.data),
+        "model": _set_keys(cfg.model, ModelConfig),
+        "data": _set_keys(cfg.data, DataConfig),
         "hook": hook_name,
         "harvest": {k: h[k] for k in keys},
     }
