@@ -24,7 +24,7 @@ import hydra
 from omegaconf import DictConfig
 
 from sae_pipeline import layout
-from sae_pipeline.errors import report_config_errors, report_user_errors
+from sae_pipeline.errors import UserError, report_config_errors, report_user_errors
 from sae_pipeline.interpret.probe_report import log_wandb, prepare_task, probe_sae, write_report
 from sae_pipeline.model.hook_points import resolve_hook
 from sae_pipeline.model.loading import load_model
@@ -53,6 +53,10 @@ def run(cfg: DictConfig) -> dict[str, dict]:
             loaded = {spec.model_key: load_model(spec.model_cfg, device)}
             tasks = {}
         model, tokenizer = loaded[spec.model_key]
+        if tokenizer is None:
+            raise UserError(
+                f"the SAE in {t.sae_dir} was trained on a model=torch_module store; sae-probe needs a language model"
+            )
         m = spec.manifest
         key = json.dumps([spec.hook_name, m.get("dataset"), m.get("context_size"), m.get("bos")], default=str)
         if key not in tasks:

@@ -155,6 +155,14 @@ def test_identity_and_zero_saes_give_loss_recovered_one_and_zero(tmp_path):
     assert ident["loss_recovered"] == 1.0 and ident["fvu"] == 0.0
     assert ident["accuracy_sae"] == ident["accuracy_clean"] and ident["kl"] == 0.0
     assert ident["accuracy_clean"] != ident["accuracy_zero"]  # the test can tell a splice from no splice
+    for stage in ("features", "probe"):  # text-only stages refuse it in one line, exit 2
+        r = run_cli(
+            stage,
+            [f"sae_path={tmp_path / 'identity'}", f"paths.root={tmp_path / 'runs'}"],
+            cwd=tmp_path,
+        )
+        assert r.returncode == 2 and "model=torch_module" in r.stderr, (stage, r.stderr)
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
     zero = identity_sae(HIDDEN)
     with torch.no_grad():
