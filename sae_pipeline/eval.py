@@ -60,12 +60,16 @@ def run(cfg: DictConfig) -> dict:
             if tkey not in token_cache:
                 token_cache[tkey] = eval_tokens(cfg, spec, tokenizer)
             ids, mask, desc = token_cache[tkey]
-            if (tkey, spec.hook_name) not in evaluators:
-                hook = resolve_hook(model, spec.hook_name)
-                evaluators[tkey, spec.hook_name] = SpliceEvaluator(
-                    model, hook, ids, mask, cfg.eval.batch_size, reuse_prefix=cfg.eval.reuse_prefix
-                )
-            evaluator = evaluators[tkey, spec.hook_name]
+            hooks = (spec.hook_name, spec.meta.get("target_hook"))  # a transcoder: input and target hooks
+            if (tkey, hooks) not in evaluators:
+                hook, source = resolve_hook(model, spec.hook_name), None
+                if hooks[1]:  # the transcoder's output replaces the target hook's activations
+                    hook, source = resolve_hook(model, hooks[1]), hook
+                evaluators[tkey, hooks] = SpliceEvaluator(
+                    model, hook, ids, mask, cfg.eval.batch_size, reuse_prefix=cfg.eval.reuse_prefix,
+                    source_hook=source,
+                )  # fmt: skip
+            evaluator = evaluators[tkey, hooks]
             results[t.name] = evaluate_target(cfg, t, spec, evaluator, desc, device, group)
             print(summary_line(t.name, results[t.name]), flush=True)
         del model, token_cache, evaluators
