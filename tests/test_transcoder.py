@@ -193,6 +193,36 @@ def test_fold_of_input_and_target_scales(arch, skip, tmp_path):
         torch.testing.assert_close(back(x), got_y)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_forward_adds_the_skip_and_scores_the_target(arch):
+    """Latent selection does not depend on W_skip, so training_forward's y_hat with W_skip = R is the one with
+    W_skip = 0 plus x @ R exactly; the loss's "mse" part is ||y_hat - y||^2 / B; and (every architecture
+    but matryoshka, whose loss averages prefixes) W_skip's gradient is that of the MSE, 2 x^T (y_hat - y) / B."""
+    d_out = D_IN if arch == "tied" else D_OUT
+    sae = build_sae(CONFIG_CLASSES[arch](d_sae=32, skip=True, **SETTINGS[arch]), D_IN, seed=0, d_out=d_out)
+    _randomised(sae)
+    g = torch.Generator().manual_seed(5)
+    x, y, R = (
+        torch.randn(16, D_IN, generator=g),
+        torch.randn(16, d_out, generator=g),
+        torch.randn(D_IN, d_out),
+    )
+    with torch.no_grad():
+        sae.W_skip_DO.zero_()
+    base = sae.training_forward(x.clone(), target_BD=y).x_hat_BD
+    with torch.no_grad():
+        sae.W_skip_DO.copy_(R)
+    out = sae.training_forward(x.clone(), target_BD=y)
+    torch.testing.assert_close(out.x_hat_BD, base + x @ R, rtol=1e-5, atol=1e-5)
+    mse = (out.x_hat_BD - y).pow(2).sum() / 16
+    torch.testing.assert_close(out.parts["mse"], mse, rtol=1e-5, atol=1e-6)
+    if arch != "matryoshka":
+        out.loss.backward()
+        torch.testing.assert_close(
+            sae.W_skip_DO.grad, 2 * x.t() @ (out.x_hat_BD - y) / 16, rtol=1e-4, atol=1e-5
+        )
+
+
 def test_what_cannot_be_a_transcoder():
     with pytest.raises(UserError, match="sae=tied cannot be a transcoder from d_in=24 to d_out=12"):
         build_sae(CONFIG_CLASSES["tied"](d_sae=8), D_IN, d_out=D_OUT)
@@ -289,6 +319,10 @@ def test_stopped_transcoder_run_resumes_bit_exact(tmp_path):
     with pytest.raises(StopRequested):
         run(cfg_for(a, tmp_path / "r", *args, "train.stop_after_steps=13"))
     assert checkpoint.latest(tmp_path / "r") is not None
+    _, other, _, _ = two_stores(tmp_path / "o", n=1024, seed=1)  # another target store, same shape
+    with pytest.raises(UserError, match="resume it with the same train.target_store"):
+        run(cfg_for(a, tmp_path / "r", *args, "train.resume=true", f"train.target_store={other}",
+                    "train.allow_changes=true"))  # fmt: skip
     run(cfg_for(a, tmp_path / "r", *args, "train.resume=true"))
     assert "W_skip_DO" in weights(tmp_path / "ref")
     assert_same(weights(tmp_path / "r"), weights(tmp_path / "ref"))
@@ -307,3 +341,80 @@ def test_cli_bad_transcoder_input_is_one_line(tmp_path):
         res = run_cli("train", args, cwd=tmp_path)
         assert res.returncode == 2, (extra, res.stderr[-2000:])
         assert message in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+
+
+# ---- a tiny model: harvest two hooks in one pass, train, splice into the model ---------------------
+def test_tiny_model_harvest_train_eval_through_the_cli(tmp_path):
+    """Both MLP hooks of layer 1 harvested in one run; the transcoder trained on them through sae-train and
+    scored by sae-eval. The report's FVU and spliced CE are recomputed here by hand: a forward hook on the MLP
+    that returns sae(MLP input) at the valid positions."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sae_pipeline.data import text
+    from sae_pipeline.data.store import read_manifest
+    from tests.helpers import save_tiny_model, tiny_overrides, write_corpus
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    with torch.no_grad():  # a random tiny model barely uses its MLP: make layer 1's matter to the loss
+        model.model.layers[1].mlp.down_proj.weight.mul_(300.0)
+    model.save_pretrained(model_dir)
+    corpus = write_corpus(tmp_path / "corpus.jsonl", n_docs=8, words_per_doc=300)
+    source, target = "module:model.layers.1.mlp:input", "blocks.1.hook_mlp_out"
+    env = {"OMP_NUM_THREADS": "1"}
+    harvest = [*tiny_overrides(tmp_path, model_dir, corpus, n_tokens=3000), "hook.points=[mlp_out]"]
+    res = run_cli("harvest", [*harvest, f"hook.names=[{source}]"], cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    stores = {
+        read_manifest(m.parent)["hook"]["name"]: m.parent
+        for m in tmp_path.glob("runs/stores/**/manifest.json")
+    }
+    assert set(stores) == {source, target}
+    run_dir = tmp_path / "tc"
+    args = [
+        f"store={stores[source]}", f"train.target_store={stores[target]}", "sae=topk", "sae.k=8", "sae.d_sae=64",
+        "sae.skip=true", "train=tiny", "train.total_tokens=4096", "train.eval_every=32", "train.eval_tokens=256", "train.val_tokens=16",
+        f"train.run_dir={run_dir}", "logger=none",
+    ]  # fmt: skip
+    res = run_cli("train", args, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    logged = [json.loads(ln) for ln in (run_dir / layout.TRAIN_LOG).read_text().splitlines()]
+    assert any("eval/loss_recovered" in r for r in logged)  # loss recovered during training splices too
+    res = run_cli(
+        "eval", [f"sae_path={run_dir}", "eval.n_tokens=600", "eval.device=cpu", "logger=none"], tmp_path, env
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"(transcoder {source} -> {target})" in res.stdout
+    m = json.loads((run_dir / layout.EVAL / layout.METRICS).read_text())
+    # a random model's predictions are near uniform: splices move the CE by ~1e-2 (0.036 for zero ablation),
+    # which the hand check below resolves at 2e-5
+    assert m["ce_zero"] - m["ce_clean"] > 0.01
+    assert m["transcoder"] == {"input_hook": source, "target_hook": target, "skip": True}
+    assert m["hook"] == target and m["sae"]["d_out"] == m["sae"]["d_in"]
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids, mask = text.heldout_contexts(
+        read_manifest(stores[source]), AutoTokenizer.from_pretrained(model_dir), 600
+    )
+    sae = load_sae(run_dir).eval()
+    mlp = model.model.layers[1].mlp
+    seen = {}
+
+    def replace(_mod, args, out):
+        seen["x"], seen["y"] = args[0][mask], out[mask]
+        new = out.clone()
+        new[mask] = sae(args[0][mask])
+        return new
+
+    with torch.no_grad():
+        handle = mlp.register_forward_hook(replace)
+        try:
+            logits = model(ids).logits
+        finally:
+            handle.remove()
+        keep = mask[:, :-1] & mask[:, 1:]
+        ce = F.cross_entropy(logits[:, :-1][keep], ids[:, 1:][keep]).item()
+        assert m["ce_sae"] == pytest.approx(ce, abs=2e-5)
+        assert m["fvu"] == pytest.approx(fvu(seen["y"], sae(seen["x"])), rel=1e-3)
+    assert m["n_tokens"] == int(mask.sum())
