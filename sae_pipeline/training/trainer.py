@@ -108,11 +108,9 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
         if dist.is_main:
             mdir.mkdir(parents=True, exist_ok=True)
         scale = dist.broadcast_object(input_scale(sae_cfg, store, sample))
-        out = (
-            None
-            if target is None
-            else Target(target, dist.broadcast_object(input_scale(sae_cfg, target, sample_y)))
-        )
+        out = None
+        if target is not None:  # a transcoder: its target rows get their own scale
+            out = Target(target, dist.broadcast_object(input_scale(sae_cfg, target, sample_y)))
         members.append(Member(name, mdir, sae_cfg, store.d_in, tcfg, device, scale, dist, out))
 
     # fresh start or resume
