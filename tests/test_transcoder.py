@@ -14,14 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from sae_pipeline import layout
 from sae_pipeline.api import splice_sae
 from sae_pipeline.data.aligned import aligned_rows
+from sae_pipeline.data.integrity import write_manifest
 from sae_pipeline.data.paired import PairedReader
-from sae_pipeline.data.store import ActivationStore
+from sae_pipeline.data.store import ActivationStore, read_manifest
 from sae_pipeline.errors import UserError
+from sae_pipeline.files import sha256_file
 from sae_pipeline.sae import CONFIG_CLASSES, build_sae, input_scale_factor, load_sae, save_sae
 from sae_pipeline.sae.formats import saelens_tensors
 from sae_pipeline.train import StopRequested, run
@@ -366,8 +369,17 @@ def test_two_ranks_train_the_transcoder_one_process_trains(tmp_path):
 def test_cli_bad_transcoder_input_is_one_line(tmp_path):
     a, b, x, y = two_stores(tmp_path, n=1024)
     other = write_store(tmp_path / "other", y[:768].split(SHARD_ROWS), CTX, model=MODEL, seed=1)
+    moved = write_store(tmp_path / "moved", y.split(SHARD_ROWS), CTX, model=MODEL, seed=1)
+    shard = moved / layout.shard_name(2)  # its rows claim other contexts than shard 2 of a (sizes unchanged)
+    tensors = load_file(str(shard))
+    tensors["context_ids"] = tensors["context_ids"] + 1000
+    save_file(tensors, str(shard))
+    manifest = read_manifest(moved)
+    manifest["shards"][2]["sha256"] = sha256_file(shard)
+    write_manifest(moved, manifest)
     for arch, extra, message in [
         ("topk", [f"train.target_store={other}"], "hold different rows"),
+        ("topk", [f"train.target_store={moved}"], f"the shard {shard} of train.target_store holds other"),
         ("topk", [f"train.target_store={tmp_path / 'missing'}"], "missing"),
         ("tied", [], "sae=tied cannot be a transcoder from d_in=24 to d_out=12"),
         ("topk", ["train.target_store=null", "sae.skip=true"], "sae.skip=true needs a transcoder"),
