@@ -9,7 +9,8 @@ and `main` only; they import the library below them and never each other
     schema/       every config group's dataclass (one module per stage + common groups) and checks
     conf/         the Hydra YAML files (only values that differ from the schema), shipped in the wheel
     data/         the activation store (shards + manifest), harvest parts and their merge, the shuffled
-                  reader, text packing, rows of two stores matched by (context, position)
+                  reader, text packing, rows of two stores matched by (context, position), the paired
+                  reader of a transcoder (input and target rows of each token)
     model/        loading models, hook names and points, capture/splice, the embedded assets
     sae/          one file per architecture, registry, sparse kernels, saving and loading
     training/     trainer loop, members, schedules, statistics, checkpoints, run folders, validation,

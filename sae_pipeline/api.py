@@ -107,6 +107,11 @@ def splice_sae(
     changes only what it touches). `edit` maps latents [B, T, d_sae] to new latents."""
     from sae_pipeline.model.hooks import splice
 
+    if getattr(sae, "transcoder", False):
+        raise UserError(
+            "splice_sae splices an SAE at one hook; a transcoder reads one hook and replaces another: "
+            "score it with evaluate_sae / sae-eval, which splice it at its target hook."
+        )
     param = next(sae.parameters())
 
     def fn(x_BTD: Tensor) -> Tensor:

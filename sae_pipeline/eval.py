@@ -19,7 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from sae_pipeline.errors import report_config_errors, report_user_errors
+from sae_pipeline.errors import UserError, report_config_errors, report_user_errors
 from sae_pipeline.evaluation import sweep
 from sae_pipeline.evaluation.report import eval_tokens, evaluate_target, existing_metrics, summary_line
 from sae_pipeline.evaluation.splice import SpliceEvaluator
@@ -59,23 +59,29 @@ def run(cfg: DictConfig) -> dict:
             tkey = json.dumps(
                 [m.get("dataset"), m.get("context_size"), m.get("bos")], sort_keys=True, default=str
             )
+            hooks = (spec.hook_name, spec.meta.get("target_hook"))  # a transcoder: input and target hooks
             if tokenizer is None:  # model=torch_module: held-out examples, scored by the task's own loss
-                if (tkey, spec.hook_name) not in evaluators:
-                    hook = resolve_hook(model, spec.hook_name)
-                    evaluators[tkey, spec.hook_name], token_cache[tkey] = task_evaluator(
-                        model, hook, m, cfg.eval
+                if hooks[1]:
+                    raise UserError(
+                        f"{t.sae_dir} is a transcoder on a model=torch_module store; sae-eval scores only SAEs there"
                     )
+                if (tkey, hooks) not in evaluators:
+                    hook = resolve_hook(model, spec.hook_name)
+                    evaluators[tkey, hooks], token_cache[tkey] = task_evaluator(model, hook, m, cfg.eval)
                 desc = token_cache[tkey]
             else:
                 if tkey not in token_cache:
                     token_cache[tkey] = eval_tokens(cfg, spec, tokenizer)
                 ids, mask, desc = token_cache[tkey]
-            if (tkey, spec.hook_name) not in evaluators:
-                hook = resolve_hook(model, spec.hook_name)
-                evaluators[tkey, spec.hook_name] = SpliceEvaluator(
-                    model, hook, ids, mask, cfg.eval.batch_size, reuse_prefix=cfg.eval.reuse_prefix
-                )
-            evaluator = evaluators[tkey, spec.hook_name]
+            if (tkey, hooks) not in evaluators:
+                hook, source = resolve_hook(model, spec.hook_name), None
+                if hooks[1]:  # the transcoder's output replaces the target hook's activations
+                    hook, source = resolve_hook(model, hooks[1]), hook
+                evaluators[tkey, hooks] = SpliceEvaluator(
+                    model, hook, ids, mask, cfg.eval.batch_size, reuse_prefix=cfg.eval.reuse_prefix,
+                    source_hook=source,
+                )  # fmt: skip
+            evaluator = evaluators[tkey, hooks]
             results[t.name] = evaluate_target(cfg, t, spec, evaluator, desc, device, group)
             print(summary_line(t.name, results[t.name]), flush=True)
         del model, token_cache, evaluators

@@ -6,6 +6,8 @@
     sae-train store=... train.run_dir=runs/train/my-run train.resume=true      # continue a run
     torchrun --standalone --nproc_per_node=2 $(which sae-train) store=... train.run_dir=runs/train/ddp
                                             # data-parallel: same SAE, batch split over 2 processes
+    sae-train store=<MLP input store> train.target_store=<MLP output store> sae=topk sae.skip=true
+                                            # a (skip) transcoder: predicts the target hook's activations
 
 The store's manifest gives the model, hook and d_in. Each SAE gets a run folder (see `paths`):
 config.json, checkpoints/step-*/ (exact resume), train_log.jsonl, wandb/, and at the end sae/

@@ -96,6 +96,9 @@ def plot_density(metrics: dict, path: Path, title: str) -> Path:
 def summary_line(name: str, m: dict) -> str:
     if "task_loss" in m:  # a torch_module's task (evaluation/task.py)
         return task.summary_line(name, m)
+    tc = m.get("transcoder")
+    if tc:  # FVU and the splice are those of the target hook
+        name = f"{name} (transcoder {tc['input_hook']} -> {tc['target_hook']})"
     return (
         f"{name}: L0 {m['l0']:.2f} | FVU {m['fvu']:.4f} | loss recovered {m['loss_recovered']:.4f} | "
         f"CE {m['ce_increase']:+.4f} nats | KL {m['kl']:.4f} | dead {100 * m['latents']['dead_frac']:.1f}% | "
@@ -172,6 +175,13 @@ def evaluate_target(
     m = evaluator.evaluate(sae)
     wall = time.perf_counter() - started
     m["sae"] = {"arch": sae.cfg.arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "cfg": spec.meta.get("sae", {})}
+    if evaluator.source is not None:  # the FVU, MSE and splice above are of the target hook
+        m["sae"]["d_out"] = sae.d_out
+        m["transcoder"] = {
+            "input_hook": evaluator.source.name,
+            "target_hook": hook.name,
+            "skip": bool(getattr(sae.cfg, "skip", False)),
+        }
     m.update(
         run=str(target.run_dir),
         sae_dir=str(target.sae_dir),

@@ -17,6 +17,11 @@ block's output depends only on earlier blocks), so each variant pays only for th
 the hook. The SAE's input at the hook is the same in every variant, so it is encoded once per batch,
 and the activation metrics come from the clean forward. `activation_metrics` alone uses `capture`
 with early exit (no later block, no LM head).
+
+Transcoders (`SpliceEvaluator(..., source_hook=input hook)`, `hook` the target): the clean forward
+records both hooks' activations; the transcoder's output from the input hook's replaces the target
+hook's, and FVU/MSE compare it with the target's clean activations. The ablation baselines are those
+of the target hook.
 """
 
 from __future__ import annotations
@@ -57,9 +62,10 @@ def _batches(input_ids_NT: Tensor, loss_mask_NT: Tensor, batch_size: int, device
 
 
 def reconstruct(sae, x_ND: Tensor) -> tuple[Tensor, Tensor]:
-    """(x_hat, latent activations) of raw activations, through encode/decode."""
+    """(x_hat, latent activations) of raw activations, through encode/decode (and a skip transcoder's skip)."""
     acts_NF = sae.encode(x_ND)
-    return sae.decode(acts_NF), acts_NF
+    decode_from = getattr(sae, "decode_from", None)
+    return (sae.decode(acts_NF) if decode_from is None else decode_from(acts_NF, x_ND)), acts_NF
 
 
 def check_d_in(sae, x_BTD: Tensor, hook: HookPoint) -> None:
@@ -218,8 +224,10 @@ class SpliceEvaluator:
         batch_size: int = 8,
         reuse_prefix: bool = True,
         mean_act_D: Tensor | None = None,
+        source_hook: HookPoint | None = None,
     ) -> None:
         self.model, self.hook = model, hook
+        self.source = source_hook  # a transcoder's input hook (`hook` is its target), else None
         self.input_ids_NT, self.loss_mask_NT, self.batch_size = input_ids_NT, loss_mask_NT, batch_size
         self.target_ids_NT, self.score_NT = input_ids_NT, None  # masked LM: original ids, masked positions
         if is_masked_lm(model):
@@ -261,23 +269,39 @@ class SpliceEvaluator:
             seen.append(x_BTD)
             return x_BTD
 
+        source_seen: list[Tensor] = []
+
+        def record_source(x_BTD: Tensor) -> Tensor:
+            source_seen.append(x_BTD)
+            return x_BTD
+
         bar = progress(int(self.loss_mask_NT.sum()), "eval")
         with torch.inference_mode():
             batches = _batches(self.input_ids_NT, self.loss_mask_NT, self.batch_size, device)
             for b, (ids_BT, mask_BT) in enumerate(batches):
                 bar.update(int(mask_BT.sum()))
                 seen.clear()
-                with self.replay.record(), splice(model, hook, record_x):
+                source_seen.clear()
+                with (
+                    self.replay.record(),
+                    splice(model, hook, record_x),
+                    splice(model, self.source or hook, record_source),
+                ):
                     logits = _forward_logits(model, ids_BT)
-                x_BTD = seen[0]
-                check_d_in(sae, x_BTD, hook)
+                x_BTD = source_seen[0]  # the SAE's input: the hook's own, or a transcoder's input hook's
+                check_d_in(sae, x_BTD, self.source or hook)
                 # The hook's input is the same in every variant (same prefix), so x_hat is computed once.
-                x_ND = x_BTD[mask_BT]
+                x_ND, ref_ND = x_BTD[mask_BT], seen[0][mask_BT]
                 x_hat_ND, acts_NF = reconstruct(sae, x_ND.to(sae_dtype))
+                if x_hat_ND.shape != ref_ND.shape:
+                    raise UserError(
+                        f"the SAE outputs rows of size {x_hat_ND.shape[-1]} but hook {hook.name!r} has "
+                        f"activations of size {ref_ND.shape[-1]}."
+                    )
                 if activation:
                     if stats is None:
                         stats = M.ActivationStats(acts_NF.shape[-1])
-                    stats.update(x_ND.float(), x_hat_ND.float(), acts_NF)
+                    stats.update(ref_ND.float(), x_hat_ND.float(), acts_NF)
                 replacements["sae"] = lambda x_ND, _x_hat=x_hat_ND: _x_hat
                 logp_clean, targets = self._scored(logits, b, ids_BT, mask_BT)
                 del logits

@@ -1,6 +1,12 @@
 """Shared parts of every SAE architecture: config base, module base, init, decoder norms, scale folding.
 
-Shapes: B batch, D input (model) dimension, F dictionary size, K active latents kept per row.
+Shapes: B batch, D input (model) dimension, F dictionary size, K active latents kept per row, O the output
+dimension of a transcoder (= D for an SAE).
+
+Transcoders: built with `d_out` (even when it equals d_in), an SAE's decoder predicts another hook's
+activations y [B, O] from x [B, D]: y_hat = decode(encode(x)) (+ x @ W_skip_DO with `skip`: a skip
+transcoder). The encoder then does not subtract b_dec (it lives in the output space): pre = x @ W_enc + b_enc.
+`training_forward(x, target_BD=y)` scores y_hat against y; without a target it scores against x.
 
 Every architecture trains on inputs that the trainer multiplied by `s` (see `input_scale_factor`), with
 reconstruction loss = squared error summed over D, averaged over B.  The encoder is written as
@@ -36,6 +42,8 @@ class SAEConfig:
     b_dec_init: str = "geometric_median"
     # train on x * s where s makes the mean ||x|| equal sqrt(d_in); folded into the weights at save
     normalize_input: bool = True
+    # transcoders only: add a learned linear map of the input, y_hat = decode(encode(x)) + x @ W_skip
+    skip: bool = False
 
     def validate(self) -> None:
         """Raise UserError naming the first bad key; subclasses extend this."""
@@ -177,7 +185,7 @@ class SAE(nn.Module):
     # Data-parallel training: the trainer sets this to the job's ranks (see sae/batch_reduce.py); None = one process.
     collective = None
 
-    def __init__(self, cfg: SAEConfig, d_in: int, seed: int | None = None):
+    def __init__(self, cfg: SAEConfig, d_in: int, seed: int | None = None, d_out: int | None = None):
         super().__init__()
         if not isinstance(cfg, self.config_class):
             raise UserError(
@@ -186,16 +194,31 @@ class SAE(nn.Module):
         cfg.validate()
         if d_in <= 0:
             raise UserError(f"d_in must be a positive integer, got {d_in}.")
+        if d_out is not None and d_out <= 0:
+            raise UserError(f"d_out must be a positive integer, got {d_out}.")
+        if cfg.skip and d_out is None:
+            raise UserError(
+                "sae.skip=true needs a transcoder (train.target_store=<store of the target hook>): "
+                "the skip connection maps the input to another hook's activations."
+            )
         self.cfg = cfg
         self.d_in = int(d_in)
+        self.transcoder = d_out is not None
+        self.d_out = int(d_out) if d_out is not None else self.d_in
         self.d_sae = cfg.resolve_d_sae(d_in)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        W_dec_FD = torch.randn(self.d_sae, self.d_in, generator=gen)
+        W_dec_FD = torch.randn(self.d_sae, self.d_out, generator=gen)
         W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
-        self.W_enc_DF = nn.Parameter(W_dec_FD.t().contiguous() * self.encoder_init_scale)
+        if self.transcoder:  # input and output spaces differ: the encoder gets its own unit directions
+            W_enc_DF = torch.randn(self.d_in, self.d_sae, generator=gen)
+            W_enc_DF /= W_enc_DF.norm(dim=0, keepdim=True)
+        else:
+            W_enc_DF = W_dec_FD.t().contiguous()
+        self.W_enc_DF = nn.Parameter(W_enc_DF * self.encoder_init_scale)
         self.b_enc_F = nn.Parameter(torch.zeros(self.d_sae))
         self._init_decoder(W_dec_FD)
-        self.b_dec_D = nn.Parameter(torch.zeros(self.d_in))
+        self.b_dec_D = nn.Parameter(torch.zeros(self.d_out))
+        self.W_skip_DO = nn.Parameter(torch.zeros(self.d_in, self.d_out)) if cfg.skip else None
         self._init_extra()
 
     # ----- hooks for subclasses -----
@@ -214,10 +237,45 @@ class SAE(nn.Module):
     def _fold_extra(self, s: float) -> None:
         """Rescale architecture-specific pre-activation quantities (biases, thresholds) by 1/s."""
 
+    def _fold_factors(self, s_in: float, s_out: float) -> tuple[float, float]:
+        """(factor on W_enc, factor on everything on the pre-activation scale) that fold input scale s_in and
+        target scale s_out: pre' (x) = pre(x * s_in) / s_out, so activations come out in target units."""
+        return s_in / s_out, 1.0 / s_out
+
     # ----- shared pieces -----
     def _enc_bias_F(self, b_F: Tensor) -> Tensor:
-        """b - b_dec @ W_enc, so that x @ W_enc + this == (x - b_dec) @ W_enc + b."""
+        """b - b_dec @ W_enc, so that x @ W_enc + this == (x - b_dec) @ W_enc + b (a transcoder: b)."""
+        if self.transcoder:
+            return b_F
         return torch.addmv(b_F, self.W_enc_DF.t(), self.b_dec_D, alpha=-1.0)
+
+    def _enc_shift_F(self) -> Tensor:
+        """b_dec @ W_enc, what the encoder subtracts (zero for a transcoder: b_dec is in the output space)."""
+        if self.transcoder:
+            return self.b_enc_F.new_zeros(self.d_sae)
+        return self.b_dec_D @ self.W_enc_DF
+
+    def _with_skip(self, x_BD: Tensor, y_hat_BO: Tensor) -> Tensor:
+        """y_hat + x @ W_skip for a skip transcoder, else y_hat."""
+        if self.W_skip_DO is None:
+            return y_hat_BO
+        return y_hat_BO + (x_BD @ self.W_skip_DO).to(y_hat_BO.dtype)
+
+    def _target(self, x_BD: Tensor, target_BD: Tensor | None) -> Tensor:
+        """What the reconstruction is scored against: the target rows of a transcoder, else x itself."""
+        if target_BD is None:
+            if self.transcoder:
+                raise UserError("a transcoder's training_forward needs target_BD (the target hook's rows).")
+            return x_BD
+        if target_BD.shape != (x_BD.shape[0], self.d_out):
+            raise UserError(
+                f"target_BD has shape {list(target_BD.shape)}, expected [{x_BD.shape[0]}, {self.d_out}]."
+            )
+        return target_BD
+
+    def decode_from(self, acts_BF: Tensor, x_BD: Tensor) -> Tensor:
+        """decode(acts) plus the skip term of the input x that produced them (a skip transcoder's output)."""
+        return self._with_skip(x_BD, self.decode(acts_BF))
 
     def pre_acts(self, x_BD: Tensor) -> Tensor:
         """(x - b_dec) @ W_enc + b_enc, computed as one addmm."""
@@ -242,11 +300,16 @@ class SAE(nn.Module):
 
     @any_leading_shape
     def forward(self, x_BD: Tensor) -> Tensor:
-        return self.decode(self.encode(x_BD))
+        return self.decode_from(self.encode(x_BD), x_BD)
 
     def training_forward(
-        self, x_BD: Tensor, sparsity_scale: float = 1.0, dead_mask_F: Tensor | None = None
+        self,
+        x_BD: Tensor,
+        sparsity_scale: float = 1.0,
+        dead_mask_F: Tensor | None = None,
+        target_BD: Tensor | None = None,
     ) -> TrainOutput:
+        """Loss of reconstructing target_BD (default x_BD) from x_BD; see TrainOutput."""
         raise NotImplementedError
 
     @staticmethod
@@ -259,11 +322,16 @@ class SAE(nn.Module):
         return self.W_dec_FD.norm(dim=1)
 
     @torch.no_grad()
-    def init_from_data(self, x_ND: Tensor) -> None:
-        """Set b_dec from a data sample (already scaled the way training inputs are)."""
-        if x_ND.ndim != 2 or x_ND.shape[1] != self.d_in:
+    def init_from_data(self, x_ND: Tensor, target_ND: Tensor | None = None) -> None:
+        """Set b_dec from a data sample (already scaled the way training inputs are); for a transcoder from
+        its target rows, since b_dec lives in the output space."""
+        if self.transcoder:
+            if target_ND is None:
+                raise UserError("init_from_data of a transcoder needs its target rows (target_ND).")
+            x_ND = target_ND
+        if x_ND.ndim != 2 or x_ND.shape[1] != self.d_out:
             raise UserError(
-                f"init_from_data expects a sample of shape [N, {self.d_in}], got {list(x_ND.shape)}."
+                f"init_from_data expects a sample of shape [N, {self.d_out}], got {list(x_ND.shape)}."
             )
         x_ND = x_ND.to(self.b_dec_D.device, torch.float32)
         if self.cfg.b_dec_init == "geometric_median":
@@ -289,20 +357,31 @@ class SAE(nn.Module):
             self.W_dec_FD.div_(self.W_dec_FD.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     @torch.no_grad()
-    def fold_input_scale(self, s: float) -> None:
+    def fold_input_scale(self, s: float, s_out: float | None = None) -> None:
         """The SAE was trained on x * s; afterwards it takes raw x and returns raw-unit x_hat.
 
         Decoder directions (and their norms) are kept, so activations come out in raw units: for raw x,
         new encode(x) == old encode(x * s) / s and new forward(x) == old forward(x * s) / s exactly (up to
         rounding). Everything on the pre-activation scale (b_enc, thresholds, gate/magnitude biases) and b_dec
         are divided by s; W_enc, W_dec and multiplicative parameters are unchanged.
+
+        A transcoder trained to map x * s to y * s_out: new forward(x) == old forward(x * s) / s_out. W_enc is
+        multiplied by s / s_out and the pre-activation scale divided by s_out (activations in target units),
+        b_dec divided by s_out and W_skip multiplied by s / s_out.
         """
-        if not (s > 0 and math.isfinite(s)):
-            raise UserError(f"input scale factor must be a finite number > 0, got {s}.")
-        inv = 1.0 / float(s)
-        self.b_dec_D.mul_(inv)
-        self.b_enc_F.mul_(inv)
-        self._fold_extra(inv)
+        s_out = s if s_out is None else s_out
+        for value in (s, s_out):
+            if not (value > 0 and math.isfinite(value)):
+                raise UserError(f"input scale factor must be a finite number > 0, got {value}.")
+        enc, pre = self._fold_factors(float(s), float(s_out))
+        if enc != 1.0:
+            self.W_enc_DF.mul_(enc)
+        self.b_dec_D.mul_(1.0 / float(s_out))
+        self.b_enc_F.mul_(pre)
+        self._fold_extra(pre)
+        if self.W_skip_DO is not None:
+            self.W_skip_DO.mul_(float(s) / float(s_out))
 
     def extra_repr(self) -> str:
-        return f"arch={self.cfg.arch}, d_in={self.d_in}, d_sae={self.d_sae}"
+        out = f"arch={self.cfg.arch}, d_in={self.d_in}, d_sae={self.d_sae}"
+        return out + (f", d_out={self.d_out} (transcoder)" if self.transcoder else "")

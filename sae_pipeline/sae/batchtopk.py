@@ -58,7 +58,7 @@ class BatchTopKSAE(TopKSAE):
         return torch.where(pre_BF > self.threshold.clamp_min(0), pre_BF, 0.0)
 
     def forward(self, x_BD: Tensor) -> Tensor:
-        return self.decode(self.encode(x_BD))
+        return self.decode_from(self.encode(x_BD), x_BD)
 
     def encode_sparse(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
         """The thresholded inference code as (indices, values), not TopK's per-row top k."""
@@ -98,8 +98,13 @@ class BatchTopKSAE(TopKSAE):
         self.threshold_updates += 1
 
     def training_forward(
-        self, x_BD: Tensor, sparsity_scale: float = 1.0, dead_mask_F: Tensor | None = None
+        self,
+        x_BD: Tensor,
+        sparsity_scale: float = 1.0,
+        dead_mask_F: Tensor | None = None,
+        target_BD: Tensor | None = None,
     ) -> TrainOutput:
+        y_BD = self._target(x_BD, target_BD)
         bias_F, pre_BF = self._dense_pre(x_BD)
         with torch.no_grad():
             idx_BM, keep_BM, t = self._batch_select(pre_BF)
@@ -113,5 +118,6 @@ class BatchTopKSAE(TopKSAE):
             torch.cumsum(keep_BM.sum(1)[:-1], 0, out=offsets_B[1:])
         vals_N = gather_encode(x_BD, self.W_enc_DF, bias_F, pre_BF, idx_N, rows_N, offsets_B)
         x_hat_BD = sparse_decode(idx_N, vals_N, self.W_dec_FD, self.b_dec_D, offsets_B)
+        x_hat_BD = self._with_skip(x_BD, x_hat_BD)
         code = SparseCode(idx_N, vals_N.detach(), self.d_sae, n_rows, rows_N)
-        return self._output(x_BD, x_hat_BD, pre_BF, bias_F, dead_mask_F, code)
+        return self._output(x_BD, y_BD, x_hat_BD, pre_BF, bias_F, dead_mask_F, code)

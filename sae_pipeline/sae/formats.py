@@ -66,6 +66,10 @@ RUN_META_KEYS = ("model_name", "hook_name", "hook_layer", "hook_head_index", "co
 def saelens_tensors(sae: SAE) -> dict[str, Tensor]:
     """The SAELens state dict of `sae` (float32, CPU), named and shaped as SAELens names them."""
     arch = sae.cfg.arch
+    if getattr(sae, "transcoder", False):
+        raise UserError(
+            "a transcoder has no SAELens SAE counterpart; use its own sae/ folder (load_sae reads it)."
+        )
     if arch not in EXPORT_ARCH:
         raise UserError(f"sae.arch={arch!r} has no SAELens counterpart; export one of {sorted(EXPORT_ARCH)}.")
     with torch.no_grad():

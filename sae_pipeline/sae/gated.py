@@ -114,7 +114,7 @@ class GatedSAE(SAE):
 
     def _paths(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
         h_BF = x_BD @ self.W_enc_DF
-        shift_F = self.b_dec_D @ self.W_enc_DF  # (x - b_dec) @ W = x @ W - b_dec @ W
+        shift_F = self._enc_shift_F()  # (x - b_dec) @ W = x @ W - b_dec @ W
         scale_F = self.r_mag_F.exp()
         pi_gate_BF = h_BF + (self.b_enc_F - shift_F)
         pi_mag_BF = torch.addcmul(self.b_mag_F - shift_F * scale_F, h_BF, scale_F)
@@ -125,10 +125,15 @@ class GatedSAE(SAE):
         return torch.where(pi_gate_BF > 0, pi_mag_BF.relu(), 0.0)
 
     def training_forward(
-        self, x_BD: Tensor, sparsity_scale: float = 1.0, dead_mask_F: Tensor | None = None
+        self,
+        x_BD: Tensor,
+        sparsity_scale: float = 1.0,
+        dead_mask_F: Tensor | None = None,
+        target_BD: Tensor | None = None,
     ) -> TrainOutput:
+        y_BD = self._target(x_BD, target_BD)
         h_BF = x_BD @ self.W_enc_DF
-        shift_F = self.b_dec_D @ self.W_enc_DF  # (x - b_dec) @ W = x @ W - b_dec @ W
+        shift_F = self._enc_shift_F()  # (x - b_dec) @ W = x @ W - b_dec @ W
         scale_F = self.r_mag_F.exp()
         x_hat_BD, x_gate_BD, gate_sum, acts_BF = _GatedDecode.apply(
             h_BF,
@@ -138,9 +143,12 @@ class GatedSAE(SAE):
             self.W_dec_FD,
             self.b_dec_D,
         )
-        mse = self.mse(x_hat_BD, x_BD)
+        if self.W_skip_DO is not None:  # the aux path's decoder is frozen: so is its skip term
+            skip_BD = (x_BD @ self.W_skip_DO).to(x_hat_BD.dtype)
+            x_hat_BD, x_gate_BD = x_hat_BD + skip_BD, x_gate_BD + skip_BD.detach()
+        mse = self.mse(x_hat_BD, y_BD)
         l1 = gate_sum / x_BD.shape[0]
-        aux = self.mse(x_gate_BD, x_BD)
+        aux = self.mse(x_gate_BD, y_BD)
         loss = mse + (self.cfg.l1_coefficient * sparsity_scale) * l1 + aux
         return TrainOutput(
             loss=loss,

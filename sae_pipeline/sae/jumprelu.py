@@ -163,8 +163,13 @@ class JumpReLUSAE(SAE):
         return jumprelu(self.pre_acts(x_BD), self.threshold_F, self.cfg.bandwidth)
 
     def training_forward(
-        self, x_BD: Tensor, sparsity_scale: float = 1.0, dead_mask_F: Tensor | None = None
+        self,
+        x_BD: Tensor,
+        sparsity_scale: float = 1.0,
+        dead_mask_F: Tensor | None = None,
+        target_BD: Tensor | None = None,
     ) -> TrainOutput:
+        y_BD = self._target(x_BD, target_BD)
         # The threshold's straight-through gradient counts pre-activations within bandwidth/2 of theta. bf16
         # spaces values near |z| ~ 1 by 2**-8..2**-7, wider than the default bandwidth (0.001), so a bf16 z
         # gives theta a gradient unrelated to the float32 one (measured: 140% relative error). Under autocast
@@ -175,7 +180,8 @@ class JumpReLUSAE(SAE):
         x_hat_BD, l0, acts_BF = _JumpReLUDecodeL0.apply(
             z_BF, theta_F, self.W_dec_FD, self.b_dec_D, self.cfg.bandwidth
         )
-        mse = self.mse(x_hat_BD, x_BD)
+        x_hat_BD = self._with_skip(x_BD, x_hat_BD)
+        mse = self.mse(x_hat_BD, y_BD)
         loss = mse + (self.cfg.l0_coefficient * sparsity_scale) * l0
         return TrainOutput(
             loss=loss,

@@ -110,8 +110,13 @@ class MatryoshkaSAE(BatchTopKSAE):
         return len(self.prefix_ends)
 
     def training_forward(
-        self, x_BD: Tensor, sparsity_scale: float = 1.0, dead_mask_F: Tensor | None = None
+        self,
+        x_BD: Tensor,
+        sparsity_scale: float = 1.0,
+        dead_mask_F: Tensor | None = None,
+        target_BD: Tensor | None = None,
     ) -> TrainOutput:
+        y_BD = self._target(x_BD, target_BD)
         bias_F, pre_BF = self._dense_pre(x_BD)
         n_rows, n_groups = x_BD.shape[0], self.n_groups
         with torch.no_grad():
@@ -129,13 +134,15 @@ class MatryoshkaSAE(BatchTopKSAE):
         vals_N = gather_encode(x_BD, self.W_enc_DF, bias_F, pre_BF, idx_N, rows_N, offsets_B)
         part_BGD = sparse_decode(idx_N, vals_N, self.W_dec_FD, None, offsets_BG).view(n_rows, n_groups, -1)
         prefix_BGD = part_BGD.cumsum(1) + self.b_dec_D  # prefix g: groups 0..g
-        mse_G = (prefix_BGD - x_BD.unsqueeze(1)).pow(2).sum(dim=(0, 2)) / n_rows
+        if self.W_skip_DO is not None:  # every prefix of a skip transcoder has the skip term
+            prefix_BGD = prefix_BGD + (x_BD @ self.W_skip_DO).to(prefix_BGD.dtype).unsqueeze(1)
+        mse_G = (prefix_BGD - y_BD.unsqueeze(1)).pow(2).sum(dim=(0, 2)) / n_rows
         x_hat_BD = prefix_BGD[:, -1]
         loss = mse_G.mean()
         parts = {"mse": mse_G[-1].detach(), "mse_prefix_mean": loss.detach()}
         parts.update({f"mse_prefix{g}": mse_G[g].detach() for g in range(n_groups - 1)})
         if self.cfg.aux_k_coefficient > 0 and dead_mask_F is not None:
-            aux = self._aux_k_loss(x_BD, x_hat_BD.detach(), pre_BF, bias_F, dead_mask_F)
+            aux = self._aux_k_loss(x_BD, y_BD, x_hat_BD.detach(), pre_BF, bias_F, dead_mask_F)
             loss = loss + self.cfg.aux_k_coefficient * aux
             parts["aux_k"] = aux.detach()
         code = SparseCode(idx_N, vals_N.detach(), self.d_sae, n_rows, rows_N)

@@ -26,6 +26,6 @@ def config_class(arch: str, where: str = "sae.arch") -> type[SAEConfig]:
     return SAE_CLASSES[arch].config_class
 
 
-def build_sae(cfg: SAEConfig, d_in: int, seed: int | None = None) -> SAE:
-    """Instantiate the architecture named by cfg.arch."""
-    return SAE_CLASSES[config_class(cfg.arch).arch](cfg, d_in, seed=seed)
+def build_sae(cfg: SAEConfig, d_in: int, seed: int | None = None, d_out: int | None = None) -> SAE:
+    """Instantiate the architecture named by cfg.arch (with d_out: a transcoder predicting d_out-sized rows)."""
+    return SAE_CLASSES[config_class(cfg.arch).arch](cfg, d_in, seed=seed, d_out=d_out)

@@ -52,11 +52,16 @@ class ReLUSAE(SAE):
         return self.pre_acts(x_BD).relu_()
 
     def training_forward(
-        self, x_BD: Tensor, sparsity_scale: float = 1.0, dead_mask_F: Tensor | None = None
+        self,
+        x_BD: Tensor,
+        sparsity_scale: float = 1.0,
+        dead_mask_F: Tensor | None = None,
+        target_BD: Tensor | None = None,
     ) -> TrainOutput:
+        y_BD = self._target(x_BD, target_BD)
         acts_BF = self.encode(x_BD)
-        x_hat_BD = self.decode(acts_BF)
-        mse = self.mse(x_hat_BD, x_BD)
+        x_hat_BD = self.decode_from(acts_BF, x_BD)
+        mse = self.mse(x_hat_BD, y_BD)
         if self.cfg.sparsity_penalty == "l1_decoder_norm":
             # acts >= 0, so |a| = a and sum_f a_f ||W_dec[f]|| is one matvec (in the acts' dtype: CPU autocast
             # leaves mv alone, and it refuses bf16 acts with float32 norms).

@@ -28,6 +28,7 @@ def save_sae(sae: SAE, folder: Path | str, extra: dict[str, Any] | None = None) 
         "arch": sae.cfg.arch,
         "d_in": sae.d_in,
         "d_sae": sae.d_sae,
+        **({"d_out": sae.d_out, "transcoder": True} if sae.transcoder else {}),
         "sae": asdict(sae.cfg),
         **(extra or {}),
         "sha256": {layout.SAE_WEIGHTS: sha256_file(folder / layout.SAE_WEIGHTS)},
@@ -46,6 +47,7 @@ def load_sae(folder: Path | str, map_location: str | torch.device = "cpu") -> SA
     try:
         meta = json.loads(cfg_path.read_text())
         arch, d_in, d_sae, cfg_dict = meta["arch"], int(meta["d_in"]), int(meta["d_sae"]), dict(meta["sae"])
+        d_out = int(meta["d_out"]) if meta.get("transcoder") else None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
         raise UserError(
             f"SAE config file {cfg_path} is corrupt or lacks arch/d_in/d_sae/sae ({err})."
@@ -58,7 +60,7 @@ def load_sae(folder: Path | str, map_location: str | torch.device = "cpu") -> SA
     if unknown:
         raise UserError(f"SAE config file {cfg_path} has unknown sae keys {unknown} for arch {arch!r}.")
     cfg = cfg_cls(**cfg_dict)
-    sae = build_sae(cfg, d_in)
+    sae = build_sae(cfg, d_in, d_out=d_out)
     if sae.d_sae != d_sae:
         raise UserError(
             f"SAE config file {cfg_path} says d_sae={d_sae} but its sae settings give {sae.d_sae}."

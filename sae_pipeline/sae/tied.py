@@ -67,6 +67,11 @@ class TiedSAE(SAE):
         decoder is that transpose from then on."""
 
     def _init_extra(self) -> None:
+        if self.d_out != self.d_in:
+            raise UserError(
+                f"sae=tied cannot be a transcoder from d_in={self.d_in} to d_out={self.d_out}: its decoder is "
+                "the encoder's transpose, so both sides need the same size; choose another sae architecture."
+            )
         if self.cfg.k > self.d_sae:
             raise UserError(f"sae.k={self.cfg.k} must be <= d_sae={self.d_sae}.")
 
@@ -77,6 +82,15 @@ class TiedSAE(SAE):
     @property
     def unit_norm_decoder(self) -> bool:
         return self.cfg.sparsity_penalty == "l1"
+
+    def _fold_factors(self, s_in: float, s_out: float) -> tuple[float, float]:
+        """The one matrix serves both sides: W' = W * s_in * g and the pre-activation scale times g with
+        g = 1 / sqrt(s_in * s_out) give acts' = g * acts and y' = s_in g^2 acts W^T = acts W^T / s_out
+        (g = 1/s and W unchanged when s_in == s_out)."""
+        if s_in == s_out:
+            return 1.0, 1.0 / s_out
+        g = 1.0 / (s_in * s_out) ** 0.5
+        return s_in * g, g
 
     @torch.no_grad()
     def before_optimizer_step(self) -> None:

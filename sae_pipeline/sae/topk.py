@@ -84,30 +84,42 @@ class TopKSAE(SAE):
 
     def forward(self, x_BD: Tensor) -> Tensor:
         idx_BK, vals_BK = self.encode_sparse(x_BD)
-        return sparse_decode(idx_BK, vals_BK, self.W_dec_FD, self.b_dec_D)
+        return self._with_skip(x_BD, sparse_decode(idx_BK, vals_BK, self.W_dec_FD, self.b_dec_D))
 
     def training_forward(
-        self, x_BD: Tensor, sparsity_scale: float = 1.0, dead_mask_F: Tensor | None = None
+        self,
+        x_BD: Tensor,
+        sparsity_scale: float = 1.0,
+        dead_mask_F: Tensor | None = None,
+        target_BD: Tensor | None = None,
     ) -> TrainOutput:
+        y_BD = self._target(x_BD, target_BD)
         bias_F, pre_BF, idx_BK, vals_BK = self._sparse_code(x_BD)
-        x_hat_BD = sparse_decode(idx_BK, vals_BK, self.W_dec_FD, self.b_dec_D)
+        x_hat_BD = self._with_skip(x_BD, sparse_decode(idx_BK, vals_BK, self.W_dec_FD, self.b_dec_D))
         code = SparseCode(idx_BK, vals_BK.detach(), self.d_sae, x_BD.shape[0])
-        return self._output(x_BD, x_hat_BD, pre_BF, bias_F, dead_mask_F, code)
+        return self._output(x_BD, y_BD, x_hat_BD, pre_BF, bias_F, dead_mask_F, code)
 
-    def _output(self, x_BD, x_hat_BD, pre_BF, bias_F, dead_mask_F, code: SparseCode) -> TrainOutput:
-        """Reconstruction loss plus AuxK on the dead latents (shared with BatchTopK)."""
-        mse = self.mse(x_hat_BD, x_BD)
+    def _output(self, x_BD, y_BD, x_hat_BD, pre_BF, bias_F, dead_mask_F, code: SparseCode) -> TrainOutput:
+        """Reconstruction loss (of the target y_BD) plus AuxK on the dead latents (shared with BatchTopK)."""
+        mse = self.mse(x_hat_BD, y_BD)
         loss = mse
         parts = {"mse": mse.detach()}
         if self.cfg.aux_k_coefficient > 0 and dead_mask_F is not None:
-            aux = self._aux_k_loss(x_BD, x_hat_BD.detach(), pre_BF, bias_F, dead_mask_F)
+            aux = self._aux_k_loss(x_BD, y_BD, x_hat_BD.detach(), pre_BF, bias_F, dead_mask_F)
             loss = loss + self.cfg.aux_k_coefficient * aux
             parts["aux_k"] = aux.detach()
         return TrainOutput(loss=loss, parts=parts, x_hat_BD=x_hat_BD.detach(), sparse=code)
 
     def _aux_k_loss(
-        self, x_BD: Tensor, x_hat_BD: Tensor, pre_BF: Tensor, bias_F: Tensor, dead_mask_F: Tensor
+        self,
+        x_BD: Tensor,
+        y_BD: Tensor,
+        x_hat_BD: Tensor,
+        pre_BF: Tensor,
+        bias_F: Tensor,
+        dead_mask_F: Tensor,
     ) -> Tensor:
+        """AuxK: the dead latents of input x_BD reconstruct the residual y_BD - x_hat_BD of the target."""
         dead_idx = dead_mask_F.to(pre_BF.device).nonzero().squeeze(1)
         if dead_idx.numel() == 0:
             return pre_BF.new_zeros(())
@@ -116,7 +128,7 @@ class TopKSAE(SAE):
             sub_idx_BA = pre_BF.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False).indices
             idx_BA = dead_idx[sub_idx_BA]
         vals_BA = gather_encode(x_BD, self.W_enc_DF, bias_F, pre_BF, idx_BA).relu()
-        resid_BD = x_BD - x_hat_BD
+        resid_BD = y_BD - x_hat_BD
         resid_hat_BD = sparse_decode(idx_BA, vals_BA, self.W_dec_FD, None)
         denom = centered_sq_sum(self.collective, resid_BD).clamp_min(1e-12)  # over the global batch
         return (resid_hat_BD - resid_BD).pow(2).sum() / denom

@@ -21,6 +21,8 @@ class TrainConfig:
     prefetch: int = 1  # shuffle buffers prepared ahead by the background reader thread
     val_tokens: int = 8192  # rows of whole contexts (last shard) held out for validation; 0 = none
     init_tokens: int = 16_384  # data sample for b_dec init (and the input scale without norm stats)
+    # a transcoder: the store of the hook whose activations the SAE predicts from `store`'s (same harvest)
+    target_store: Optional[str] = None
     # --- optimisation ---
     # peak learning rate; None: 2e-4 / sqrt(d_sae / 2**14) for each SAE (Gao et al. 2024's fit for TopK)
     lr: Optional[float] = None

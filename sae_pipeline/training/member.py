@@ -27,11 +27,15 @@ class Member:
     """One SAE being trained: its model, optimizer, statistics, RNG stream and log sinks."""
 
     def __init__(
-        self, name: str, run_dir: Path, sae_cfg, d_in: int, tcfg, device, input_scale: float, dist=None
-    ):
+        self, name: str, run_dir: Path, sae_cfg, d_in: int, tcfg, device, input_scale: float, dist=None,
+        target=None,
+    ):  # fmt: skip
         self.name, self.run_dir, self.sae_cfg, self.input_scale = name, run_dir, sae_cfg, input_scale
+        # a transcoder's target (training/transcoder.py's Target: d_out, scale, what to record), else None
+        self.target = target
         torch.manual_seed(tcfg.seed)  # every member starts from the RNG state a separate run has
-        self.sae = build_sae(sae_cfg, d_in, seed=tcfg.seed).to(device)
+        d_out = target.d_out if target is not None else None
+        self.sae = build_sae(sae_cfg, d_in, seed=tcfg.seed, d_out=d_out).to(device)
         self.params = [p for p in self.sae.parameters() if p.requires_grad]
         betas = (tcfg.adam_beta1, tcfg.adam_beta2)
         self.lr = resolve_lr(tcfg.lr, self.sae.d_sae)  # peak learning rate (train.lr or the width's default)
@@ -49,10 +53,13 @@ class Member:
         checkpoint.set_rng_state(self.rng, {})
         for group in self.opt.param_groups:
             group["lr"] = lr
+        ys_BD, out_scale = None, self.input_scale
+        if self.target is not None:  # a transcoder's batch: input and target rows side by side
+            x_BD, ys_BD, out_scale = self.target.split_scaled(x_BD, self.sae.d_in)
         xs_BD = x_BD * self.input_scale if self.input_scale != 1.0 else x_BD
         with autocast():
             out = self.sae.training_forward(
-                xs_BD, sparsity_scale=sparsity_scale, dead_mask_F=self.stats.dead_mask_F()
+                xs_BD, sparsity_scale=sparsity_scale, dead_mask_F=self.stats.dead_mask_F(), target_BD=ys_BD
             )
         self.opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -70,8 +77,9 @@ class Member:
         if (acts_BF is None and sparse is None) or x_hat_BD is None:
             with torch.no_grad():
                 acts_BF, sparse = self.sae.encode(xs_BD), None
-                x_hat_BD = self.sae.decode(acts_BF)
-        self.stats.update(xs_BD, x_hat_BD, acts_BF, out.loss, out.parts, self.input_scale, sparse)
+                x_hat_BD = self.sae.decode_from(acts_BF, xs_BD)
+        ref_BD = xs_BD if ys_BD is None else ys_BD
+        self.stats.update(ref_BD, x_hat_BD, acts_BF, out.loss, out.parts, out_scale, sparse)
         self.rng = checkpoint.rng_state()[0]
 
     def _note_finite(self, check, loss, step: int) -> None:
@@ -108,6 +116,8 @@ class Member:
     def folded(self):
         """A copy that takes raw activations (the input scale folded into the weights)."""
         sae = copy.deepcopy(self.sae).float()
-        if self.input_scale != 1.0:
+        if self.target is not None:
+            sae.fold_input_scale(self.input_scale, self.target.scale)
+        elif self.input_scale != 1.0:
             sae.fold_input_scale(self.input_scale)
         return sae

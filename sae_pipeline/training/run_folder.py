@@ -65,7 +65,13 @@ def save_final(member, store: ActivationStore) -> Path:
     tmp = layout.tmp_name(out)
     shutil.rmtree(tmp, ignore_errors=True)
     save_sae(
-        member.folded().cpu(), tmp, extra={**provenance(store), "input_scale_folded": member.input_scale}
+        member.folded().cpu(),
+        tmp,
+        extra={
+            **provenance(store),
+            "input_scale_folded": member.input_scale,
+            **(member.target.record() if member.target is not None else {}),
+        },
     )
     faults.point("final")  # tests/faults kill the final save here (a no-op otherwise)
     shutil.rmtree(out, ignore_errors=True)

@@ -18,7 +18,6 @@ import torch
 from omegaconf import DictConfig
 
 from sae_pipeline import layout
-from sae_pipeline.data.reader import ShuffledReader
 from sae_pipeline.data.store import ActivationStore
 from sae_pipeline.errors import UserError
 from sae_pipeline.files import write_json_atomic
@@ -34,6 +33,7 @@ from sae_pipeline.training.run_folder import check_resumable, prepare_run_dir, p
 from sae_pipeline.training.runlog import NullLogger, RunLogger
 from sae_pipeline.training.schedule import lr_at, sparsity_scale_at
 from sae_pipeline.training.settings import change_history, check_train_config, resume_changes
+from sae_pipeline.training.transcoder import Target, check_target_resumable, open_reader, open_target
 from sae_pipeline.training.validation import LossRecovered, validate
 
 
@@ -66,6 +66,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
     dist = dist or Distributed(device=resolve_device(tcfg.device))
     dist.check_batch(tcfg.batch_size)
     store = ActivationStore(Path(cfg.store).expanduser())
+    target = open_target(tcfg, store)  # a transcoder's target store, else None
     specs = member_specs(cfg, store)
     device = dist.device
     amp_dtype = autocast_dtype(tcfg.autocast, device)  # checked before the run folder is made
@@ -92,21 +93,25 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
         }
         write_json_atomic(run_dir / layout.CONFIG, record)
 
-    def open_reader(state=None) -> ShuffledReader:
-        return ShuffledReader(
-            store, tcfg.batch_size, seed=tcfg.seed, val_tokens=tcfg.val_tokens, buffer_rows=tcfg.buffer_rows,
+    def reader_at(state=None):
+        return open_reader(
+            store, target, tcfg.batch_size, seed=tcfg.seed, val_tokens=tcfg.val_tokens, buffer_rows=tcfg.buffer_rows,
             chunk_rows=tcfg.chunk_rows, prefetch=tcfg.prefetch, pin_memory=device.type == "cuda", state=state,
         )  # fmt: skip
 
-    reader = open_reader()
-    sample = reader.sample(min(tcfg.init_tokens, reader.epoch_rows))
+    reader = reader_at()
+    sample = reader.sample(min(tcfg.init_tokens, reader.epoch_rows))  # [N, d_in (+ d_out)]
+    sample, sample_y = sample[:, : store.d_in], sample[:, store.d_in :]
     members: list[Member] = []
     for name, sae_cfg in specs:
         mdir = run_dir / name if name else run_dir
         if dist.is_main:
             mdir.mkdir(parents=True, exist_ok=True)
         scale = dist.broadcast_object(input_scale(sae_cfg, store, sample))
-        members.append(Member(name, mdir, sae_cfg, store.d_in, tcfg, device, scale, dist))
+        out = None
+        if target is not None:  # a transcoder: its target rows get their own scale
+            out = Target(target, dist.broadcast_object(input_scale(sae_cfg, target, sample_y)))
+        members.append(Member(name, mdir, sae_cfg, store.d_in, tcfg, device, scale, dist, out))
 
     # fresh start or resume
     ckpts = [{p.name: p for p in checkpoint.list_checkpoints(m.run_dir)} for m in members]
@@ -123,11 +128,12 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
         record = {
             "config": container, **origin, "arch": m.sae_cfg.arch, "d_in": store.d_in, "d_sae": m.sae.d_sae,
             "sae": asdict(m.sae_cfg), "member": m.name, "input_scale": m.input_scale, "lr": m.lr,
-            "world_size": dist.world_size,
+            "world_size": dist.world_size, **(m.target.record() if m.target is not None else {}),
         }  # fmt: skip
         old = {}
         if resuming and (m.run_dir / layout.CONFIG).exists():
             old = check_resumable(m.run_dir, record, store)
+            check_target_resumable(m.run_dir, m.target)
             record["wandb_id"] = old.get("wandb_id")
         changes = resume_changes(old, container, m.run_dir, tcfg.allow_changes)
         if common:
@@ -142,7 +148,8 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
             start_step, reader_state = meta["step"], meta["reader"]
             m.resumed_from = found[common[-1]]
         else:
-            m.sae.init_from_data((sample * m.input_scale).to(device))
+            ys = None if m.target is None else (sample_y * m.target.scale).to(device)
+            m.sae.init_from_data((sample * m.input_scale).to(device), ys)
         dist.broadcast_module(m.sae)  # every rank starts from rank 0's weights
         if not dist.is_main:
             m.logger = NullLogger()
@@ -164,9 +171,9 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
         )  # fmt: skip
     if reader_state is not None:
         reader.close()
-        reader = open_reader(reader_state)
+        reader = reader_at(reader_state)
     try:
-        _train_loop(members, reader, store, tcfg, device, autocast, start_step, resuming, dist)
+        _train_loop(members, reader, store, tcfg, device, autocast, start_step, resuming, dist, target)
         exit_code = 0
     finally:
         reader.close()
@@ -176,7 +183,9 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
     return run_dir
 
 
-def _train_loop(members, reader, store, tcfg, device, autocast, step: int, resuming: bool, dist) -> None:
+def _train_loop(
+    members, reader, store, tcfg, device, autocast, step: int, resuming: bool, dist, target
+) -> None:
     total_steps = max(1, tcfg.total_tokens // tcfg.batch_size)
     log0 = members[0].logger
     if resuming:
@@ -196,7 +205,7 @@ def _train_loop(members, reader, store, tcfg, device, autocast, step: int, resum
         )
     main = dist.is_main  # rank 0 alone validates, evaluates, prints and writes
     val_x = reader.validation_rows() if tcfg.val_every > 0 and main else None
-    loss_rec = LossRecovered(store, tcfg, device, log0) if tcfg.eval_every > 0 and main else None
+    loss_rec = LossRecovered(store, tcfg, device, log0, target) if tcfg.eval_every > 0 and main else None
     epoch, last_ckpt, rows = reader.epoch, step, dist.rows(tcfg.batch_size)
     while step < total_steps:
         x_BD = reader.next_batch()[rows].to(device, non_blocking=True)

@@ -16,20 +16,27 @@ from sae_pipeline.evaluation import metrics
 
 @torch.no_grad()
 def validate(member, val_ND: torch.Tensor, batch_size: int, device) -> dict:
-    s = member.input_scale
+    """A transcoder's rows hold input and target side by side: it is scored on the target, in raw units."""
+    s, d_in = member.input_scale, member.sae.d_in
+    s_out = member.target.scale if member.target is not None else s
+    ref_ND = val_ND[:, d_in:] if member.target is not None else val_ND
     err = l0 = 0.0
     x_hats = []
     for start in range(0, val_ND.shape[0], batch_size):
-        x_BD = val_ND[start : start + batch_size].to(device)
+        x_BD = val_ND[start : start + batch_size, :d_in].to(device)
         acts_BF = member.sae.encode(x_BD * s)
-        x_hat_BD = member.sae.decode(acts_BF).float() / s
-        err += metrics.squared_error_per_token(x_BD, x_hat_BD).sum().item()
+        x_hat_BD = member.sae.decode_from(acts_BF, x_BD * s).float() / s_out
+        err += (
+            metrics.squared_error_per_token(ref_ND[start : start + batch_size].to(device), x_hat_BD)
+            .sum()
+            .item()
+        )
         l0 += metrics.l0_per_token(acts_BF).sum().item()
         x_hats.append(x_hat_BD.cpu())
     n = val_ND.shape[0]
     return {
         "val/mse": err / n,
-        "val/fvu": metrics.fvu(val_ND, torch.cat(x_hats)),
+        "val/fvu": metrics.fvu(ref_ND, torch.cat(x_hats)),
         "val/l0": l0 / n,
     }
 
@@ -40,8 +47,9 @@ class LossRecovered:
     One SpliceEvaluator serves every call, so the SAE-independent baselines (zero and mean
     ablation) are measured once per run, not at every evaluation step."""
 
-    def __init__(self, store, tcfg, device, logger):
+    def __init__(self, store, tcfg, device, logger, target=None):
         self.store, self.tcfg, self.device, self.logger = store, tcfg, device, logger
+        self.target = target  # a transcoder's target store: its hook is the one spliced
         self.evaluator = None  # a SpliceEvaluator on the held-out tokens, once loaded
         self.disabled = False
 
@@ -55,16 +63,23 @@ class LossRecovered:
 
             model, tokenizer = loading.load_model(self.store.manifest["model"], device=self.device)
             hook = hook_points.resolve_hook(model, self.store.hook_name)
-            if tokenizer is None:  # model=torch_module: its held-out examples and the task's own loss
+            if tokenizer is None and self.target is None:  # model=torch_module: the task's own loss
                 from sae_pipeline.data.tensors import heldout_examples
                 from sae_pipeline.evaluation.task import TaskEvaluator
 
                 examples = heldout_examples(self.store.manifest, self.tcfg.eval_tokens)
                 self.evaluator = TaskEvaluator(model, hook, examples, self.tcfg.eval_batch_size)
                 return True
+            if tokenizer is None:
+                raise UserError(
+                    "a transcoder on a model=torch_module store has no loss recovered during training yet"
+                )
+            source = None
+            if self.target is not None:  # read the input hook, splice the transcoder at the target's
+                hook, source = hook_points.resolve_hook(model, self.target.hook_name), hook
             ids_NT, mask_NT = text.heldout_contexts(self.store.manifest, tokenizer, self.tcfg.eval_tokens)
             self.evaluator = SpliceEvaluator(
-                model, hook, ids_NT, mask_NT, batch_size=self.tcfg.eval_batch_size
+                model, hook, ids_NT, mask_NT, batch_size=self.tcfg.eval_batch_size, source_hook=source
             )
         except (UserError, OSError, ImportError, KeyError, ValueError) as err:
             self.disabled = True
