@@ -41,6 +41,7 @@ class TaskEvaluator:
         self.batch_size = max(1, int(batch_size))
         self.baseline: dict | None = None
         self.mean_act_D: Tensor | None = None
+        self.source = None  # no transcoders here (the SpliceEvaluator's input hook)
 
     def _batches(self):
         ex, device = self.examples, _device(self.model)
