@@ -235,3 +235,22 @@ def test_a_bad_input_exits_2_with_one_line(tmp_path):
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "0.weight has shape [9, 6]" in lines[0], r.stderr
+
+
+def test_a_transcoder_on_a_torch_module_store_is_refused_by_sae_eval(tmp_path):
+    """Task scoring splices at one hook only; a transcoder there is named, not scored wrongly."""
+    module_and_data(tmp_path)
+    r = run_cli("harvest", harvest_args(tmp_path, "hook.names=[module:0,module:1]"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    stores = tmp_path / "runs" / "stores"
+    (src,) = stores.glob("*/*/module__0__output")
+    (dst,) = stores.glob("*/*/module__1__output")
+    run = tmp_path / "tc"
+    args = [f"store={src}", f"train.target_store={dst}", f"train.run_dir={run}", "train=tiny", "logger=none"]
+    r = run_cli(
+        "train", [*args, "train.val_tokens=16", "train.device=cpu", "train.eval_every=0"], cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr
+    r = run_cli("eval", [f"sae_path={run}", "logger=none", f"paths.root={tmp_path / 'runs'}"], cwd=tmp_path)
+    assert r.returncode == 2 and "transcoder on a model=torch_module store" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
