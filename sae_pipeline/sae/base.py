@@ -172,7 +172,8 @@ class SAE(nn.Module):
                 setattr(cls, name, any_leading_shape(fn))
 
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
-    # Initial encoder = this scale times the decoder transpose (decoder rows are random unit directions).
+    # Initial encoder = this scale times the decoder transpose (decoder rows: random directions, norm
+    # `_init_row_norm()`).
     encoder_init_scale: ClassVar[float] = 1.0
     # Data-parallel training: the trainer sets this to the job's ranks (see sae/batch_reduce.py); None = one process.
     collective = None
@@ -191,7 +192,7 @@ class SAE(nn.Module):
         self.d_sae = cfg.resolve_d_sae(d_in)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         W_dec_FD = torch.randn(self.d_sae, self.d_in, generator=gen)
-        W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
+        W_dec_FD *= self._init_row_norm() / W_dec_FD.norm(dim=1, keepdim=True)
         self.W_enc_DF = nn.Parameter(W_dec_FD.t().contiguous() * self.encoder_init_scale)
         self.b_enc_F = nn.Parameter(torch.zeros(self.d_sae))
         self._init_decoder(W_dec_FD)
@@ -202,6 +203,10 @@ class SAE(nn.Module):
     def _init_decoder(self, W_dec_FD: Tensor) -> None:
         """Register the decoder (a tied architecture keeps none: its W_dec_FD is a view of W_enc_DF)."""
         self.W_dec_FD = nn.Parameter(W_dec_FD)
+
+    def _init_row_norm(self) -> float:
+        """The norm of every initial decoder row (random directions); unit unless the architecture says."""
+        return 1.0
 
     def _init_extra(self) -> None:
         """Create architecture-specific parameters/buffers."""
