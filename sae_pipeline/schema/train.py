@@ -32,6 +32,7 @@ class TrainConfig:
     sparsity_warmup_steps: int = 200  # sparsity coefficient ramps 0 -> full over these steps
     max_grad_norm: float = 1.0  # gradient clipping (global L2 norm); 0 = off
     dead_tokens: int = 500_000  # a latent is dead when it has not fired for this many tokens
+    resample_every: int = 0  # sae=relu: resample dead latents every N steps in the first half (0 = off)
     seed: int = 0  # SAE init, data order, RNG
     device: str = "auto"  # auto (CUDA + bf16 autocast + TF32 when available, else CPU float32) | cpu | cuda:N
     # bf16 autocast of the training forward (float32 master weights and Adam state in every mode):

@@ -10,6 +10,7 @@ import torch
 from sae_pipeline.errors import UserError
 from sae_pipeline.sae import build_sae
 from sae_pipeline.training import checkpoint
+from sae_pipeline.training.resample import check_resample, resample_dead, resample_due
 from sae_pipeline.training.runlog import RunLogger
 from sae_pipeline.training.schedule import resolve_lr
 from sae_pipeline.training.stats import LatentStats
@@ -30,6 +31,7 @@ class Member:
         self, name: str, run_dir: Path, sae_cfg, d_in: int, tcfg, device, input_scale: float, dist=None
     ):
         self.name, self.run_dir, self.sae_cfg, self.input_scale = name, run_dir, sae_cfg, input_scale
+        check_resample(tcfg, sae_cfg.arch)
         torch.manual_seed(tcfg.seed)  # every member starts from the RNG state a separate run has
         self.sae = build_sae(sae_cfg, d_in, seed=tcfg.seed).to(device)
         self.params = [p for p in self.sae.parameters() if p.requires_grad]
@@ -72,7 +74,18 @@ class Member:
                 acts_BF, sparse = self.sae.encode(xs_BD), None
                 x_hat_BD = self.sae.decode(acts_BF)
         self.stats.update(xs_BD, x_hat_BD, acts_BF, out.loss, out.parts, self.input_scale, sparse)
+        if resample_due(step, tcfg):
+            self._resample(xs_BD, step, tcfg.seed)
         self.rng = checkpoint.rng_state()[0]
+
+    def _resample(self, xs_BD, step: int, seed: int) -> None:
+        """training/resample.py: new directions for the dead latents (rank 0's, on every rank)."""
+        dead = resample_dead(self.sae, self.opt, xs_BD, self.stats.dead_mask_F(), seed * 1_000_003 + step)
+        self.stats.since_fired_F[dead] = 0
+        if self.dist is not None and self.dist.active:
+            self.dist.broadcast_module(self.sae)
+        if self.logger is not None and dead.numel():
+            self.logger.event(step + 1, f"resampled {dead.numel()} dead latents")
 
     def _note_finite(self, check, loss, step: int) -> None:
         """Remember, on the device, the first step whose loss or gradient norm was not finite.
