@@ -38,13 +38,15 @@ def _sae_and_adam():
 
 
 def test_exactly_the_dead_latents_get_the_hand_computed_weights():
-    """One row x = (3, 4, 0, 0), b_dec = 0: every dead latent draws it, u = (0.6, 0.8, 0, 0);
+    """One row x = (4, 4, 0, 0), b_dec = (1, 0, 0, 0): every dead latent draws it, u = (0.6, 0.8, 0, 0);
     W_dec[f] = 2 u = (1.2, 1.6, 0, 0), W_enc[:, f] = 0.2 * 5 * u = (0.6, 0.8, 0, 0), b_enc[f] = 0."""
     sae, opt = _sae_and_adam()
+    with torch.no_grad():
+        sae.b_dec_D[0] = 1.0
     before = {k: v.detach().clone() for k, v in sae.state_dict().items()}
     moments = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in sae.parameters()}
     dead_F = torch.tensor([False, True, False, False, True, False])
-    x_BD = torch.tensor([[3.0, 4.0, 0.0, 0.0]])
+    x_BD = torch.tensor([[4.0, 4.0, 0.0, 0.0]])
     got = resample_dead(sae, opt, x_BD, dead_F, seed=0)
     assert got.tolist() == [1, 4]
     for f in (1, 4):
