@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -35,7 +36,6 @@ from sae_pipeline import eval as sae_eval  # noqa: E402
 from sae_pipeline import harvest, layout, train  # noqa: E402
 from sae_pipeline.data.store import ActivationStore  # noqa: E402
 from sae_pipeline.schema import compose  # noqa: E402
-from sae_pipeline.training.schedule import default_lr  # noqa: E402
 
 D_SAE = 8 * 576
 N_TOKENS = 600_000
@@ -43,12 +43,15 @@ BATCH = 4096
 TARGET_FVU, TARGET_LOSS_RECOVERED = 0.20, 0.975
 
 # The ablation grid: one override set per point, each a one-pass run on the same store (the defaults first).
-LR0 = default_lr(D_SAE)
+# Learning rates are multiples of Gao et al.'s law 2e-4 / sqrt(d_sae / 2**14) (3.771e-4 at 4608 latents).
+LR0 = 2e-4 / math.sqrt(D_SAE / 2**14)
 GRID: dict[str, list[str]] = {
     "defaults": [],
     "lr_x0.5": [f"train.lr={LR0 * 0.5:.4g}"],
     "lr_x2": [f"train.lr={LR0 * 2:.4g}"],
     "lr_x4": [f"train.lr={LR0 * 4:.4g}"],
+    "lr_x8": [f"train.lr={LR0 * 8:.4g}"],
+    "lr_x16": [f"train.lr={LR0 * 16:.4g}"],
     "decay_0": ["train.lr_decay_fraction=0"],
     "decay_0.5": ["train.lr_decay_fraction=0.5"],
     "decay_1": ["train.lr_decay_fraction=1"],

@@ -175,6 +175,8 @@ class SAE(nn.Module):
     # Initial encoder = this scale times the decoder transpose (decoder rows: random directions, norm
     # `_init_row_norm()`).
     encoder_init_scale: ClassVar[float] = 1.0
+    # The default peak learning rate (train.lr unset) is this times 2e-4 / sqrt(d_sae / 2**14) (training/schedule.py).
+    default_lr_scale: ClassVar[float] = 1.0
     # Data-parallel training: the trainer sets this to the job's ranks (see sae/batch_reduce.py); None = one process.
     collective = None
 

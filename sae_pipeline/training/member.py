@@ -36,7 +36,8 @@ class Member:
         self.sae = build_sae(sae_cfg, d_in, seed=tcfg.seed).to(device)
         self.params = [p for p in self.sae.parameters() if p.requires_grad]
         betas = (tcfg.adam_beta1, tcfg.adam_beta2)
-        self.lr = resolve_lr(tcfg.lr, self.sae.d_sae)  # peak learning rate (train.lr or the width's default)
+        # peak learning rate: train.lr, or the width's default times the architecture's scale
+        self.lr = resolve_lr(tcfg.lr, self.sae.d_sae, type(self.sae).default_lr_scale)
         self.opt = _adam(self.params, self.lr, betas, tcfg.adam_eps)
         self.dist = dist  # training.distributed.Distributed of a data-parallel job, else None
         if dist is not None and dist.active:
