@@ -23,7 +23,7 @@ class TrainConfig:
     init_tokens: int = 16_384  # data sample for b_dec init (and the input scale without norm stats)
     # --- optimisation ---
     # peak learning rate; None: s * 2e-4 / sqrt(d_sae / 2**14) for each SAE (Gao et al. 2024's fit for TopK),
-    # s the architecture's default_lr_scale (8 for the TopK family, measured at one pass; 1 for the others)
+    # s the architecture's default_lr_scale (4 for the TopK family, measured at one pass; 1 for the others)
     lr: Optional[float] = None
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
