@@ -80,12 +80,13 @@ format: $(STAMP) ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: setup ## benchmarks: harvest early exit, SAE training roofline, loop vs step, reader throughput
+bench: setup ## benchmarks: harvest early exit, SAE training roofline, loop vs step, reader throughput, quality at one pass
 	$(PY) scripts/bench_harvest.py
 	$(PY) scripts/bench_sae.py
 	$(PY) scripts/bench_loop.py
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_sweep_group.py
+	$(PY) scripts/bench_quality.py --root $(ROOT)/bench/quality
 
 gpu-check: $(STAMP) ## on a CUDA machine: bf16 autocast tests on the GPU, bench_sae in bf16/fp32, a demo-sized train
 	VENV=$(VENV) ROOT=$(ROOT) scripts/gpu_check.sh

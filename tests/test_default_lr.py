@@ -58,3 +58,18 @@ def test_explicit_lr_wins_and_a_group_gets_one_lr_per_width(store, tmp_path):
     run_dir = run(_cfg(store, tmp_path / "g", "train.lr=null", group))
     lrs = {m: json.loads((run_dir / m / layout.CONFIG).read_text())["lr"] for m in ("a", "b")}
     assert lrs == {"a": pytest.approx(1.6e-3, rel=1e-12), "b": pytest.approx(8e-4, rel=1e-12)}
+
+
+def test_topk_family_default_is_four_times_the_law(store, tmp_path):
+    """TopK's default_lr_scale is 4 (measured by scripts/bench_quality.py): d_sae 256 -> 4 * 1.6e-3 = 0.0064,
+    in config.json and the log event; sae=relu keeps the law itself (the tests above)."""
+    assert default_lr(256, 4.0) == pytest.approx(6.4e-3, rel=1e-12)
+    for arch in ("topk", "batchtopk"):
+        run_dir = run(
+            _cfg(store, tmp_path / arch, "train.lr=null", f"sae={arch}", "sae.d_sae=256", "sae.k=4")
+        )
+        assert json.loads((run_dir / layout.CONFIG).read_text())["lr"] == pytest.approx(6.4e-3, rel=1e-12)
+        lines = [json.loads(ln) for ln in (run_dir / layout.TRAIN_LOG).read_text().splitlines()]
+        assert any(
+            "peak learning rate 0.0064 (train.lr not given: 4 x 2e-4" in ln.get("event", "") for ln in lines
+        )

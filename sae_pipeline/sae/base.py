@@ -180,8 +180,11 @@ class SAE(nn.Module):
                 setattr(cls, name, any_leading_shape(fn))
 
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
-    # Initial encoder = this scale times the decoder transpose (decoder rows are random unit directions).
+    # Initial encoder = this scale times the decoder transpose (decoder rows: random directions, norm
+    # `_init_row_norm()`).
     encoder_init_scale: ClassVar[float] = 1.0
+    # The default peak learning rate (train.lr unset) is this times 2e-4 / sqrt(d_sae / 2**14) (training/schedule.py).
+    default_lr_scale: ClassVar[float] = 1.0
     # Data-parallel training: the trainer sets this to the job's ranks (see sae/batch_reduce.py); None = one process.
     collective = None
 
@@ -208,7 +211,7 @@ class SAE(nn.Module):
         self.d_sae = cfg.resolve_d_sae(d_in)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         W_dec_FD = torch.randn(self.d_sae, self.d_out, generator=gen)
-        W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
+        W_dec_FD *= self._init_row_norm() / W_dec_FD.norm(dim=1, keepdim=True)
         if self.transcoder:  # input and output spaces differ: the encoder gets its own unit directions
             W_enc_DF = torch.randn(self.d_in, self.d_sae, generator=gen)
             W_enc_DF /= W_enc_DF.norm(dim=0, keepdim=True)
@@ -225,6 +228,10 @@ class SAE(nn.Module):
     def _init_decoder(self, W_dec_FD: Tensor) -> None:
         """Register the decoder (a tied architecture keeps none: its W_dec_FD is a view of W_enc_DF)."""
         self.W_dec_FD = nn.Parameter(W_dec_FD)
+
+    def _init_row_norm(self) -> float:
+        """The norm of every initial decoder row (random directions); unit unless the architecture says."""
+        return 1.0
 
     def _init_extra(self) -> None:
         """Create architecture-specific parameters/buffers."""

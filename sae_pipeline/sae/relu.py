@@ -13,6 +13,7 @@ from .base import SAE, SAEConfig, TrainOutput
 from .registry import register
 
 SPARSITY_PENALTIES = ("l1", "l1_decoder_norm")
+INITS = ("unit", "anthropic")
 
 
 @dataclass
@@ -28,10 +29,23 @@ class ReLUConfig(SAEConfig):
     # "l1_decoder_norm": sum_f |a_f| * ||W_dec[f]|| with unconstrained decoder rows;
     # "l1": sum_f |a_f| (the seed's plain L1, averaged over B) with decoder rows kept at unit norm.
     sparsity_penalty: str = "l1_decoder_norm"
+    # "unit": decoder rows random unit directions, W_enc = W_dec^T. "anthropic" (Anthropic's April-2024 update,
+    # with l1_decoder_norm): decoder rows random directions of norm init_decoder_norm, W_enc = W_dec^T, so a
+    # latent starts with a small gain (norm^2) and the L1 term cannot silence it before it has learnt a direction.
+    init: str = "unit"
+    init_decoder_norm: float = 0.1  # the initial decoder row norm of init=anthropic (their range: 0.05-1)
 
     def validate(self) -> None:
         super().validate()
         self._check_nonnegative("l1_coefficient", self.l1_coefficient)
+        self._check_positive("init_decoder_norm", self.init_decoder_norm)
+        if self.init not in INITS:
+            raise UserError(f"sae.init must be one of {', '.join(INITS)}, got {self.init!r}.")
+        if self.init == "anthropic" and self.sparsity_penalty != "l1_decoder_norm":
+            raise UserError(
+                "sae.init=anthropic needs sae.sparsity_penalty=l1_decoder_norm (with plain l1 the decoder rows "
+                "are held at unit norm, which undoes the init's small row norms)."
+            )
         if self.sparsity_penalty not in SPARSITY_PENALTIES:
             raise UserError(
                 f"sae.sparsity_penalty must be one of {', '.join(SPARSITY_PENALTIES)}, "
@@ -43,6 +57,9 @@ class ReLUConfig(SAEConfig):
 class ReLUSAE(SAE):
     config_class = ReLUConfig
     cfg: ReLUConfig
+
+    def _init_row_norm(self) -> float:
+        return self.cfg.init_decoder_norm if self.cfg.init == "anthropic" else 1.0
 
     @property
     def unit_norm_decoder(self) -> bool:

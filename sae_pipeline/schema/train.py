@@ -24,7 +24,8 @@ class TrainConfig:
     # a transcoder: the store of the hook whose activations the SAE predicts from `store`'s (same harvest)
     target_store: Optional[str] = None
     # --- optimisation ---
-    # peak learning rate; None: 2e-4 / sqrt(d_sae / 2**14) for each SAE (Gao et al. 2024's fit for TopK)
+    # peak learning rate; None: s * 2e-4 / sqrt(d_sae / 2**14) for each SAE (Gao et al. 2024's fit for TopK),
+    # s the architecture's default_lr_scale (4 for the TopK family, measured at one pass; 1 for the others)
     lr: Optional[float] = None
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -34,6 +35,7 @@ class TrainConfig:
     sparsity_warmup_steps: int = 200  # sparsity coefficient ramps 0 -> full over these steps
     max_grad_norm: float = 1.0  # gradient clipping (global L2 norm); 0 = off
     dead_tokens: int = 500_000  # a latent is dead when it has not fired for this many tokens
+    resample_every: int = 0  # sae=relu: resample dead latents every N steps in the first half (0 = off)
     seed: int = 0  # SAE init, data order, RNG
     device: str = "auto"  # auto (CUDA + bf16 autocast + TF32 when available, else CPU float32) | cpu | cuda:N
     # bf16 autocast of the training forward (float32 master weights and Adam state in every mode):

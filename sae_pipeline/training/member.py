@@ -10,6 +10,7 @@ import torch
 from sae_pipeline.errors import UserError
 from sae_pipeline.sae import build_sae
 from sae_pipeline.training import checkpoint
+from sae_pipeline.training.resample import check_resample, resample_dead, resample_due
 from sae_pipeline.training.runlog import RunLogger
 from sae_pipeline.training.schedule import resolve_lr
 from sae_pipeline.training.stats import LatentStats
@@ -33,12 +34,14 @@ class Member:
         self.name, self.run_dir, self.sae_cfg, self.input_scale = name, run_dir, sae_cfg, input_scale
         # a transcoder's target (training/transcoder.py's Target: d_out, scale, what to record), else None
         self.target = target
+        check_resample(tcfg, sae_cfg.arch, transcoder=target is not None)
         torch.manual_seed(tcfg.seed)  # every member starts from the RNG state a separate run has
         d_out = target.d_out if target is not None else None
         self.sae = build_sae(sae_cfg, d_in, seed=tcfg.seed, d_out=d_out).to(device)
         self.params = [p for p in self.sae.parameters() if p.requires_grad]
         betas = (tcfg.adam_beta1, tcfg.adam_beta2)
-        self.lr = resolve_lr(tcfg.lr, self.sae.d_sae)  # peak learning rate (train.lr or the width's default)
+        # peak learning rate: train.lr, or the width's default times the architecture's scale
+        self.lr = resolve_lr(tcfg.lr, self.sae.d_sae, type(self.sae).default_lr_scale)
         self.opt = _adam(self.params, self.lr, betas, tcfg.adam_eps)
         self.dist = dist  # training.distributed.Distributed of a data-parallel job, else None
         if dist is not None and dist.active:
@@ -80,7 +83,18 @@ class Member:
                 x_hat_BD = self.sae.decode_from(acts_BF, xs_BD)
         ref_BD = xs_BD if ys_BD is None else ys_BD
         self.stats.update(ref_BD, x_hat_BD, acts_BF, out.loss, out.parts, out_scale, sparse)
+        if resample_due(step, tcfg):
+            self._resample(xs_BD, step, tcfg.seed)
         self.rng = checkpoint.rng_state()[0]
+
+    def _resample(self, xs_BD, step: int, seed: int) -> None:
+        """training/resample.py: new directions for the dead latents (rank 0's, on every rank)."""
+        dead = resample_dead(self.sae, self.opt, xs_BD, self.stats.dead_mask_F(), seed * 1_000_003 + step)
+        self.stats.since_fired_F[dead] = 0
+        if self.dist is not None and self.dist.active:
+            self.dist.broadcast_module(self.sae)
+        if self.logger is not None and dead.numel():
+            self.logger.event(step + 1, f"resampled {dead.numel()} dead latents")
 
     def _note_finite(self, check, loss, step: int) -> None:
         """Remember, on the device, the first step whose loss or gradient norm was not finite.

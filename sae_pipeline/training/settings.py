@@ -24,7 +24,7 @@ FREE_TO_CHANGE = {
 _POSITIVE = ("batch_size", "buffer_rows", "chunk_rows", "prefetch", "init_tokens", "dead_tokens", "log_every")
 _POSITIVE += ("eval_tokens", "eval_batch_size", "keep_checkpoints")
 _NON_NEGATIVE = ("val_tokens", "lr_warmup_steps", "sparsity_warmup_steps", "val_every", "eval_every")
-_NON_NEGATIVE += ("checkpoint_every_tokens",)
+_NON_NEGATIVE += ("checkpoint_every_tokens", "resample_every")
 
 
 def check_train_config(t) -> None:

@@ -194,7 +194,7 @@ def _train_loop(
         why = (
             "train.lr"
             if tcfg.lr is not None
-            else f"train.lr not given: 2e-4 / sqrt(d_sae / 2**14), d_sae={m.sae.d_sae}"
+            else f"train.lr not given: {type(m.sae).default_lr_scale:g} x 2e-4 / sqrt(d_sae / 2**14), d_sae={m.sae.d_sae}"
         )
         m.logger.event(step, f"peak learning rate {m.lr:.4g} ({why})")
     if step == 0 and total_steps * tcfg.batch_size > reader.epoch_rows:
