@@ -211,7 +211,9 @@ class SAE(nn.Module):
         self.d_sae = cfg.resolve_d_sae(d_in)
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         W_dec_FD = torch.randn(self.d_sae, self.d_out, generator=gen)
-        W_dec_FD *= self._init_row_norm() / W_dec_FD.norm(dim=1, keepdim=True)
+        W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
+        if self._init_row_norm() != 1.0:  # multiplied only when needed: unit rows stay bit-identical to before
+            W_dec_FD *= self._init_row_norm()
         if self.transcoder:  # input and output spaces differ: the encoder gets its own unit directions
             W_enc_DF = torch.randn(self.d_in, self.d_sae, generator=gen)
             W_enc_DF /= W_enc_DF.norm(dim=0, keepdim=True)
