@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -77,13 +78,31 @@ RECORD = (
 )
 
 
+def code_version() -> str | None:
+    """The commit the code is at, or None when that does not say what runs (no git, or uncommitted changes)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(["git", "status", "--porcelain", "sae_pipeline"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return None if dirty else head.stdout.strip()
+
+
 def train_one(store: Path, run_dir: Path, extra: list[str], reuse: bool) -> dict:
     """One pass of TopK k=32 8x with the defaults (plus `extra`); returns its settings and timing. With
     `reuse`, a finished run of the same overrides in run_dir is kept (a killed grid continues)."""
     record = run_dir / RECORD
     if reuse and record.exists() and (run_dir / layout.FINAL_SAE).is_dir():
         old = json.loads(record.read_text())
-        if old.get("overrides") == extra:
+        # the same overrides at the same commit: the defaults are part of the code, so a change there reruns
+        if (
+            old.get("overrides") == extra
+            and old.get("code") is not None
+            and old.get("code") == code_version()
+        ):
             print(f"kept the finished run {run_dir}", flush=True)
             return old
     rows = ActivationStore(store).manifest["n_tokens"]
@@ -100,7 +119,7 @@ def train_one(store: Path, run_dir: Path, extra: list[str], reuse: bool) -> dict
     log = [json.loads(ln) for ln in (run_dir / layout.TRAIN_LOG).read_text().splitlines()]
     loop = [r["tokens_per_s"] for r in log if "tokens_per_s" in r]
     out = {
-        "overrides": extra, "steps": steps, "tokens": steps * BATCH, "train_wall_s": round(wall, 1),
+        "overrides": extra, "code": code_version(), "steps": steps, "tokens": steps * BATCH, "train_wall_s": round(wall, 1),
         "train_tokens_per_s": round(steps * BATCH / wall), "loop_tokens_per_s_median": sorted(loop)[len(loop) // 2],
         "load_average": round(os.getloadavg()[0], 2),
     }  # fmt: skip
