@@ -95,7 +95,8 @@ def run(cfg: DictConfig) -> list[Path]:
             "n_tokens_requested": h.n_tokens,
             "config": to_container(cfg),
         }
-        folder, fingerprints[hp.name] = layout.store_dir(out_dir, hp.name), store_fingerprint(cfg, hp.name)
+        folder = layout.store_dir(out_dir, hp.name)
+        fingerprints[hp.name] = store_fingerprint(cfg, hp.name, folder)
         if n_parts == 1:
             writers[hp.name] = store.StoreWriter(folder, header, fingerprints[hp.name], h.overwrite)
         else:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 from omegaconf import OmegaConf, open_dict
 
+from sae_pipeline import layout
 from sae_pipeline.data.shards import store_fingerprint
 from tests.helpers import compose_config
 
@@ -30,3 +33,23 @@ def test_settings_that_change_the_rows_change_the_fingerprint():
     assert store_fingerprint(_cfg("model.revision=abc"), "h") != base
     assert store_fingerprint(_cfg("harvest.context_size=64"), "h") != base
     assert store_fingerprint(_cfg(), "other") != base
+
+
+def _old_store(folder, cfg, fingerprint: str):
+    """A manifest as an older version wrote it: its own fingerprint and the config it recorded."""
+    folder.mkdir(parents=True)
+    (folder / layout.MANIFEST).write_text(json.dumps({"fingerprint": fingerprint, "config": cfg}))
+    return folder
+
+
+def test_a_store_from_an_older_version_with_the_same_settings_keeps_its_fingerprint(tmp_path):
+    cfg = _cfg()
+    older = OmegaConf.to_container(cfg, resolve=True)
+    del older["data"]["eval_fraction"], older["model"]["weights"]  # keys that version did not have
+    same = _old_store(tmp_path / "same", older, "fingerprint-of-an-older-version")
+    assert store_fingerprint(cfg, "h", same) == "fingerprint-of-an-older-version"  # resumed, not refused
+
+    older["data"]["eval_documents"] = 7  # a setting that changes the rows: not the same store
+    other = _old_store(tmp_path / "other", older, "fingerprint-of-an-older-version")
+    assert store_fingerprint(cfg, "h", other) == store_fingerprint(cfg, "h")
+    assert store_fingerprint(cfg, "h", tmp_path / "absent") == store_fingerprint(cfg, "h")

@@ -9,10 +9,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from sae_pipeline import layout
 from sae_pipeline.data.store import SHARD_KEYS
 from sae_pipeline.schema import to_container
 from sae_pipeline.schema.common import DataConfig, ModelConfig
@@ -30,7 +33,7 @@ def _set_keys(group: DictConfig, schema) -> dict:
     return out
 
 
-def store_fingerprint(cfg: DictConfig, hook_name: str) -> str:
+def _fingerprint(cfg: DictConfig, hook_name: str) -> str:
     """What must match for an existing store to be resumed (not the output folder or the device)."""
     h = cfg.harvest
     keys = ("context_size", "prepend_bos", "batch_size", "n_tokens", "shard_size", "dtype", "seed")
@@ -41,6 +44,22 @@ def store_fingerprint(cfg: DictConfig, hook_name: str) -> str:
         "harvest": {k: h[k] for k in keys},
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def store_fingerprint(cfg: DictConfig, hook_name: str, folder: Path | None = None) -> str:
+    """What must match for an existing store to be resumed. With the store's `folder`: when its manifest
+    was written by an older version (whose fingerprint also hashed keys now at their defaults) but the
+    config it records gives today's fingerprint, that store's own fingerprint, so it stays resumable."""
+    current = _fingerprint(cfg, hook_name)
+    path = None if folder is None else Path(folder) / layout.MANIFEST
+    if path is None or not path.exists():
+        return current
+    try:
+        old = json.loads(path.read_text())
+        recorded = _fingerprint(OmegaConf.create(old["config"]), hook_name)
+    except (OSError, ValueError, KeyError, TypeError, OmegaConfBaseException):
+        return current  # an unreadable manifest: the writer's own checks name the problem
+    return old.get("fingerprint", current) if recorded == current else current
 
 
 class ShardBuffer:

@@ -89,7 +89,9 @@ def harvest_tensors(cfg: DictConfig, device: torch.device) -> list[Path]:
             "config": to_container(cfg),
         }
         folder = layout.store_dir(out_dir, hp.name)
-        writers[hp.name] = store.StoreWriter(folder, header, store_fingerprint(cfg, hp.name), h.overwrite)
+        writers[hp.name] = store.StoreWriter(
+            folder, header, store_fingerprint(cfg, hp.name, folder), h.overwrite
+        )
     folders = [layout.store_dir(out_dir, hp.name) for hp in points]
     if all(w.complete for w in writers.values()):
         print(f"store already complete, nothing to do: {', '.join(map(str, folders))}", file=sys.stderr)

@@ -212,7 +212,8 @@ class SAE(nn.Module):
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         W_dec_FD = torch.randn(self.d_sae, self.d_out, generator=gen)
         W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
-        if self._init_row_norm() != 1.0:  # multiplied only when needed: unit rows stay bit-identical to before
+        # multiplied only when needed, so unit rows stay bit-identical to the previous versions' init
+        if self._init_row_norm() != 1.0:
             W_dec_FD *= self._init_row_norm()
         if self.transcoder:  # input and output spaces differ: the encoder gets its own unit directions
             W_enc_DF = torch.randn(self.d_in, self.d_sae, generator=gen)
