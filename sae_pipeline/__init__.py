@@ -10,12 +10,14 @@ and `main` only; they import the library below them and never each other
     conf/         the Hydra YAML files (only values that differ from the schema), shipped in the wheel
     data/         the activation store (shards + manifest), harvest parts and their merge, the shuffled
                   reader, text packing, rows of two stores matched by (context, position), the paired
-                  reader of a transcoder (input and target rows of each token)
-    model/        loading models, hook names and points, capture/splice, the embedded assets
+                  reader of a transcoder (input and target rows of each token), tensor datasets
+    model/        loading models (any nn.Module too), hook names and points, capture/splice, the
+                  embedded assets, the de-quantized GGUF cache
     sae/          one file per architecture, registry, sparse kernels, saving and loading
     training/     trainer loop, members, schedules, statistics, checkpoints, run folders, validation,
-                  fit_sae for activations already in memory
-    evaluation/   metrics, the splice scorer, eval reports, sweep tables and Pareto plots
+                  fit_sae for activations already in memory, transcoder targets, dead-latent resampling
+    evaluation/   metrics, the splice scorer, a torch module's task scorer, eval reports, sweep tables
+                  and Pareto plots
     interpret/    feature statistics and browser, logit lens, steering edits, feature connectors (seeds/002)
     runs.py       finding an SAE run on disk and what trained it
     layout.py     every file and folder name, defined once
