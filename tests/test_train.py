@@ -248,6 +248,14 @@ def test_schedules():
     assert [sparsity_scale_at(s, cfg) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
 
 
+def test_a_short_run_warms_up_over_at_most_a_tenth_of_its_steps():
+    """The default 100 warm-up steps on a 146-step run would leave it at its peak rate for 17 steps."""
+    cfg = TrainConfig(lr=1.0, lr_warmup_steps=100, lr_decay_fraction=0.2)
+    lrs = [lr_at(s, 146, cfg) for s in range(146)]
+    assert lrs[0] == pytest.approx(1 / 14) and lrs[13] == 1.0 and lrs[100] == 1.0  # 146 // 10 = 14 steps
+    assert [lr_at(s, 5000, cfg) for s in (0, 99)] == [pytest.approx(0.01), 1.0]  # a long run: all 100 steps
+
+
 def test_loss_recovered_is_logged_for_a_harvested_store(tmp_path):
     """A real (tiny) model harvested by sae-harvest: training logs loss recovered and KL."""
     from tests.helpers import run_cli, save_tiny_model, tiny_overrides, write_corpus

@@ -30,7 +30,7 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
-    lr_warmup_steps: int = 100  # linear warm-up from 0
+    lr_warmup_steps: int = 100  # linear warm-up from 0, over at most a tenth of the run's steps
     lr_decay_fraction: float = 0.2  # linear decay to 0 over this final fraction of the steps
     sparsity_warmup_steps: int = 200  # sparsity coefficient ramps 0 -> full over these steps
     max_grad_norm: float = 1.0  # gradient clipping (global L2 norm); 0 = off
