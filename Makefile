@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_SILENT ?= true
 
-.PHONY: help setup assets browser demo sweep steer probe example-digits test test-fast faults lint format bench gpu-check clean distclean
+.PHONY: help setup assets browser demo sweep steer probe example-digits example-transcoder test test-fast faults lint format bench gpu-check clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -56,6 +56,16 @@ sweep: setup ## a small L1 sweep (Hydra multirun) on the embedded default, then 
 example-digits: $(STAMP) ## feature connectors on an MLP digit classifier (seeds/002 on sklearn digits; CPU: ~25 s)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) examples/digits/digits.py --out $(ROOT)/digits
 	@echo "W2 pictures and accuracy table: $(ROOT)/digits/"
+
+TC_STORES := $(ROOT)/stores/smollm2-135m/shakespeare
+example-transcoder: setup ## transcoders (plain and skip) from SmolLM2 layer 9's MLP input to its output (CPU: ~10-15 min)
+	$(VENV)/bin/sae-harvest paths.root=$(ROOT) hook=mlp_out 'hook.names=[module:model.layers.9.mlp:input]' \
+		harvest.n_tokens=100000 harvest.dtype=float16
+	$(VENV)/bin/sae-train paths.root=$(ROOT) store=$(TC_STORES)/module__model.layers.9.mlp__input \
+		train.target_store=$(TC_STORES)/blocks.9.hook_mlp_out sae=topk sae.k=32 sae.d_sae=4608 \
+		train.total_tokens=409600 train.batch_size=1024 train.lr=1e-3 train.lr_warmup_steps=20 \
+		'train.group=[{skip:false,name:plain},{skip:true,name:skip}]' train.run_dir=$(ROOT)/transcoder/l9 train.overwrite=true
+	$(VENV)/bin/sae-eval paths.root=$(ROOT) sae_path=$(ROOT)/transcoder/l9 eval.n_tokens=4096
 
 browser: ## install Debian's Chromium for the feature-browser test (part of setup; the test skips without it)
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
