@@ -13,18 +13,14 @@ On a folder of many runs it also writes sweep.csv / sweep.md and the L0 Pareto p
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from sae_pipeline.errors import UserError, report_config_errors, report_user_errors
+from sae_pipeline.errors import report_config_errors, report_user_errors
 from sae_pipeline.evaluation import sweep
-from sae_pipeline.evaluation.report import eval_tokens, evaluate_target, existing_metrics, summary_line
-from sae_pipeline.evaluation.splice import SpliceEvaluator
-from sae_pipeline.evaluation.task import task_evaluator
-from sae_pipeline.model.hook_points import resolve_hook
+from sae_pipeline.evaluation.report import evaluate_target, evaluator_for, existing_metrics, summary_line
 from sae_pipeline.model.loading import load_model
 from sae_pipeline.runs import find_targets, load_spec
 from sae_pipeline.runtime import resolve_device
@@ -45,7 +41,7 @@ def run(cfg: DictConfig) -> dict:
         batch = [t for t in targets if specs[t.name].model_key == key]
         model = tokenizer = None
         token_cache: dict[str, tuple] = {}
-        evaluators: dict[tuple[str, str], SpliceEvaluator] = {}  # SAEs at one hook share the baselines
+        evaluators: dict[tuple, object] = {}  # SAEs at one hook share the baselines
         for t in batch:
             spec = specs[t.name]
             old = existing_metrics(cfg, t, spec)
@@ -55,33 +51,7 @@ def run(cfg: DictConfig) -> dict:
                 continue
             if model is None:
                 model, tokenizer = load_model(spec.model_cfg, device)
-            m = spec.manifest  # stores of one harvest (several hooks) share their held-out text
-            tkey = json.dumps(
-                [m.get("dataset"), m.get("context_size"), m.get("bos")], sort_keys=True, default=str
-            )
-            hooks = (spec.hook_name, spec.meta.get("target_hook"))  # a transcoder: input and target hooks
-            if tokenizer is None:  # model=torch_module: held-out examples, scored by the task's own loss
-                if hooks[1]:
-                    raise UserError(
-                        f"{t.sae_dir} is a transcoder on a model=torch_module store; sae-eval scores only SAEs there"
-                    )
-                if (tkey, hooks) not in evaluators:
-                    hook = resolve_hook(model, spec.hook_name)
-                    evaluators[tkey, hooks], token_cache[tkey] = task_evaluator(model, hook, m, cfg.eval)
-                desc = token_cache[tkey]
-            else:
-                if tkey not in token_cache:
-                    token_cache[tkey] = eval_tokens(cfg, spec, tokenizer)
-                ids, mask, desc = token_cache[tkey]
-            if (tkey, hooks) not in evaluators:
-                hook, source = resolve_hook(model, spec.hook_name), None
-                if hooks[1]:  # the transcoder's output replaces the target hook's activations
-                    hook, source = resolve_hook(model, hooks[1]), hook
-                evaluators[tkey, hooks] = SpliceEvaluator(
-                    model, hook, ids, mask, cfg.eval.batch_size, reuse_prefix=cfg.eval.reuse_prefix,
-                    source_hook=source,
-                )  # fmt: skip
-            evaluator = evaluators[tkey, hooks]
+            evaluator, desc = evaluator_for(cfg, t, spec, model, tokenizer, token_cache, evaluators)
             results[t.name] = evaluate_target(cfg, t, spec, evaluator, desc, device, group)
             print(summary_line(t.name, results[t.name]), flush=True)
         del model, token_cache, evaluators

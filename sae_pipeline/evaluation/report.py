@@ -17,10 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from sae_pipeline import layout
 from sae_pipeline.data import text
+from sae_pipeline.errors import UserError
 from sae_pipeline.evaluation import metrics as M
 from sae_pipeline.evaluation import task
 from sae_pipeline.evaluation.splice import SpliceEvaluator
 from sae_pipeline.files import sha256_file, write_json_atomic
+from sae_pipeline.model.hook_points import resolve_hook
 from sae_pipeline.runs import Spec, Target, check_matches_store, heldout_text, load_target_sae
 from sae_pipeline.schema.eval import eval_data_config
 from sae_pipeline.tracking import start_wandb, training_wandb
@@ -162,6 +164,43 @@ def log_wandb(cfg: DictConfig, target: Target, metrics: dict, group: str | None)
         return str(run.dir)
     finally:
         run.finish()
+
+
+def evaluator_for(
+    cfg: DictConfig, target: Target, spec: Spec, model, tokenizer, token_cache: dict, evaluators: dict
+):
+    """(the scorer for this SAE, its text's description), built once per held-out text and hook pair.
+
+    Stores of one harvest (several hooks) share their held-out text; a transcoder is spliced at its
+    target hook from its input hook; a torch_module store (no tokenizer) is scored by its task's own loss."""
+    m = spec.manifest
+    tkey = json.dumps([m.get("dataset"), m.get("context_size"), m.get("bos")], sort_keys=True, default=str)
+    hooks = (spec.hook_name, spec.meta.get("target_hook"))
+    if tokenizer is None and hooks[1]:
+        raise UserError(
+            f"{target.sae_dir} is a transcoder on a model=torch_module store; sae-eval scores only SAEs there"
+        )
+    if (tkey, hooks) not in evaluators:
+        hook, source = resolve_hook(model, spec.hook_name), None
+        if tokenizer is None:
+            evaluators[tkey, hooks], token_cache[tkey] = task.task_evaluator(model, hook, m, cfg.eval)
+        else:
+            if tkey not in token_cache:
+                token_cache[tkey] = eval_tokens(cfg, spec, tokenizer)
+            ids, mask, _ = token_cache[tkey]
+            if hooks[1]:  # the transcoder's output replaces the target hook's activations
+                hook, source = resolve_hook(model, hooks[1]), hook
+            evaluators[tkey, hooks] = SpliceEvaluator(
+                model,
+                hook,
+                ids,
+                mask,
+                cfg.eval.batch_size,
+                reuse_prefix=cfg.eval.reuse_prefix,
+                source_hook=source,
+            )
+    desc = token_cache[tkey] if tokenizer is None else token_cache[tkey][2]
+    return evaluators[tkey, hooks], desc
 
 
 def evaluate_target(
