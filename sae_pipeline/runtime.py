@@ -58,3 +58,33 @@ def keep_freed_memory() -> bool:
         )
     except (OSError, AttributeError):
         return False
+
+
+def compute_record(device: torch.device) -> dict:
+    """What a run's last bits depend on: torch's build, the device and the CPU thread count.
+
+    A resumed run is bit-identical to an uninterrupted one only when all three are the same (config.json
+    and every checkpoint record them; `compute_change` says what differs)."""
+    name = str(device)
+    if device.type == "cuda":
+        name += f" ({torch.cuda.get_device_name(device)})"
+    return {"torch": torch.__version__, "device": name, "threads": torch.get_num_threads()}
+
+
+def compute_change(old: dict | None, new: dict) -> str | None:
+    """One sentence naming what differs between the compute that wrote a checkpoint and this one, else None
+    (also None for a checkpoint written before the record existed)."""
+    if not old:
+        return None
+    labels = {"torch": "torch {}", "device": "device {}", "threads": "{} CPU threads"}
+    diffs = [
+        f"{labels[k].format(old.get(k))} -> {labels[k].format(new[k])}"
+        for k in labels
+        if k in old and old[k] != new[k]
+    ]
+    if not diffs:
+        return None
+    return (
+        f"note: this resume runs with {', '.join(diffs)}; it continues exactly, but its result will differ "
+        "from an uninterrupted run in the last bits (bit-identity needs the same device, thread count and torch build)"
+    )

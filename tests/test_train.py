@@ -89,21 +89,28 @@ def test_cli_reports_user_errors_in_one_line(tmp_path):
 
 
 def test_sigkilled_cli_run_resumes_to_the_same_weights(store, tmp_path):
+    """The real command SIGKILLed inside its third checkpoint write (sae_pipeline.faults pauses it there and
+    writes a mark: the kill waits for that event, never for a deadline), then resumed by the same command.
+    The subprocesses compute with this process's thread count (tests/conftest.py), as bit-identity needs."""
     args = [f"store={store}", "train=tiny", "train.total_tokens=8192", "train.checkpoint_every_tokens=512"]
     run(cfg_for(store, tmp_path / "ref", *args[1:]))
-    run_dir = tmp_path / "killed"
+    run_dir, mark = tmp_path / "killed", tmp_path / "paused"
+    fault = {"SAE_PIPELINE_FAULT": "checkpoint:3", "SAE_PIPELINE_FAULT_MARK": str(mark)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "sae_pipeline.train", *args, "logger=none", f"train.run_dir={run_dir}"],
-        cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=tmp_path, env={**ENV, **fault}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    deadline = time.time() + 120
-    while len(checkpoint.list_checkpoints(run_dir)) < 2 and time.time() < deadline and proc.poll() is None:
+    while not mark.exists() and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (run_dir / layout.FINAL_SAE).exists(), "the run finished before it could be killed"
+    assert mark.exists(), f"the run exited with {proc.returncode} before its third checkpoint"
+    assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == ["step-000000008", "step-000000016"]
+    recorded = json.loads((run_dir / layout.CONFIG).read_text())["compute"]
+    assert recorded["threads"] == torch.get_num_threads() and recorded["torch"] == torch.__version__
     res = cli([*args, "logger=none", f"train.run_dir={run_dir}", "train.resume=true"], tmp_path)
     assert res.returncode == 0, res.stderr
+    assert "resume runs with" not in res.stderr  # same device, threads and torch: no note
     assert_same(weights(run_dir), weights(tmp_path / "ref"))
 
 

@@ -8,6 +8,7 @@ ends by saving each member's SAE with the input scale folded in.
 from __future__ import annotations
 
 import random
+import sys
 import time
 import uuid
 from dataclasses import asdict
@@ -21,7 +22,13 @@ from sae_pipeline import layout
 from sae_pipeline.data.store import ActivationStore
 from sae_pipeline.errors import UserError
 from sae_pipeline.files import write_json_atomic
-from sae_pipeline.runtime import autocast_dtype, keep_freed_memory, resolve_device
+from sae_pipeline.runtime import (
+    autocast_dtype,
+    compute_change,
+    compute_record,
+    keep_freed_memory,
+    resolve_device,
+)
 from sae_pipeline.sae import input_scale_factor, scale_for_mean_norm
 from sae_pipeline.schema import to_container
 from sae_pipeline.tracking import run_name
@@ -83,6 +90,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
     _seed_everything(tcfg.seed)
     container = to_container(cfg)
     origin = provenance(store)
+    compute = compute_record(device)  # torch build, device, threads: what the last bits depend on
     group_mode = bool(tcfg.group)
     if group_mode and dist.is_main:
         record = {
@@ -90,6 +98,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
             **origin,
             "group": [n for n, _ in specs],
             "world_size": dist.world_size,
+            "compute": compute,
         }
         write_json_atomic(run_dir / layout.CONFIG, record)
 
@@ -128,7 +137,8 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
         record = {
             "config": container, **origin, "arch": m.sae_cfg.arch, "d_in": store.d_in, "d_sae": m.sae.d_sae,
             "sae": asdict(m.sae_cfg), "member": m.name, "input_scale": m.input_scale, "lr": m.lr,
-            "world_size": dist.world_size, **(m.target.record() if m.target is not None else {}),
+            "world_size": dist.world_size, "compute": compute,
+            **(m.target.record() if m.target is not None else {}),
         }  # fmt: skip
         old = {}
         if resuming and (m.run_dir / layout.CONFIG).exists():
@@ -143,6 +153,16 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
                     f"the checkpoint {found[common[-1]]} was written by {meta.get('world_size', 1)} processes and "
                     f"this resume has {dist.world_size}; resume it with torchrun --nproc_per_node={meta.get('world_size', 1)}"
                 )
+            changed = compute_change(meta.get("compute"), compute)
+            if changed and dist.is_main and m is members[0]:  # one line for the run
+                print(changed, file=sys.stderr, flush=True)
+            history = old.get("compute_changes", [])  # config.json keeps every change of compute
+            if changed:
+                history = [*history, {"step": meta["step"], "from": meta["compute"], "to": compute}]
+            if history:
+                record["compute_changes"] = history
+            # the scale the checkpoint trained on (a sample's mean norm could differ in its last bit here)
+            m.input_scale = record["input_scale"] = meta.get("input_scale", m.input_scale)
             m.rng = {k: v for k, v in extra.items() if k.startswith("rng_")}
             m.stats.since_fired_F.copy_(extra["since_fired_F"])
             start_step, reader_state = meta["step"], meta["reader"]
@@ -173,7 +193,9 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
         reader.close()
         reader = reader_at(reader_state)
     try:
-        _train_loop(members, reader, store, tcfg, device, autocast, start_step, resuming, dist, target)
+        _train_loop(
+            members, reader, store, tcfg, device, autocast, start_step, resuming, dist, target, compute
+        )
         exit_code = 0
     finally:
         reader.close()
@@ -184,7 +206,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
 
 
 def _train_loop(
-    members, reader, store, tcfg, device, autocast, step: int, resuming: bool, dist, target
+    members, reader, store, tcfg, device, autocast, step: int, resuming: bool, dist, target, compute: dict
 ) -> None:
     total_steps = max(1, tcfg.total_tokens // tcfg.batch_size)
     log0 = members[0].logger
@@ -245,7 +267,7 @@ def _train_loop(
         if last or (every > 0 and step * tcfg.batch_size // every > (step - 1) * tcfg.batch_size // every):
             _check_finite(members)  # never a checkpoint with non-finite weights (every rank checks)
             if main:
-                _save_checkpoints(members, step, reader, tcfg, dist.world_size)
+                _save_checkpoints(members, step, reader, tcfg, dist.world_size, compute)
             last_ckpt = step
         for m in members:
             m.stats.t0 += time.perf_counter() - t_side
@@ -268,11 +290,11 @@ def _check_finite(members) -> None:
         m.check_finite()
 
 
-def _save_checkpoints(members, step: int, reader, tcfg, world_size: int) -> None:
+def _save_checkpoints(members, step: int, reader, tcfg, world_size: int, compute: dict) -> None:
     """The reader's position is that of the global batch stream every rank reads (one state for all)."""
     for m in members:  # all members first, then prune: a kill in between leaves a common step
         meta = {"tokens": step * tcfg.batch_size, "reader": reader.state(), "input_scale": m.input_scale}
-        meta["world_size"] = world_size
+        meta["world_size"], meta["compute"] = world_size, compute
         checkpoint.save(
             m.run_dir, step, m.sae, m.opt, meta, {**m.rng, "since_fired_F": m.stats.since_fired_F}
         )

@@ -41,12 +41,12 @@ def truncate(path: Path, rng: random.Random) -> int:
     return keep
 
 
-def _child(fn, args, env) -> None:
+def _child(fn, args, env, threads: int) -> None:
     try:
         os.environ.update(env)
         import torch
 
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads)  # the parent's: results are bit-identical only at one thread count
         with (
             open(os.devnull, "w") as null,
             contextlib.redirect_stdout(null),
@@ -59,13 +59,19 @@ def _child(fn, args, env) -> None:
 
 
 def _start(fn, args, env) -> multiprocessing.Process:
-    proc = multiprocessing.get_context("fork").Process(target=_child, args=(fn, args, env), daemon=True)
+    import torch
+
+    ctx = multiprocessing.get_context("fork")
+    proc = ctx.Process(target=_child, args=(fn, args, env, torch.get_num_threads()), daemon=True)
     proc.start()
     return proc
 
 
-def kill_at(point: str, fn, *args, tmp: Path, torn: bool = False, timeout: float = 60) -> bool:
-    """Run fn(*args) in a child paused at `point` ("name:n"); SIGKILL it there. False if it never got there."""
+def kill_at(point: str, fn, *args, tmp: Path, torn: bool = False, timeout: float = 1800) -> bool:
+    """Run fn(*args) in a child paused at `point` ("name:n"); SIGKILL it there. False if it never got there.
+
+    The wait ends when the child reaches the point or exits; `timeout` only stops a hung child (it is long
+    enough for the slowest loaded machine: a deadline must never turn slowness into a failure)."""
     mark = tmp / f"fault-mark-{time.monotonic_ns()}"
     env = {"SAE_PIPELINE_FAULT": point, "SAE_PIPELINE_FAULT_MARK": str(mark)}
     env["SAE_PIPELINE_FAULT_TORN"] = "1" if torn else "0"
