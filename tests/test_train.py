@@ -134,6 +134,30 @@ def test_stopped_run_resumes_bit_exact(store, tmp_path, arch):
     assert steps.count(40) == 1  # log lines of the killed tail are not duplicated
 
 
+def test_resume_under_another_thread_count_is_allowed_and_says_so(store, tmp_path, capsys):
+    """Bit-identity is promised at one device, thread count and torch build: each checkpoint records them,
+    and a resume under another thread count continues with one line saying what changed."""
+    n, run_dir = torch.get_num_threads(), tmp_path / "r"
+    with pytest.raises(StopRequested):
+        run(cfg_for(store, run_dir, "train.stop_after_steps=20"))
+    state = json.loads((checkpoint.latest(run_dir) / layout.TRAIN_META).read_text())
+    first = {"torch": torch.__version__, "device": "cpu", "threads": n}
+    assert state["compute"] == first == json.loads((run_dir / layout.CONFIG).read_text())["compute"]
+    capsys.readouterr()
+    torch.set_num_threads(n + 1)
+    try:
+        run(cfg_for(store, run_dir, "train.resume=true"))
+    finally:
+        torch.set_num_threads(n)
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("note:")]
+    assert (
+        len(notes) == 1 and f"{n} CPU threads -> {n + 1} CPU threads" in notes[0] and "last bits" in notes[0]
+    )
+    record = json.loads((run_dir / layout.CONFIG).read_text())
+    assert record["compute"] == {**first, "threads": n + 1}
+    assert record["compute_changes"] == [{"step": 16, "from": first, "to": record["compute"]}]
+
+
 def test_existing_run_is_refused_unless_overwrite(store, tmp_path):
     run(cfg_for(store, tmp_path / "r", "train.total_tokens=640"))
     with pytest.raises(UserError, match=r"already holds a run.*train.resume=true"):
