@@ -67,7 +67,12 @@ def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     tmp = layout.tmp_name(path)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        try:
+            tmp.write_text(text, encoding="utf-8")
+        except OSError as err:  # an error of write() (a full disk) names no file: name the one being written
+            if err.filename is not None or err.errno is None:
+                raise
+            raise OSError(err.errno, err.strerror, str(path)) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -114,7 +114,13 @@ def run(cfg: DictConfig) -> list[Path]:
     first_shard = min(w.first_needed for w in writers.values())  # counted among this part's shards
     cursor = parts.ContextCursor(text.pack_contexts(tokenizer, train_docs, h.context_size, bos_id))
     skipped = sum(span.n_contexts for span in plan[:first_shard])
-    if first_shard:
+    damaged = sorted({layout.shard_name(w.part + p * w.parts) for w in writers.values() for p in w.redo})
+    if damaged:  # a rerun repairing a store: the shards after the first damaged one are kept, not redone
+        kept = min(w.n_complete_shards - len(w.redo) for w in writers.values())
+        print(
+            f"rewriting the damaged {', '.join(damaged)}; the {kept} intact shards are kept", file=sys.stderr
+        )
+    elif first_shard:
         print(f"resuming after {first_shard} complete shards ({skipped} contexts)", file=sys.stderr)
 
     writer_thread = store.BackgroundWriter(h.writer_queue)

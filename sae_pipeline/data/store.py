@@ -43,14 +43,18 @@ def read_manifest(store: Path) -> dict:
         raise UserError(
             f"no activation store at {store}: {layout.MANIFEST} is missing (run sae-harvest first)"
         )
+    rebuild = (
+        "restore it from a copy, or rerun the sae-harvest command that wrote the store with "
+        "harvest.overwrite=true to write the store again"
+    )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise UserError(
-            f"the store manifest {path} is not valid JSON ({err.msg} at line {err.lineno})"
+            f"the store manifest {path} is damaged: it is not valid JSON ({err.msg} at line {err.lineno}); {rebuild}"
         ) from None
     except UnicodeDecodeError:
-        raise UserError(f"the store manifest {path} is damaged: it is not UTF-8 text") from None
+        raise UserError(f"the store manifest {path} is damaged: it is not UTF-8 text; {rebuild}") from None
     if isinstance(manifest, dict) and manifest.get("format_version") != layout.STORE_FORMAT_VERSION:
         raise UserError(
             f"the store manifest {path} has format_version {manifest.get('format_version')!r}; "

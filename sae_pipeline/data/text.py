@@ -120,6 +120,16 @@ def _check_column(ds, data_cfg: Any) -> str:
     return column
 
 
+def _source(data_cfg: Any) -> str:
+    """What a user named as the text: the data file(s), or else the dataset."""
+    files = _as_list(_get(data_cfg, "data_files")) if _get(data_cfg, "data_files") is not None else []
+    if len(files) == 1:
+        return f"the data file {files[0]}"
+    if files:
+        return f"the data files {', '.join(files)}"
+    return f"the dataset data.name={_get(data_cfg, 'name')!r}"
+
+
 def split_documents(data_cfg: Any, seed: int) -> tuple[Iterable[str], dict]:
     """Training documents (in a seeded order) and a record of the held-out evaluation documents."""
     split = _get(data_cfg, "split", "train")
@@ -133,8 +143,9 @@ def split_documents(data_cfg: Any, seed: int) -> tuple[Iterable[str], dict]:
         texts = (row[column] for i, row in enumerate(ds) if i >= n_eval)
         return texts, record
     n_docs = len(ds)
-    if n_docs == 0:
-        raise UserError(f"the dataset data.name={_get(data_cfg, 'name')!r} split {split!r} is empty")
+    has_text = (not isinstance(row[column], str) or row[column].strip() for row in ds)
+    if not any(has_text):  # stops at the first document with text
+        raise UserError(f"{_source(data_cfg)} split {split!r} holds no text (it is empty or blank)")
     if n_eval >= n_docs:
         raise UserError(
             f"data.eval_documents={n_eval} holds out every one of the {n_docs} documents; lower it or set data.eval_split"

@@ -137,3 +137,23 @@ def test_safetensors_no_space_error_is_one_sentence(store, tmp_path, monkeypatch
         run(cfg_for(store, tmp_path / "run"))
     run(cfg_for(store, tmp_path / "run", "train.resume=true"))
     assert (tmp_path / "run" / layout.FINAL_SAE / layout.SAE_WEIGHTS).exists()
+
+
+def test_full_disk_at_a_manifest_write_names_the_manifest(tmp_path, small_disk):
+    """The manifest is written with plain file writes, whose ENOSPC names no file: the sentence must name it.
+    The store goes to a tmpfs filled to the last byte, so the very first manifest write is the one that fails."""
+    model, corpus = save_tiny_model(tmp_path / "model"), write_corpus(tmp_path / "corpus.jsonl")
+    disk = small_disk("256k")
+    with open(disk / "filler", "wb", buffering=0) as f, pytest.raises(OSError):
+        while True:
+            f.write(b"\0" * 4096)
+    args = [*tiny_overrides(tmp_path, model, corpus), f"harvest.out_dir={disk / 'stores'}"]
+    code, err = harness.invoke("harvest", args)
+    record("disk_full_trials")
+    line = _one_line(err)
+    manifest = layout.store_dir(disk / "stores", "blocks.1.hook_resid_post") / layout.MANIFEST
+    assert code == 2 and "no space left on the device" in line and f"at {manifest};" in line, line
+    (disk / "filler").unlink()
+    assert harness.invoke("harvest", args)[0] == 0
+    assert store_mod.read_manifest(manifest.parent)["complete"]
+    record("disk_full_resumed")
