@@ -46,7 +46,7 @@ def test_regular_install_finds_configs(tmp_path):
             env=env,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=600,  # a hang guard, not a speed bar
         )
         assert proc.returncode == 0, f"{stage}: {proc.stderr}"
         assert "paths:" in proc.stdout
