@@ -4,6 +4,11 @@ A forked child (the test process already imported torch and the package) starts 
 where a fresh `python -m sae_pipeline.<stage>` takes seconds: that is what lets dozens of kills run
 in CI's budget. `kill_at` pauses the child at a named point (sae_pipeline.faults) and kills it there;
 `kill_after` kills it after a random delay.
+
+The child computes at the parent's thread count, which must be 1: results are bit-identical only at one
+thread count, and a forked child cannot use more (GNU OpenMP, which torch uses, hangs in the fork of a
+process that ran threads: a child at 2 threads never finished a 512 x 512 matmul here). So the fault tests
+run at one thread, parent included (tests/faults/conftest.py).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ def _child(fn, args, env, threads: int) -> None:
         os.environ.update(env)
         import torch
 
-        torch.set_num_threads(threads)  # the parent's: results are bit-identical only at one thread count
+        torch.set_num_threads(threads)  # the parent's (1): results are bit-identical only at one thread count
         with (
             open(os.devnull, "w") as null,
             contextlib.redirect_stdout(null),
@@ -61,6 +66,12 @@ def _child(fn, args, env, threads: int) -> None:
 def _start(fn, args, env) -> multiprocessing.Process:
     import torch
 
+    if torch.get_num_threads() != 1:
+        raise RuntimeError(
+            "a forked child computes on one thread only (GNU OpenMP hangs in a fork of a process that used "
+            "threads), and it must compute at this process's thread count: set torch.set_num_threads(1) here "
+            "(tests/faults/conftest.py does for every fault test)"
+        )
     ctx = multiprocessing.get_context("fork")
     proc = ctx.Process(target=_child, args=(fn, args, env, torch.get_num_threads()), daemon=True)
     proc.start()
