@@ -159,7 +159,9 @@ def test_the_lock_of_a_sigkilled_train_is_taken_over(store, tmp_path, mode):
     assert record["pid"] == killed.pid  # left behind
     res = _run("train", _train_args(store, run_dir, "train.resume=true"), tmp_path, env)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert f"locked by pid {killed.pid} on host {socket.gethostname()}, which is no longer running" in res.stderr
+    assert (
+        f"locked by pid {killed.pid} on host {socket.gethostname()}, which is no longer running" in res.stderr
+    )
     assert (run_dir / layout.FINAL_SAE).exists() and not (run_dir / layout.LOCK).exists()
 
 
