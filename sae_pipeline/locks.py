@@ -183,7 +183,7 @@ class FolderLock:
         self.path = lock_path(self.folder)
         self.record = _my_record(what)
         self.fd: int | None = None
-        self.held = False
+        self.held = self.made = False
         self.taken_over: dict | None = None  # the record of a dead holder this lock replaced
 
     # ---- refusing ---------------------------------------------------------------------------------
@@ -197,9 +197,14 @@ class FolderLock:
 
     # ---- taking and giving back ---------------------------------------------------------------------
     def acquire(self) -> FolderLock:
+        self.made = not self.folder.exists()  # then an empty folder is removed again on release
         self.folder.mkdir(parents=True, exist_ok=True)
-        if not (_use_flock() and self._acquire_flock()):
-            self._acquire_file()
+        try:
+            if not (_use_flock() and self._acquire_flock()):
+                self._acquire_file()
+        except BaseException:
+            self._remove_if_made()
+            raise
         self.held = True
         if self.taken_over and self.taken_over.get("pid") is not None:
             print(
@@ -272,6 +277,11 @@ class FolderLock:
         finally:
             _unlink_if(mutex, self.record)
 
+    def _remove_if_made(self) -> None:
+        if self.made:
+            with contextlib.suppress(OSError):  # not empty: something was written after all
+                self.folder.rmdir()
+
     def release(self) -> None:
         if not self.held:
             return
@@ -283,6 +293,7 @@ class FolderLock:
             self.fd = None
         else:
             _unlink_if(self.path, self.record)
+        self._remove_if_made()
 
     def __enter__(self) -> FolderLock:
         return self.acquire() if not self.held else self
