@@ -165,6 +165,22 @@ def test_the_lock_of_a_sigkilled_train_is_taken_over(store, tmp_path, mode):
     assert (run_dir / layout.FINAL_SAE).exists() and not (run_dir / layout.LOCK).exists()
 
 
+@pytest.mark.distributed
+def test_a_refused_two_rank_train_says_so_on_both_ranks(store, tmp_path):
+    """Under torchrun rank 0 alone locks the run folder; its refusal reaches rank 1 as well (which would
+    otherwise wait for rank 0 in a collective until torchrun kills it), so each rank says it in one line."""
+    run_dir = tmp_path / "run"
+    with locks.hold(run_dir, "the run folder"):
+        res = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+             "sae_pipeline.train", *_train_args(store, run_dir), f"hydra.run.dir={tmp_path / 'hydra'}"],
+            cwd=tmp_path, env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900,
+        )  # fmt: skip
+    said = f"error: the run folder {run_dir} is being written by another process"
+    assert res.returncode != 0 and (res.stdout + res.stderr).count(said) == 2, res.stderr[-3000:]
+    assert not run_dir.exists()  # nothing written: the folder our lock made was empty, and went with it
+
+
 # ---- sae-harvest --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def text_setup(tmp_path_factory):
