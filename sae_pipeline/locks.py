@@ -336,12 +336,3 @@ def holder(folder: Path) -> dict | None:
     if record is None or alive(record) is False:
         return None
     return record
-
-
-@contextlib.contextmanager
-def hold_all(locks: list[FolderLock]):
-    """Take every lock in order (the taken ones are given back if one is refused); release at exit."""
-    with contextlib.ExitStack() as stack:
-        for lock in locks:
-            stack.enter_context(lock)
-        yield locks
