@@ -3,7 +3,9 @@
 With SAE_PIPELINE_FAULT=<name>:<n> in the environment, the n-th call of `point(<name>)` (counting
 from 1) writes the file named by SAE_PIPELINE_FAULT_MARK and then waits, so that the test's parent
 process can SIGKILL it exactly there (inside a shard, manifest or checkpoint write, or the final
-save). With SAE_PIPELINE_FAULT_TORN=1 the half-written file `path` is first cut to half its size.
+save), or, once the file SAE_PIPELINE_FAULT_GO names exists, let it go on (tests/test_locks.py holds
+a writer there while a second one is refused). With SAE_PIPELINE_FAULT_TORN=1 the half-written file
+`path` is first cut to half its size.
 """
 
 from __future__ import annotations
@@ -29,5 +31,6 @@ def point(name: str, path: Path | None = None) -> None:
     if path is not None and os.environ.get("SAE_PIPELINE_FAULT_TORN") == "1" and Path(path).is_file():
         os.truncate(path, Path(path).stat().st_size // 2)
     Path(os.environ["SAE_PIPELINE_FAULT_MARK"]).write_text(name)
-    while True:  # the parent kills this process
-        time.sleep(1)
+    go = os.environ.get("SAE_PIPELINE_FAULT_GO")
+    while not (go and Path(go).exists()):  # the parent kills this process, or lets it go on
+        time.sleep(0.05)

@@ -19,6 +19,7 @@ finish merges them into one store with the same rows as one process (data/parts.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 import time
@@ -28,7 +29,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sae_pipeline import layout
+from sae_pipeline import layout, locks
 from sae_pipeline.data import parts, store, text
 from sae_pipeline.data.shards import ShardBuffer, store_fingerprint, write_shard_job
 from sae_pipeline.data.tensor_harvest import harvest_tensors
@@ -44,15 +45,23 @@ from sae_pipeline.schema.harvest import check_harvest_config
 
 
 def run(cfg: DictConfig) -> list[Path]:
-    """Harvest every requested hook point into its own store folder; returns the store folders."""
+    """Harvest every requested hook point into its own store folder; returns the store folders.
+
+    Each folder written (a store, or this part's folder in it) is locked until the harvest ends."""
+    with contextlib.ExitStack() as held:
+        return _run(cfg, held)
+
+
+def _run(cfg: DictConfig, held: contextlib.ExitStack) -> list[Path]:
     h = cfg.harvest
     check_harvest_config(h)
     if is_torch_module(cfg.model):  # any nn.Module on a tensor dataset: one row per example
-        return harvest_tensors(cfg, resolve_device(h.device))
+        return harvest_tensors(cfg, resolve_device(h.device), held)
     out_dir = Path(h.out_dir)
     part, n_parts = parts.resolve_part(h)
     if h.merge:
         for name in requested_hook_names(cfg.hook):
+            held.enter_context(locks.hold(layout.store_dir(out_dir, name), "the store", "merge later"))
             parts.merge(layout.store_dir(out_dir, name), n_parts, store_fingerprint(cfg, name))
             print(f"merged {n_parts} parts into {layout.store_dir(out_dir, name)}", file=sys.stderr)
         return [layout.store_dir(out_dir, name) for name in requested_hook_names(cfg.hook)]
@@ -97,6 +106,7 @@ def run(cfg: DictConfig) -> list[Path]:
         }
         folder = layout.store_dir(out_dir, hp.name)
         fingerprints[hp.name] = store_fingerprint(cfg, hp.name, folder)
+        held.enter_context(parts.lock_store(folder, part, n_parts))
         if n_parts == 1:
             writers[hp.name] = store.StoreWriter(folder, header, fingerprints[hp.name], h.overwrite)
         else:

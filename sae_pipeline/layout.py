@@ -11,6 +11,7 @@ from pathlib import Path
 
 # --- activation store (one folder per hook point) -------------------------------------------
 MANIFEST = "manifest.json"
+LOCK = ".writer.lock"  # in every folder a stage is writing: who writes it (locks.py); gone when it ends
 STORE_FORMAT_VERSION = 1
 
 

@@ -47,3 +47,40 @@ def collectives_worker(rank: int, world: int, port: int) -> None:
             assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]) + 1e-7, (k, a[k], b[k])
     finally:
         tdist.destroy_process_group()
+
+
+def member_grads_worker(rank: int, world: int, port: int, arch: str) -> None:
+    """One training step of a Member on this rank's rows of a global batch: after the all-reduce its gradient
+    is the one-process gradient of the whole batch (the mean over ranks, not their sum). Clipping is off here:
+    it would rescale a wrong sum back to the clipping norm, and Adam's update hardly sees a factor 2 either."""
+    from contextlib import nullcontext
+
+    import torch.distributed as tdist
+    from omegaconf import OmegaConf
+
+    from sae_pipeline.sae import CONFIG_CLASSES
+    from sae_pipeline.schema.train import TrainConfig
+    from sae_pipeline.training.distributed import from_env
+    from sae_pipeline.training.member import Member
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist = from_env("cpu")
+    try:
+        tcfg = OmegaConf.structured(TrainConfig(batch_size=16 * world, lr=1e-3, max_grad_norm=1e6))
+        sae_cfg = CONFIG_CLASSES[arch](d_sae=24, **({"k": 4} if arch == "topk" else {}))
+        x_BD = 3.0 * torch.randn(16 * world, 8, generator=torch.Generator().manual_seed(0)) + 1.0
+        cpu = torch.device("cpu")
+
+        def stepped(member, rows):
+            member.train_step(rows, 0, 1e-3, 1.0, tcfg, nullcontext)
+            return {name: p.grad.clone() for name, p in member.sae.named_parameters()}
+
+        one = Member("", None, sae_cfg, 8, tcfg, cpu, 1.0, dist=None)
+        many = Member("", None, sae_cfg, 8, tcfg, cpu, 1.0, dist=dist)
+        g_one, g_many = stepped(one, x_BD), stepped(many, x_BD[dist.rows(x_BD.shape[0])])
+        for name, g in g_one.items():
+            err = float((g_many[name] - g).norm() / g.norm().clamp_min(1e-30))
+            assert err <= 1e-5, (name, err)  # float reduction order only; a sum over ranks is off by 1
+    finally:
+        tdist.destroy_process_group()

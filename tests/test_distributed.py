@@ -127,3 +127,14 @@ def test_collectives_give_the_whole_batch_values_under_srun_variables():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     torch.multiprocessing.spawn(collectives_worker, args=(2, port), nprocs=2, join=True)
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk"])
+def test_two_ranks_step_with_the_gradient_of_the_whole_batch(arch):
+    """The value of the all-reduced gradient in a real training step (2 gloo ranks, tests/dist_workers.py)."""
+    from tests.dist_workers import member_grads_worker
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    torch.multiprocessing.spawn(member_grads_worker, args=(2, port, arch), nprocs=2, join=True)

@@ -289,6 +289,11 @@ def test_gated_aux_loss_sends_no_gradient_into_decoder():
 @pytest.mark.parametrize("name", sorted(ALL_CONFIGS))
 def test_fold_input_scale(name):
     sae = make(name)
+    with torch.no_grad():  # every other bias non-zero too (Gated's b_mag starts at 0, hiding its fold)
+        g = torch.Generator().manual_seed(7)
+        for key, p in sae.named_parameters():
+            if key.startswith("b_") and key not in ("b_enc_F", "b_dec_D"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
     if name in THRESHOLD_INFERENCE:
         with torch.no_grad():
             sae.threshold.fill_(0.5)

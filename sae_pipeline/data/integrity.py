@@ -57,7 +57,12 @@ def check_manifest(manifest: object, path: Path) -> None:
             raise UserError(f"the store manifest {path} lacks a valid {key!r}; it is damaged")
     for i, shard in enumerate(shards):
         # a file inside the store: `shard-*.safetensors`, or `part-*/shard-*` in a merged sharded harvest
-        ok = isinstance(shard, dict) and isinstance(shard.get("file"), str) and _inside(shard["file"])
+        ok = isinstance(shard, dict) and isinstance(shard.get("file"), str)
+        if ok and not _inside(shard["file"]):
+            raise UserError(
+                f"the store manifest {path} names shard {i} as {shard['file']!r}, a file outside the store "
+                "folder; it is damaged or was edited by hand"
+            )
         ok = ok and isinstance(shard.get("n_rows"), int) and isinstance(shard.get("sha256"), str)
         if not ok:
             raise UserError(

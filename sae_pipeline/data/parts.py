@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from sae_pipeline import layout
+from sae_pipeline import layout, locks
 from sae_pipeline.data.integrity import write_manifest
 from sae_pipeline.data.store import StoreWriter, norm_summary, read_manifest
 from sae_pipeline.errors import UserError
@@ -123,7 +123,7 @@ def _is_own_part_dir(path: Path, store: Path, parts: int) -> bool:
 def _clear_stale(store: Path, parts: int) -> None:
     """Remove what an earlier store left in the folder, except the part folders of this split."""
     for entry in list(store.iterdir()):
-        if _is_own_part_dir(entry, store, parts):
+        if _is_own_part_dir(entry, store, parts) or locks.is_lock_file(entry):
             continue
         if entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)  # another part may be removing it too
@@ -148,7 +148,9 @@ def open_part_writer(
                 "pass harvest.overwrite=true to replace it or choose another harvest.out_dir"
             )
         _clear_stale(store, parts)
-    elif store.exists() and any(not _is_own_part_dir(e, store, parts) for e in store.iterdir()):
+    elif store.exists() and any(
+        not (_is_own_part_dir(e, store, parts) or locks.is_lock_file(e)) for e in store.iterdir()
+    ):
         if not overwrite:
             raise UserError(
                 f"the folder {store} holds files that are not parts of a {parts}-part harvest; "
@@ -158,6 +160,28 @@ def open_part_writer(
     header = {**header, "part": part, "parts": parts}
     folder = layout.part_dir(store, part, parts)
     return StoreWriter(folder, header, fingerprint, overwrite, part=part, parts=parts)
+
+
+def lock_store(store: Path, part: int, parts: int) -> locks.FolderLock:
+    """The lock of the folder this harvest writes: the store itself, or this part's folder in it.
+
+    A one-process harvest and the parts of a split one exclude each other too: each takes its own
+    lock first and then looks at the other kind's (parts at the store's, a one-process harvest at
+    every part folder's), so of two that start at once at least one sees the other."""
+    store = Path(store)
+    hint = "choose another harvest.out_dir"
+    if parts == 1:
+        lock = locks.hold(store, "the store", hint)
+        others = sorted(store.glob("part-*-of-*"))
+    else:
+        lock = locks.hold(layout.part_dir(store, part, parts), f"part {part} of {parts} of the store", hint)
+        others = [store]
+    for folder in others:
+        holder = locks.holder(folder)
+        if holder is not None:
+            lock.release()
+            raise locks.FolderLock(folder, "the store" if folder == store else "the part", hint).busy(holder)
+    return lock
 
 
 def _part_manifests(store: Path, parts: int, fingerprint: str) -> tuple[list[dict], list[tuple[int, str]]]:
@@ -225,11 +249,19 @@ def merge(store: Path, parts: int, fingerprint: str) -> dict:
 
 
 def merge_if_ready(store: Path, parts: int, fingerprint: str) -> bool:
-    """After a part finishes: merge when every part is complete (this was the last), else say who is left."""
+    """After a part finishes: merge when every part is complete (this was the last), else say who is left.
+
+    Two parts that finish at once may both find every part complete: the store's lock lets one merge."""
     _, missing = _part_manifests(Path(store), parts, fingerprint)
     if missing:
         print(f"{store}: waiting for other parts: {'; '.join(what for _, what in missing)}", file=sys.stderr)
         return False
-    merge(store, parts, fingerprint)
+    try:
+        lock = locks.hold(store, "the store", "choose another harvest.out_dir")
+    except locks.FolderBusy as busy:
+        print(f"another process merges the parts: {busy}", file=sys.stderr)
+        return False
+    with lock:
+        merge(store, parts, fingerprint)
     print(f"all {parts} parts are complete: merged into {Path(store) / layout.MANIFEST}", file=sys.stderr)
     return True

@@ -26,6 +26,7 @@ from sae_pipeline import layout
 from sae_pipeline.data.integrity import check_manifest, shard_problem, write_manifest
 from sae_pipeline.errors import UserError
 from sae_pipeline.files import save_tensors_atomic, sha256_file
+from sae_pipeline.locks import is_lock_file
 
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SHARD_KEYS = ("activations", "token_ids", "context_ids", "positions")
@@ -109,15 +110,17 @@ class StoreWriter:
                     "pass harvest.overwrite=true to replace it or choose another harvest.out_dir"
                 )
             return self._keep_valid_shards(old)
-        if self.folder.exists() and any(self.folder.iterdir()):
+        entries = [p for p in self.folder.iterdir() if not is_lock_file(p)] if self.folder.exists() else []
+        if entries:
             # only leftovers of our own unfinished writes (a harvest killed before its first manifest)
-            leftovers = all(p.name.endswith(".tmp") for p in self.folder.iterdir())
+            leftovers = all(p.name.endswith(".tmp") for p in entries)
             if not overwrite and not manifest_path.exists() and not leftovers:
                 raise UserError(
                     f"the folder {self.folder} exists and is not an activation store; "
                     "pass harvest.overwrite=true to replace it or choose another harvest.out_dir"
                 )
-            shutil.rmtree(self.folder)
+            for entry in entries:  # everything but the lock this harvest holds
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
         self.folder.mkdir(parents=True, exist_ok=True)
         manifest = {
             "format_version": layout.STORE_FORMAT_VERSION,

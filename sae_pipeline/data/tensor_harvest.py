@@ -8,6 +8,7 @@ is flattened into one row of d_in = prod(...) values. The stores are ordinary ac
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from omegaconf import DictConfig
 
 from sae_pipeline import layout
 from sae_pipeline.data import store, tensors
+from sae_pipeline.data.parts import lock_store
 from sae_pipeline.data.shards import ShardBuffer, store_fingerprint
 from sae_pipeline.errors import UserError
 from sae_pipeline.model.hook_points import resolve_hook
@@ -49,7 +51,8 @@ def _absolute(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def harvest_tensors(cfg: DictConfig, device: torch.device) -> list[Path]:
+def harvest_tensors(cfg: DictConfig, device: torch.device, held: contextlib.ExitStack) -> list[Path]:
+    """Harvest the hook points of an nn.Module over a tensor dataset; each store folder is locked into `held`."""
     cfg = _absolute(cfg)
     h = cfg.harvest
     if int(h.parts) > 1:
@@ -89,6 +92,7 @@ def harvest_tensors(cfg: DictConfig, device: torch.device) -> list[Path]:
             "config": to_container(cfg),
         }
         folder = layout.store_dir(out_dir, hp.name)
+        held.enter_context(lock_store(folder, 0, 1))
         writers[hp.name] = store.StoreWriter(
             folder, header, store_fingerprint(cfg, hp.name, folder), h.overwrite
         )

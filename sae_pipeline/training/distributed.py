@@ -115,6 +115,20 @@ class Distributed:
         tdist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def on_main(self, fn):
+        """fn() on rank 0 alone (None elsewhere); a UserError there is raised on every rank, so a
+        refusal (a busy run folder, a run that exists) never leaves the other ranks in a collective."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = fn()
+            except UserError as err:
+                error = str(err)
+        error = self.broadcast_object(error)
+        if error is not None:
+            raise UserError(error)
+        return result
+
     def barrier(self) -> None:
         if self.active:
             tdist.barrier()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
 
-from sae_pipeline import faults, layout
+from sae_pipeline import faults, layout, locks
 from sae_pipeline.data.store import ActivationStore
 from sae_pipeline.errors import UserError
 from sae_pipeline.sae import save_sae
@@ -22,6 +23,13 @@ def provenance(store: ActivationStore) -> dict:
     }
 
 
+def lock_folders(stack: contextlib.ExitStack, folders: list[Path]) -> contextlib.ExitStack:
+    """Lock each folder into `stack` (a second sae-train on one of them is refused, naming this one)."""
+    for folder in folders:
+        stack.enter_context(locks.FolderLock(folder, "the run folder", "choose another train.run_dir"))
+    return stack
+
+
 def prepare_run_dir(run_dir: Path, tcfg) -> bool:
     """True when this run continues one found in run_dir; refuses to clobber a run by accident."""
     has_run = (run_dir / layout.CONFIG).exists()
@@ -34,7 +42,7 @@ def prepare_run_dir(run_dir: Path, tcfg) -> bool:
         )
     if has_run:  # overwrite: keep Hydra's own files, remove the previous run
         for entry in run_dir.iterdir():
-            if entry.name != ".hydra" and not entry.name.endswith(".log"):
+            if entry.name != ".hydra" and not entry.name.endswith(".log") and not locks.is_lock_file(entry):
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     return False

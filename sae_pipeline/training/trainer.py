@@ -7,6 +7,7 @@ ends by saving each member's SAE with the input scale folded in.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sys
 import time
@@ -36,7 +37,13 @@ from sae_pipeline.training import checkpoint
 from sae_pipeline.training.distributed import Distributed
 from sae_pipeline.training.group import member_specs
 from sae_pipeline.training.member import Member
-from sae_pipeline.training.run_folder import check_resumable, prepare_run_dir, provenance, save_final
+from sae_pipeline.training.run_folder import (
+    check_resumable,
+    lock_folders,
+    prepare_run_dir,
+    provenance,
+    save_final,
+)
 from sae_pipeline.training.runlog import NullLogger, RunLogger
 from sae_pipeline.training.schedule import lr_at, sparsity_scale_at
 from sae_pipeline.training.settings import change_history, check_train_config, resume_changes
@@ -77,7 +84,19 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
     specs = member_specs(cfg, store)
     device = dist.device
     amp_dtype = autocast_dtype(tcfg.autocast, device)  # checked before the run folder is made
-    resuming = dist.broadcast_object(prepare_run_dir(run_dir, tcfg) if dist.is_main else None)
+    held = contextlib.ExitStack()  # rank 0's locks: the run folder, then each group member's folder
+    try:
+        dist.on_main(lambda: lock_folders(held, [run_dir]))
+        resuming = dist.broadcast_object(dist.on_main(lambda: prepare_run_dir(run_dir, tcfg)))
+        dist.on_main(lambda: lock_folders(held, [run_dir / name for name, _ in specs if name]))
+        return _train(cfg, run_dir, hydra_info, dist, store, target, specs, amp_dtype, resuming)
+    finally:
+        held.close()
+
+
+def _train(cfg, run_dir, hydra_info, dist, store, target, specs, amp_dtype, resuming: bool) -> Path:
+    """The run, once its folders are locked and prepared."""
+    tcfg, device = cfg.train, dist.device
     if device.type == "cpu":
         keep_freed_memory()
     if device.type == "cuda":
