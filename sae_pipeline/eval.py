@@ -18,6 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from sae_pipeline import locks
 from sae_pipeline.errors import report_config_errors, report_user_errors
 from sae_pipeline.evaluation import sweep
 from sae_pipeline.evaluation.report import evaluate_target, evaluator_for, existing_metrics, summary_line
@@ -51,8 +52,9 @@ def run(cfg: DictConfig) -> dict:
                 continue
             if model is None:
                 model, tokenizer = load_model(spec.model_cfg, device)
-            evaluator, desc = evaluator_for(cfg, t, spec, model, tokenizer, token_cache, evaluators)
-            results[t.name] = evaluate_target(cfg, t, spec, evaluator, desc, device, group)
+            with locks.hold(t.eval_dir, "the evaluation folder", "evaluate it afterwards"):
+                evaluator, desc = evaluator_for(cfg, t, spec, model, tokenizer, token_cache, evaluators)
+                results[t.name] = evaluate_target(cfg, t, spec, evaluator, desc, device, group)
             print(summary_line(t.name, results[t.name]), flush=True)
         del model, token_cache, evaluators
     swept = None

@@ -64,6 +64,16 @@ def max_relative_difference(a: dict, b: dict) -> float:
     )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Each rank computes on one thread (OMP_NUM_THREADS=1 above), so the one-process reference does too:
+    2 ranks and 1 process then differ only in how the batch's sums are split, not in thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     return make_store(tmp_path_factory.mktemp("store") / "s", n_contexts=64, d_in=16, tag_rows=False)

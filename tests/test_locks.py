@@ -24,7 +24,7 @@ import pytest
 from sae_pipeline import layout, locks
 from sae_pipeline.data import store as store_mod
 from sae_pipeline.sae import load_sae
-from tests.helpers import make_store, save_tiny_model, tiny_overrides, write_corpus
+from tests.helpers import make_sae_run, make_store, save_tiny_model, tiny_overrides, write_corpus
 
 ENV = {
     **os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
@@ -221,6 +221,20 @@ def test_a_harvest_twice_on_one_store_and_the_parts_of_a_split_one(text_setup):
     merged = store_mod.read_manifest(folder)
     assert merged["complete"] and merged["parts"] == 2
     assert not list(folder.rglob(layout.LOCK + "*"))
+
+
+# ---- sae-eval ------------------------------------------------------------------------------------
+def test_a_second_eval_of_a_run_being_evaluated_is_refused(tmp_path):
+    run_dir = make_sae_run(tmp_path)
+    args = [f"sae_path={run_dir}", "logger=none", "eval.n_tokens=64", f"paths.root={tmp_path / 'runs'}"]
+    first = Paused("eval", args, tmp_path, f"write:{layout.METRICS}:1")
+    eval_dir = run_dir / layout.EVAL
+    before = _files(eval_dir)
+    _refused(_run("eval", args, tmp_path), eval_dir, first.pid)
+    assert _files(eval_dir) == before
+    rc, err = first.go()
+    assert rc == 0 and (eval_dir / layout.METRICS).is_file(), err[-2000:]
+    assert not (eval_dir / layout.LOCK).exists()
 
 
 # ---- the lock itself, against a live holder in another process ---------------------------------
