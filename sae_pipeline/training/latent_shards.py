@@ -45,13 +45,6 @@ def check(specs, d_in: int, tcfg, processes: int, transcoder: bool) -> None:
         )
     if n == 1:
         return
-    if processes % n:
-        divisors = [d for d in range(1, processes + 1) if processes % d == 0]
-        raise UserError(
-            f"train.latent_shards={n} does not divide the {processes} processes of this job; start "
-            f"torchrun with a multiple of {n} processes (--nproc_per_node={n} for latent shards alone) or use "
-            f"train.latent_shards in {divisors}"
-        )
     if transcoder:
         raise UserError(
             f"train.latent_shards={n} supports SAEs, not transcoders; train a transcoder with train.latent_shards=1"
@@ -73,6 +66,13 @@ def check(specs, d_in: int, tcfg, processes: int, transcoder: bool) -> None:
                 f"{where}the dictionary width d_sae={width} does not split into train.latent_shards={n} equal "
                 f"shards; choose sae.d_sae (or sae.expansion_factor) so that it is a multiple of {n}"
             )
+    if processes % n:
+        divisors = [d for d in range(1, processes + 1) if processes % d == 0]
+        raise UserError(
+            f"train.latent_shards={n} does not divide the {processes} processes of this job; start "
+            f"torchrun with a multiple of {n} processes (--nproc_per_node={n} for latent shards alone) or use "
+            f"train.latent_shards in {divisors}"
+        )
 
 
 def check_layout(old_record: dict, member_dir, tcfg, dist: Distributed) -> None:
