@@ -79,6 +79,8 @@ def latent_memory_worker(rank: int, world: int, port: int, shards: int, out_dir:
     torch.set_num_threads(1)
     job = split(from_env("cpu"), shards)
     try:
+        # a resume takes the oldest of the shards' newest intact checkpoints (each shard checks its own files)
+        assert job.fewest(world - rank) == 1
         tcfg = OmegaConf.structured(TrainConfig(lr=1e-3, device="cpu", latent_shards=shards))
         cfg = TopKConfig(k=4, d_sae=64)
         member = ShardedMember("", Path(out_dir), cfg, 16, tcfg, torch.device("cpu"), 1.0, job)

@@ -142,8 +142,14 @@ def test_sharded_run_stopped_and_resumed_equals_an_uninterrupted_run(store, shar
         assert load_file(str(ckpt / layout.TRAIN_STATE))["x.since_fired_F"].shape == (64,)
     with pytest.raises(UserError, match=r"trained by 2 processes with train.latent_shards=2 .* has 1 with"):
         run(cfg_for(store, run_dir, "train.resume=true"))
+    # shard 1's newest checkpoint is damaged: both shards resume from step 16 (and still end exactly right)
+    damaged = layout.checkpoint_dir(layout.latent_shard_dir(run_dir / "relu", 1, 2), 32) / layout.SAE_WEIGHTS
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF
+    damaged.write_bytes(bytes(data))
     res = torchrun(store, run_dir, "train.resume=true", "train.latent_shards=2")
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming at step 16/64" in res.stdout and "is damaged" in res.stderr
     for arch in ARCHS:
         a, b = weights(run_dir, arch), weights(sharded, arch)
         for k in a:

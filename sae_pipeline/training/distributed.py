@@ -122,6 +122,10 @@ class Distributed:
         for t in module.state_dict().values():
             tdist.broadcast(t, src=self.root, group=self.group)
 
+    def fewest(self, n: int) -> int:
+        """The smallest `n` of all processes (every rank here sees the same files, so its own)."""
+        return n
+
     def broadcast_object(self, obj):
         """Rank 0's `obj` (picklable) on every rank."""
         if not self.active:

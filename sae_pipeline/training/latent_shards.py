@@ -132,6 +132,12 @@ class LatentShardedJob(Distributed):
     def barrier(self) -> None:
         tdist.barrier()
 
+    def fewest(self, n: int) -> int:
+        """The smallest `n` over all processes (shards choose their newest intact checkpoint separately)."""
+        t = torch.tensor([n], dtype=torch.int64, device=self.device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+        return int(t)
+
     def close(self) -> None:
         if tdist.is_initialized():
             tdist.destroy_process_group()

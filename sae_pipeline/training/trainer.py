@@ -125,7 +125,10 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
             "resume with the same train.group or pass train.overwrite=true"
         )
     if common:  # never resume from a damaged checkpoint: fall back to the newest intact one
-        common = common[: common.index(checkpoint.newest_intact(ckpts, common)) + 1]
+        keep = common.index(checkpoint.newest_intact(ckpts, common)) + 1
+        common = common[
+            : dist.fewest(keep)
+        ]  # latent shards each check their own files: the oldest choice wins
     start_step, reader_state, exit_code = 0, None, 1
     for m, found in zip(members, ckpts, strict=True):
         record = {
