@@ -77,6 +77,14 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"step-{step:09d}"
 
 
+LATENT_SHARDS = "latent_shards"  # <run>/latent_shards/shard-1-of-2/: one shard's checkpoints
+
+
+def latent_shard_dir(run_dir: Path, shard: int, shards: int) -> Path:
+    """Where shard `shard` of a latent-sharded run keeps its checkpoints (training/latent_shards.py)."""
+    return Path(run_dir) / LATENT_SHARDS / f"shard-{shard}-of-{shards}"
+
+
 # --- sweeps ---------------------------------------------------------------------------------
 SWEEP_TABLE_CSV = "sweep.csv"
 SWEEP_TABLE_MD = "sweep.md"

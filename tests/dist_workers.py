@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -82,5 +83,47 @@ def member_grads_worker(rank: int, world: int, port: int, arch: str) -> None:
         for name, g in g_one.items():
             err = float((g_many[name] - g).norm() / g.norm().clamp_min(1e-30))
             assert err <= 1e-5, (name, err)  # float reduction order only; a sum over ranks is off by 1
+    finally:
+        tdist.destroy_process_group()
+
+
+def state_bytes(member) -> dict[str, int]:
+    """Bytes of each parameter plus its Adam state (exp_avg, exp_avg_sq, step) held by this process."""
+    out = {}
+    for name, p in member.sae.named_parameters():
+        state = member.opt.state.get(p, {})
+        extra = sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+        out[name] = p.numel() * p.element_size() + extra
+    return out
+
+
+def latent_memory_worker(rank: int, world: int, port: int, shards: int, out_dir: str) -> None:
+    """One rank of a `world`-process job with `shards` latent shards: builds a TopK member, takes one step,
+    and writes the parameter + optimizer bytes it holds (and its dead-latent counters) to out_dir/rank.json."""
+    import contextlib
+    import json
+
+    import torch.distributed as tdist
+    from omegaconf import OmegaConf
+
+    from sae_pipeline.sae import TopKConfig
+    from sae_pipeline.schema.train import TrainConfig
+    from sae_pipeline.training.distributed import from_env
+    from sae_pipeline.training.latent_shards import ShardedMember, split
+
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    job = split(from_env("cpu"), shards)
+    try:
+        # a resume takes the oldest of the shards' newest intact checkpoints (each shard checks its own files)
+        assert job.fewest(world - rank) == 1
+        tcfg = OmegaConf.structured(TrainConfig(lr=1e-3, device="cpu", latent_shards=shards))
+        cfg = TopKConfig(k=4, d_sae=64)
+        member = ShardedMember("", Path(out_dir), cfg, 16, tcfg, torch.device("cpu"), 1.0, job)
+        x_BD = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+        member.train_step(x_BD[job.rows(8)], 0, 1e-3, 1.0, tcfg, contextlib.nullcontext)
+        record = {"bytes": state_bytes(member), "counters": member.stats.since_fired_F.numel()}
+        (Path(out_dir) / f"{rank}.json").write_text(json.dumps(record))
     finally:
         tdist.destroy_process_group()

@@ -58,6 +58,10 @@ class TrainConfig:
     # train.group=[{l1_coefficient:1e-4},{l1_coefficient:3e-4}] ; an entry may carry `name`.
     group: list[Any] = field(default_factory=list)
     stop_after_steps: Optional[int] = None  # debug: stop as if killed after this step
+    # --- SAEs wider than one device ---
+    # split every SAE's latents over this many ranks (training/latent_shards.py); the processes form
+    # (processes / latent_shards) data-parallel replicas x latent_shards; topk, batchtopk and relu
+    latent_shards: int = 1
 
 
 @dataclass

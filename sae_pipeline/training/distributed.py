@@ -35,6 +35,11 @@ from sae_pipeline.runtime import resolve_device
 class Distributed:
     """The ranks of one training job (world_size 1: everything is a no-op)."""
 
+    # the process group the collectives below span (None: every process) and the global rank of its first
+    # member; training/latent_shards.py narrows them to one data-parallel axis of a latent-sharded job
+    group = None
+    root = 0
+
     def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, device=None):
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.device = device
@@ -47,6 +52,16 @@ class Distributed:
     def is_main(self) -> bool:
         """Whether this rank writes files, logs and W&B (rank 0)."""
         return self.rank == 0
+
+    @property
+    def processes(self) -> int:
+        """How many processes the whole job has (world_size, unless training/latent_shards.py narrows it)."""
+        return self.world_size
+
+    @property
+    def saves_checkpoints(self) -> bool:
+        """Whether this rank writes its members' checkpoints (rank 0; one rank per shard when latent-sharded)."""
+        return self.is_main
 
     def __deepcopy__(self, memo):  # SAEs hold a reference; copying one must not copy the group
         return self
@@ -69,7 +84,7 @@ class Distributed:
         if not self.active:
             return t
         out = t.detach().clone()
-        tdist.all_reduce(out, op=tdist.ReduceOp.SUM)
+        tdist.all_reduce(out, op=tdist.ReduceOp.SUM, group=self.group)
         return out
 
     def all_gather_cat(self, t: torch.Tensor) -> torch.Tensor:
@@ -77,7 +92,7 @@ class Distributed:
         if not self.active:
             return t
         parts = [torch.empty_like(t) for _ in range(self.world_size)]
-        tdist.all_gather(parts, t.detach().contiguous())
+        tdist.all_gather(parts, t.detach().contiguous(), group=self.group)
         return torch.cat(parts)
 
     def average_grads(self, params: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
@@ -90,7 +105,7 @@ class Distributed:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         flat = torch.cat([p.grad.reshape(-1).float() for p in params] + [loss.detach().float().reshape(1)])
-        tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+        tdist.all_reduce(flat, op=tdist.ReduceOp.SUM, group=self.group)
         flat /= self.world_size
         offset = 0
         for p in params:
@@ -101,11 +116,15 @@ class Distributed:
 
     @torch.no_grad()
     def broadcast_module(self, module: torch.nn.Module) -> None:
-        """Make every rank's parameters and buffers equal to rank 0's."""
+        """Make every rank's parameters and buffers equal to rank 0's (the group's first rank's)."""
         if not self.active:
             return
         for t in module.state_dict().values():
-            tdist.broadcast(t, src=0)
+            tdist.broadcast(t, src=self.root, group=self.group)
+
+    def fewest(self, n: int) -> int:
+        """The smallest `n` of all processes (every rank here sees the same files, so its own)."""
+        return n
 
     def broadcast_object(self, obj):
         """Rank 0's `obj` (picklable) on every rank."""

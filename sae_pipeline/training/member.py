@@ -37,11 +37,12 @@ class Member:
         check_resample(tcfg, sae_cfg.arch, transcoder=target is not None)
         torch.manual_seed(tcfg.seed)  # every member starts from the RNG state a separate run has
         d_out = target.d_out if target is not None else None
-        self.sae = build_sae(sae_cfg, d_in, seed=tcfg.seed, d_out=d_out).to(device)
+        sae = build_sae(sae_cfg, d_in, seed=tcfg.seed, d_out=d_out)
+        # peak learning rate: train.lr, or the width's default times the architecture's scale
+        self.lr = resolve_lr(tcfg.lr, sae.d_sae, type(sae).default_lr_scale)
+        self.sae = self._place(sae).to(device)
         self.params = [p for p in self.sae.parameters() if p.requires_grad]
         betas = (tcfg.adam_beta1, tcfg.adam_beta2)
-        # peak learning rate: train.lr, or the width's default times the architecture's scale
-        self.lr = resolve_lr(tcfg.lr, self.sae.d_sae, type(self.sae).default_lr_scale)
         self.opt = _adam(self.params, self.lr, betas, tcfg.adam_eps)
         self.dist = dist  # training.distributed.Distributed of a data-parallel job, else None
         if dist is not None and dist.active:
@@ -51,6 +52,26 @@ class Member:
         self.logger: RunLogger | None = None
         self.resumed_from: Path | None = None  # the checkpoint this run resumed from
         self._bad_step = self._bad_loss = None  # first non-finite step (device tensors), see _note_finite
+        self.checkpoint_root = run_dir  # where its checkpoints/ live (a latent shard: its own folder)
+
+    # ---- what a latent-sharded member (training/latent_shards.py) does differently ----------------
+    min_keep = 1  # the fewest checkpoints pruning keeps
+
+    def _place(self, sae):
+        """The module this rank trains, from the whole SAE built on the CPU."""
+        return sae
+
+    def _clip(self, max_norm: float) -> torch.Tensor:
+        """Clip the gradients to a global L2 norm of max_norm; returns the norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+
+    def checkpoints(self) -> dict:
+        """{step name: checkpoint folder} of the complete checkpoints this member can resume from."""
+        return {p.name: p for p in checkpoint.list_checkpoints(self.checkpoint_root)}
+
+    def for_evaluation(self):
+        """The member holding the whole SAE, on the rank that validates and saves (itself here)."""
+        return self
 
     def train_step(self, x_BD, step: int, lr: float, sparsity_scale: float, tcfg, autocast) -> None:
         checkpoint.set_rng_state(self.rng, {})
@@ -71,7 +92,7 @@ class Member:
             check = self.dist.average_grads(self.params, check)
         self.sae.before_optimizer_step()
         if tcfg.max_grad_norm > 0:
-            check = check + torch.nn.utils.clip_grad_norm_(self.params, tcfg.max_grad_norm)
+            check = check + self._clip(tcfg.max_grad_norm)
         self._note_finite(check, out.loss, step)
         self.opt.step()
         self.sae.after_optimizer_step()
@@ -114,7 +135,7 @@ class Member:
         """Raise UserError if a step since the start had a non-finite loss or gradient (one host sync)."""
         if self._bad_step is None or int(self._bad_step) < 0:
             return
-        last = checkpoint.latest(self.run_dir)
+        last = checkpoint.latest(self.checkpoint_root)
         kept = f"the last checkpoint {last} is kept" if last else "no checkpoint had been written yet"
         if last is not None and last == self.resumed_from:  # nothing saved since the resume
             kept += (

@@ -19,6 +19,7 @@ FREE_TO_CHANGE = {
     "prefetch", "log_every", "val_every", "eval_every", "eval_tokens", "eval_batch_size",
     "checkpoint_every_tokens", "keep_checkpoints", "run_dir", "resume", "overwrite", "allow_changes",
     "stop_after_steps", "device", "group",
+    "latent_shards",  # the same SAE up to float order; a resume must keep it (training/latent_shards.py)
 }  # fmt: skip
 
 _POSITIVE = ("batch_size", "buffer_rows", "chunk_rows", "prefetch", "init_tokens", "dead_tokens", "log_every")

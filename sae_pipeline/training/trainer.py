@@ -33,7 +33,7 @@ from sae_pipeline.runtime import (
 from sae_pipeline.sae import input_scale_factor, scale_for_mean_norm
 from sae_pipeline.schema import to_container
 from sae_pipeline.tracking import run_name
-from sae_pipeline.training import checkpoint
+from sae_pipeline.training import checkpoint, latent_shards
 from sae_pipeline.training.distributed import Distributed
 from sae_pipeline.training.group import member_specs
 from sae_pipeline.training.member import Member
@@ -78,10 +78,12 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
     tcfg = cfg.train
     check_train_config(tcfg)
     dist = dist or Distributed(device=resolve_device(tcfg.device))
-    dist.check_batch(tcfg.batch_size)
     store = ActivationStore(Path(cfg.store).expanduser())
     target = open_target(tcfg, store)  # a transcoder's target store, else None
     specs = member_specs(cfg, store)
+    latent_shards.check(specs, store.d_in, tcfg, dist.world_size, target is not None)
+    dist = latent_shards.split(dist, tcfg.latent_shards)  # replicas x latent shards (dist itself for 1)
+    dist.check_batch(tcfg.batch_size)
     device = dist.device
     amp_dtype = autocast_dtype(tcfg.autocast, device)  # checked before the run folder is made
     held = contextlib.ExitStack()  # rank 0's locks: the run folder, then each group member's folder
@@ -97,6 +99,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
 def _train(cfg, run_dir, hydra_info, dist, store, target, specs, amp_dtype, resuming: bool) -> Path:
     """The run, once its folders are locked and prepared."""
     tcfg, device = cfg.train, dist.device
+    member_class = latent_shards.ShardedMember if tcfg.latent_shards > 1 else Member
     if device.type == "cpu":
         keep_freed_memory()
     if device.type == "cuda":
@@ -139,10 +142,10 @@ def _train(cfg, run_dir, hydra_info, dist, store, target, specs, amp_dtype, resu
         out = None
         if target is not None:  # a transcoder: its target rows get their own scale
             out = Target(target, dist.broadcast_object(input_scale(sae_cfg, target, sample_y)))
-        members.append(Member(name, mdir, sae_cfg, store.d_in, tcfg, device, scale, dist, out))
+        members.append(member_class(name, mdir, sae_cfg, store.d_in, tcfg, device, scale, dist, out))
 
     # fresh start or resume
-    ckpts = [{p.name: p for p in checkpoint.list_checkpoints(m.run_dir)} for m in members]
+    ckpts = [m.checkpoints() for m in members]
     common = sorted(set.intersection(*(set(c) for c in ckpts))) if resuming else []
     if resuming and not common and any(ckpts):
         raise UserError(
@@ -150,7 +153,10 @@ def _train(cfg, run_dir, hydra_info, dist, store, target, specs, amp_dtype, resu
             "resume with the same train.group or pass train.overwrite=true"
         )
     if common:  # never resume from a damaged checkpoint: fall back to the newest intact one
-        common = common[: common.index(checkpoint.newest_intact(ckpts, common)) + 1]
+        keep = common.index(checkpoint.newest_intact(ckpts, common)) + 1
+        common = common[
+            : dist.fewest(keep)
+        ]  # latent shards each check their own files: the oldest choice wins
     start_step, reader_state, exit_code = 0, None, 1
     for m, found in zip(members, ckpts, strict=True):
         record = {
@@ -159,9 +165,12 @@ def _train(cfg, run_dir, hydra_info, dist, store, target, specs, amp_dtype, resu
             "world_size": dist.world_size, "compute": compute,
             **(m.target.record() if m.target is not None else {}),
         }  # fmt: skip
+        if tcfg.latent_shards > 1:
+            record.update(latent_shards=tcfg.latent_shards, processes=dist.processes)
         old = {}
         if resuming and (m.run_dir / layout.CONFIG).exists():
             old = check_resumable(m.run_dir, record, store)
+            latent_shards.check_layout(old, m.run_dir, tcfg, dist)
             check_target_resumable(m.run_dir, m.target)
             record["wandb_id"] = old.get("wandb_id")
         changes = resume_changes(old, container, m.run_dir, tcfg.allow_changes)
@@ -276,16 +285,20 @@ def _train_loop(
                 if main:
                     print(_progress(m, step, total_steps, rec), flush=True)
         t_side = time.perf_counter()  # validation, evaluation and checkpoints do not count in tokens/s
-        if val_x is not None and val_x.numel() and (step % tcfg.val_every == 0 or last):
-            for m in members:
-                m.logger.log(step, validate(m, val_x, tcfg.batch_size, device))
-        if loss_rec is not None and (step % tcfg.eval_every == 0 or last):
-            for m in members:
-                loss_rec(m, step)
+        due_val = tcfg.val_every > 0 and (step % tcfg.val_every == 0 or last)
+        due_eval = tcfg.eval_every > 0 and (step % tcfg.eval_every == 0 or last)
+        # the whole SAEs on rank 0 (latent shards are gathered: every rank takes part; else the members)
+        views = [m.for_evaluation() for m in members] if due_val or due_eval else []
+        if val_x is not None and val_x.numel() and due_val:
+            for v in views:
+                v.logger.log(step, validate(v, val_x, tcfg.batch_size, device))
+        if loss_rec is not None and due_eval:
+            for v in views:
+                loss_rec(v, step)
         every = tcfg.checkpoint_every_tokens
         if last or (every > 0 and step * tcfg.batch_size // every > (step - 1) * tcfg.batch_size // every):
             _check_finite(members)  # never a checkpoint with non-finite weights (every rank checks)
-            if main:
+            if dist.saves_checkpoints:  # rank 0, or replica 0's rank of each latent shard
                 _save_checkpoints(members, step, reader, tcfg, dist.world_size, compute)
             last_ckpt = step
         for m in members:
@@ -295,7 +308,8 @@ def _train_loop(
             raise StopRequested(
                 f"stopped after step {step} (train.stop_after_steps); last checkpoint at step {last_ckpt}"
             )
-    for m in members if main else ():
+    views = [m.for_evaluation() for m in members]  # latent shards are gathered into one SAE on rank 0
+    for m in views if main else ():
         saved = save_final(m, store)
         print(f"saved {saved}", flush=True)
         m.logger.log_sae(
@@ -315,10 +329,10 @@ def _save_checkpoints(members, step: int, reader, tcfg, world_size: int, compute
         meta = {"tokens": step * tcfg.batch_size, "reader": reader.state(), "input_scale": m.input_scale}
         meta["world_size"], meta["compute"] = world_size, compute
         checkpoint.save(
-            m.run_dir, step, m.sae, m.opt, meta, {**m.rng, "since_fired_F": m.stats.since_fired_F}
+            m.checkpoint_root, step, m.sae, m.opt, meta, {**m.rng, "since_fired_F": m.stats.since_fired_F}
         )
     for m in members:
-        checkpoint.prune(m.run_dir, tcfg.keep_checkpoints)
+        checkpoint.prune(m.checkpoint_root, max(tcfg.keep_checkpoints, m.min_keep))
 
 
 def _progress(m: Member, step: int, total: int, rec: dict) -> str:
