@@ -146,6 +146,8 @@ def run(cfg: DictConfig) -> list[Path]:
                     writer_thread.submit(job)
                 buffers[name] = ShardBuffer()
             harvested_contexts, written = harvested_contexts + n_ctx, written + 1
+            if h.shard_delay_s > 0:
+                time.sleep(h.shard_delay_s)
             if written == h.stop_after_shards:
                 writer_thread.submit(parts.kill_self)
             if n_ctx < span.n_contexts:

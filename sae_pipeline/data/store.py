@@ -268,22 +268,37 @@ class ShardInfo:
     sha256: str
 
 
-class ActivationStore:
-    """Read access to a finished store: its manifest, and shards validated on load."""
+# manifest keys that change while a store is harvested (or consumed); the rest identifies the store
+VOLATILE = ("shards", "n_tokens", "complete", "norm_stats", "throughput", "data_exhausted", "manifest_sha256")
+VOLATILE += ("consumed", "consumers")
 
-    def __init__(self, folder: str | Path, require_complete: bool = True):
+
+def header_hash(manifest: dict) -> str:
+    """What identifies a store whatever its progress: its settings, not its shards."""
+    body = {k: v for k, v in manifest.items() if k not in VOLATILE}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+class ActivationStore:
+    """Read access to a finished store: its manifest, and shards validated on load.
+
+    `following=True`: a store that may still be harvested (train.stream=true); its shards are read
+    through data/stream.py, and its identity is the header of its manifest, which does not change."""
+
+    def __init__(self, folder: str | Path, require_complete: bool = True, following: bool = False):
         self.folder = Path(folder)
+        self.following = following
         self.manifest = read_manifest(self.folder)
-        if require_complete and not self.manifest.get("complete"):
+        if require_complete and not following and not self.manifest.get("complete"):
             raise UserError(
                 f"the store {self.folder} is incomplete ({self.manifest.get('n_tokens', 0)} rows so far); "
-                "rerun the same sae-harvest command to finish it"
+                "rerun the same sae-harvest command to finish it, or train on it as it grows with train.stream=true"
             )
         self.shards = [
             ShardInfo(i, self.folder / s["file"], int(s["n_rows"]), s["sha256"])
             for i, s in enumerate(self.manifest["shards"])
         ]
-        if not self.shards:
+        if not self.shards and not following:
             raise UserError(f"the store {self.folder} holds no shards")
 
     @property
@@ -303,6 +318,8 @@ class ActivationStore:
         return STORE_DTYPES[self.manifest["dtype"]]
 
     def manifest_hash(self) -> str:
+        if self.following:
+            return header_hash(self.manifest)
         return hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
 
     def verify(self) -> None:

@@ -31,6 +31,9 @@ class HarvestConfig:
     parts: int = 1  # how many parts the harvest is split into
     part: int = 0  # which part this process writes (0 .. parts-1)
     merge: bool = False  # only merge the finished parts' manifests into the store manifest
+    shard_delay_s: float = (
+        0.0  # debug: sleep this long after each shard (a slow harvest, for streaming tests)
+    )
     stop_after_shards: Optional[int] = None  # debug: the process kills itself after writing this many shards
 
 

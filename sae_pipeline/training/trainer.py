@@ -33,6 +33,7 @@ from sae_pipeline.training.run_folder import check_resumable, prepare_run_dir, p
 from sae_pipeline.training.runlog import NullLogger, RunLogger
 from sae_pipeline.training.schedule import lr_at, sparsity_scale_at
 from sae_pipeline.training.settings import change_history, check_train_config, resume_changes
+from sae_pipeline.training.streaming import open_store, planned_steps, stream_reader
 from sae_pipeline.training.transcoder import Target, check_target_resumable, open_reader, open_target
 from sae_pipeline.training.validation import LossRecovered, validate
 
@@ -42,10 +43,11 @@ class StopRequested(RuntimeError):
 
 
 def input_scale(sae_cfg, store: ActivationStore, sample_ND: torch.Tensor) -> float:
-    """The factor the SAE trains on (x * s), from the store's recorded mean norm or else the sample's."""
+    """The factor the SAE trains on (x * s), from the store's recorded mean norm or else the sample's
+    (always the sample's for a streamed store, whose recorded norms grow with the harvest)."""
     if not sae_cfg.normalize_input:
         return 1.0
-    mean = (store.manifest.get("norm_stats") or {}).get("mean")
+    mean = None if store.following else (store.manifest.get("norm_stats") or {}).get("mean")
     return input_scale_factor(sample_ND) if not mean else scale_for_mean_norm(store.d_in, mean)
 
 
@@ -65,7 +67,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
     check_train_config(tcfg)
     dist = dist or Distributed(device=resolve_device(tcfg.device))
     dist.check_batch(tcfg.batch_size)
-    store = ActivationStore(Path(cfg.store).expanduser())
+    store = open_store(cfg.store, tcfg)
     target = open_target(tcfg, store)  # a transcoder's target store, else None
     specs = member_specs(cfg, store)
     device = dist.device
@@ -94,6 +96,8 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
         write_json_atomic(run_dir / layout.CONFIG, record)
 
     def reader_at(state=None):
+        if tcfg.stream:
+            return stream_reader(store, tcfg, pin_memory=device.type == "cuda", state=state)
         return open_reader(
             store, target, tcfg.batch_size, seed=tcfg.seed, val_tokens=tcfg.val_tokens, buffer_rows=tcfg.buffer_rows,
             chunk_rows=tcfg.chunk_rows, prefetch=tcfg.prefetch, pin_memory=device.type == "cuda", state=state,
@@ -186,7 +190,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
 def _train_loop(
     members, reader, store, tcfg, device, autocast, step: int, resuming: bool, dist, target
 ) -> None:
-    total_steps = max(1, tcfg.total_tokens // tcfg.batch_size)
+    total_steps = planned_steps(tcfg, reader)
     log0 = members[0].logger
     if resuming:
         log0.event(step, f"resuming at step {step}/{total_steps} (pass {reader.epoch + 1} over the store)")
@@ -197,7 +201,7 @@ def _train_loop(
             else f"train.lr not given: {type(m.sae).default_lr_scale:g} x 2e-4 / sqrt(d_sae / 2**14), d_sae={m.sae.d_sae}"
         )
         m.logger.event(step, f"peak learning rate {m.lr:.4g} ({why})")
-    if step == 0 and total_steps * tcfg.batch_size > reader.epoch_rows:
+    if step == 0 and not tcfg.stream and total_steps * tcfg.batch_size > reader.epoch_rows:
         passes = total_steps * tcfg.batch_size / reader.epoch_rows
         log0.event(
             0,
@@ -208,7 +212,13 @@ def _train_loop(
     loss_rec = LossRecovered(store, tcfg, device, log0, target) if tcfg.eval_every > 0 and main else None
     epoch, last_ckpt, rows = reader.epoch, step, dist.rows(tcfg.batch_size)
     while step < total_steps:
-        x_BD = reader.next_batch()[rows].to(device, non_blocking=True)
+        x_BD = reader.next_batch()
+        if x_BD is None:  # a streamed store that ended (its data ran out) before the planned steps
+            log0.event(step, f"the store is complete and read: stopping at step {step} of {total_steps}")
+            if main:
+                _save_checkpoints(members, step, reader, tcfg, dist.world_size)
+            break
+        x_BD = x_BD[rows].to(device, non_blocking=True)
         lr, scale = lr_at(step, total_steps, tcfg, 1.0), sparsity_scale_at(step, tcfg)  # lr: schedule factor
         try:
             for m in members:
@@ -230,7 +240,8 @@ def _train_loop(
                     "sparsity_coefficient": scale,
                     "tokens": step * tcfg.batch_size,
                 }
-                rec["epoch"] = step * tcfg.batch_size / reader.epoch_rows
+                if reader.epoch_rows:
+                    rec["epoch"] = step * tcfg.batch_size / reader.epoch_rows
                 m.logger.log(step, rec)
                 if main:
                     print(_progress(m, step, total_steps, rec), flush=True)
