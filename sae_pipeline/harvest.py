@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sae_pipeline import layout
 from sae_pipeline.data import parts, store, text
+from sae_pipeline.data.consumers import ShardKeeper
 from sae_pipeline.data.shards import ShardBuffer, store_fingerprint, write_shard_job
 from sae_pipeline.data.tensor_harvest import harvest_tensors
 from sae_pipeline.errors import UserError, report_config_errors, report_user_errors
@@ -93,6 +94,9 @@ def run(cfg: DictConfig) -> list[Path]:
             "dataset": {"config": to_container(cfg.data), "heldout": heldout},
             "seed": h.seed,
             "n_tokens_requested": h.n_tokens,
+            **(
+                {"bounded": {"keep_shards": h.keep_shards, "consumers": h.consumers}} if h.keep_shards else {}
+            ),
             "config": to_container(cfg),
         }
         folder = layout.store_dir(out_dir, hp.name)
@@ -118,6 +122,7 @@ def run(cfg: DictConfig) -> list[Path]:
         print(f"resuming after {first_shard} complete shards ({skipped} contexts)", file=sys.stderr)
 
     writer_thread = store.BackgroundWriter(h.writer_queue)
+    keeper = ShardKeeper(h.keep_shards, h.consumers) if h.keep_shards else None
     buffers = {name: ShardBuffer() for name in writers}
     forward_s, started, harvested_contexts, written = 0.0, time.perf_counter(), 0, 0
     total = sum(span.n_contexts for span in plan) * rows_per_context
@@ -141,7 +146,14 @@ def run(cfg: DictConfig) -> list[Path]:
             for name, buf in buffers.items():
                 if writers[name].needs(span.index):  # another hook's store may hold this shard intact
                     job = functools.partial(
-                        write_shard_job, writers[name], buf, h.seed, span.index, span.first_context, n_ctx
+                        write_shard_job,
+                        writers[name],
+                        buf,
+                        h.seed,
+                        span.index,
+                        span.first_context,
+                        n_ctx,
+                        keeper,
                     )
                     writer_thread.submit(job)
                 buffers[name] = ShardBuffer()

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_pipeline import layout
+from sae_pipeline import harvest, layout
 from sae_pipeline.data.follow import StoreFollower
 from sae_pipeline.data.source import open_source
 from sae_pipeline.data.store import StoreWriter, read_manifest
@@ -28,6 +28,7 @@ from sae_pipeline.training import checkpoint
 from tests.helpers import (
     assert_same,
     cfg_for,
+    compose_config,
     make_store,
     save_tiny_model,
     tiny_overrides,
@@ -69,11 +70,22 @@ def _store(root: Path) -> Path:
     return root / "runs" / "stores" / STORE[0] / STORE[1] / STORE[2]
 
 
-def test_streamed_runs_equal_the_finished_store_whatever_the_timing(assets, tmp_path):
+@pytest.fixture(scope="module")
+def reference(assets, tmp_path_factory):
+    """The finished store (harvested in this process) and the SAE of a streamed run on it."""
+    root = tmp_path_factory.mktemp("stream-ref")
+    harvest.run(compose_config("harvest", _harvest_args(root, assets)))
+    run(cfg_for(_store(root), root / "ref", *TRAIN[1:]))
+    assert len(read_manifest(_store(root))["shards"]) == 25
+    return _store(root), weights(root / "ref")
+
+
+def test_streamed_runs_equal_the_finished_store_whatever_the_timing(assets, reference, tmp_path):
+    _, ref = reference
     # 1. the harvest is slower than training (a pause after every shard): training waits for each window
     slow = tmp_path / "slow"
-    harvest = _popen(
-        "harvest", _harvest_args(slow, assets, "harvest.shard_delay_s=0.4"), tmp_path, slow.with_suffix(".h")
+    harvest_p = _popen(
+        "harvest", _harvest_args(slow, assets, "harvest.shard_delay_s=0.3"), tmp_path, slow.with_suffix(".h")
     )
     train = _popen(
         "train",
@@ -81,24 +93,19 @@ def test_streamed_runs_equal_the_finished_store_whatever_the_timing(assets, tmp_
         tmp_path,
         slow.with_suffix(".t"),
     )
-    _wait(harvest, slow.with_suffix(".h"))
+    _wait(harvest_p, slow.with_suffix(".h"))
     _wait(train, slow.with_suffix(".t"))
-    manifest = read_manifest(_store(slow))
-    assert manifest["complete"] and len(manifest["shards"]) == 25
-
-    # the reference: the same streaming settings on the finished store
-    run(cfg_for(_store(slow), tmp_path / "ref", *TRAIN[1:]))
-    ref = weights(tmp_path / "ref")
+    assert read_manifest(_store(slow))["complete"]
     assert_same(weights(slow / "run"), ref)
 
     # 2. the harvest is killed after 6 shards and training is SIGKILLed while it waits for more; both reruns
     #    (the harvest at full speed, ahead of training) give the same SAE
     fast = tmp_path / "fast"
     hlog, tlog = fast.with_suffix(".h"), fast.with_suffix(".t")
-    harvest = _popen("harvest", _harvest_args(fast, assets, "harvest.stop_after_shards=6"), tmp_path, hlog)
+    harvest_p = _popen("harvest", _harvest_args(fast, assets, "harvest.stop_after_shards=6"), tmp_path, hlog)
     train_args = [f"store={_store(fast)}", *TRAIN, f"train.run_dir={fast}/run"]
     train = _popen("train", train_args, tmp_path, tlog)
-    _wait(harvest, hlog, ok=(-signal.SIGKILL,))
+    _wait(harvest_p, hlog, ok=(-signal.SIGKILL,))
     assert not read_manifest(_store(fast))["complete"]
     deadline = time.time() + 120  # 6 shards hold 10 batches: checkpoints at steps 4 and 8, then it waits
     while (
@@ -109,9 +116,9 @@ def test_streamed_runs_equal_the_finished_store_whatever_the_timing(assets, tmp_
     train.wait()
     assert not (fast / "run" / layout.FINAL_SAE).exists()
     assert checkpoint.list_checkpoints(fast / "run"), tlog.read_text()[-2000:]
-    harvest = _popen("harvest", _harvest_args(fast, assets), tmp_path, hlog)
+    harvest_p = _popen("harvest", _harvest_args(fast, assets), tmp_path, hlog)
     train = _popen("train", [*train_args, "train.resume=true"], tmp_path, tlog)
-    _wait(harvest, hlog)
+    _wait(harvest_p, hlog)
     _wait(train, tlog)
     assert_same(weights(fast / "run"), ref)
 
@@ -174,3 +181,42 @@ def test_streaming_refusals_are_one_sentence(tmp_path):
     cfg = cfg_for(tmp_path / "nowhere", tmp_path / "r", "train.stream=true", "train.stream_wait_s=0.3")
     with pytest.raises(UserError, match="no activation store appeared at .*nowhere"):
         run(cfg)
+
+
+def test_bounded_harvest_keeps_at_most_n_shards_and_trains_the_same_sae(assets, reference, tmp_path):
+    """harvest.keep_shards=7 streamed into one training run: never more than 7 shards (+ the one being written)
+    on disk, every shard recorded in the manifest after its file is gone, and the SAE of the unbounded run."""
+    ref_store, ref = reference
+    hlog, tlog = tmp_path / "h.log", tmp_path / "t.log"
+    store = _store(tmp_path)
+    harvest_p = _popen("harvest", _harvest_args(tmp_path, assets, "harvest.keep_shards=7"), tmp_path, hlog)
+    train = _popen("train", [f"store={store}", *TRAIN, f"train.run_dir={tmp_path}/run"], tmp_path, tlog)
+    peak = 0
+    while harvest_p.poll() is None or train.poll() is None:
+        if store.exists():  # a safety bound: it holds at every moment, so sampling can only under-count
+            peak = max(peak, len([p for p in store.iterdir() if p.name.startswith("shard-")]))
+        time.sleep(0.02)
+    _wait(harvest_p, hlog)
+    _wait(train, tlog)
+    assert 0 < peak <= 8, peak
+    assert_same(weights(tmp_path / "run"), ref)
+    manifest, want = read_manifest(store), read_manifest(ref_store)
+    assert [(s["n_rows"], s["sha256"]) for s in manifest["shards"]] == [
+        (s["n_rows"], s["sha256"]) for s in want["shards"]
+    ]
+    gone = [s for s in manifest["shards"] if s.get("consumed")]
+    assert gone and all(not (store / s["file"]).exists() for s in gone)
+    (consumer,) = {s["consumed_by"] for s in gone}
+    assert consumer.endswith("-rank0") and (store / "consumers" / f"{consumer}.json").exists()
+
+    # a consumer that registers late, and a plain run, are refused in one sentence naming the shard and consumer
+    for extra in (
+        [*TRAIN, f"train.run_dir={tmp_path}/late"],
+        ["train=tiny", "logger=none", f"train.run_dir={tmp_path}/plain"],
+    ):
+        res = subprocess.run([sys.executable, "-m", "sae_pipeline.train", f"store={store}", *extra],
+                             cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert res.returncode == 2, res.stderr
+        first = gone[0]["file"]
+        assert f"the shard {first} of the store" in res.stderr and consumer in res.stderr, res.stderr
+        assert len(res.stderr.strip().splitlines()) == 1

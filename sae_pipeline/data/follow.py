@@ -28,6 +28,7 @@ class StoreFollower:
         self.source, self.wait_s, self.poll_s = source, float(wait_s), float(poll_s)
         self.manifest = source.read_manifest()
         self.header_hash = source.header_hash(self.manifest)
+        self.waiting = False  # True while shards_upto waits for the harvest
 
     @property
     def complete(self) -> bool:
@@ -47,6 +48,12 @@ class StoreFollower:
 
     def shards_upto(self, n: int) -> list[ShardEntry]:
         """The first `n` shards, waiting for the harvest to list them; fewer only when the store is complete."""
+        try:
+            return self._wait_for(n)
+        finally:
+            self.waiting = False
+
+    def _wait_for(self, n: int) -> list[ShardEntry]:
         waited_since, last_report = None, 0.0
         while True:
             listed = self.entries()
@@ -57,7 +64,7 @@ class StoreFollower:
                 return listed[:n]
             now = time.monotonic()
             if waited_since is None:
-                waited_since = now
+                waited_since, self.waiting = now, True
             if now - last_report >= REPORT_S:
                 print(
                     f"waiting for shard {len(listed):05d} of {self.source} (the harvest has listed "

@@ -131,6 +131,8 @@ class StoreWriter:
         missing one is rewritten in place (`redo`), the others are kept."""
         self.redo = set()
         for i, shard in enumerate(manifest["shards"]):
+            if shard.get("consumed"):  # deleted by a bounded harvest after its consumers read it
+                continue
             problem = shard_problem(self.folder / shard["file"], shard["sha256"])
             if problem:
                 print(f"{problem.split(';')[0]}: it will be rewritten", file=sys.stderr)
@@ -205,6 +207,9 @@ class StoreWriter:
             self.manifest["shards"].append(entry)
         self.manifest["n_tokens"] = sum(s["n_rows"] for s in self.manifest["shards"])
         self.manifest["norm_stats"] = norm_summary(self.manifest["shards"])
+        write_manifest(self.folder, self.manifest)
+
+    def save_manifest(self) -> None:
         write_manifest(self.folder, self.manifest)
 
     def finish(self, extra: dict) -> None:
@@ -300,6 +305,13 @@ class ActivationStore:
         ]
         if not self.shards and not following:
             raise UserError(f"the store {self.folder} holds no shards")
+        gone = next((s for s in self.manifest["shards"] if s.get("consumed")), None)
+        if gone is not None and not following:
+            raise UserError(
+                f"the shard {gone['file']} of the store {self.folder} was deleted after consumer "
+                f"{gone.get('consumed_by')} read it (a bounded harvest, harvest.keep_shards); only a streamed "
+                "run that registered in time reads such a store: harvest it again without keep_shards"
+            )
 
     @property
     def d_in(self) -> int:

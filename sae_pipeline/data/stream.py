@@ -28,6 +28,7 @@ import threading
 
 import torch
 
+from sae_pipeline.data import consumers
 from sae_pipeline.data.follow import StoreFollower
 from sae_pipeline.data.reader import _rng, _tensor_index
 from sae_pipeline.data.source import ShardEntry, StoreSource
@@ -59,13 +60,13 @@ class StreamReader:
         state: dict | None = None,
         pin_memory: bool = False,
         wait_s: float = 3600.0,
-        on_window=None,
+        consumer: tuple[str, str] | None = None,
     ):
         if batch_size <= 0 or window_shards <= 0:
             raise UserError("train.batch_size and train.stream_window_shards must be positive")
         self.source, self.batch_size, self.seed = source, int(batch_size), int(seed)
         self.k, self.pin_memory, self._prefetch = int(window_shards), pin_memory, max(1, int(prefetch))
-        self.on_window = on_window  # called with (window, its shards) once the window's rows are in memory
+        self.on_wait = None  # called (once per window) when next_batch must wait for the harvest
         self.follower = StoreFollower(source, wait_s)
         self.d_in = int(self.follower.manifest["d_in"])
         first = self.follower.shards_upto(1)
@@ -82,9 +83,37 @@ class StreamReader:
         self._window_start = int(state.get("window_start", 0))
         self._window: torch.Tensor | None = None
         self._ended = False
+        self._batch_start: dict | None = None
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
+        # a bounded store (harvest.keep_shards): register as a consumer, refused if a needed shard is gone
+        self.bounded = bool(self.follower.manifest.get("bounded")) and consumer is not None
+        self.consumer = consumer
+        keep = int((self.follower.manifest.get("bounded") or {}).get("keep_shards", 0))
+        if self.bounded and keep < 2 * self.k + 1:
+            raise UserError(
+                f"the store {source} keeps at most {keep} shards on disk (harvest.keep_shards), too few for "
+                f"train.stream_window_shards={self.k}: it needs at least {2 * self.k + 1} (two windows and shard 0)"
+            )
+        if self.bounded:
+            consumers.register(
+                source.folder,
+                self.follower.manifest,
+                consumer[0],
+                consumer[1],
+                self.state()["window"] * self.k,
+            )
+
+    # ---- consumer progress (bounded stores) ---------------------------------------------------------
+    def checkpointed(self) -> None:
+        """A checkpoint holding `state()` is on disk: shards before its window may be deleted."""
+        if self.bounded:
+            consumers.progress(self.source.folder, *self.consumer, self.state()["window"] * self.k)
+
+    def finished(self) -> None:
+        if self.bounded:
+            consumers.progress(self.source.folder, *self.consumer, 0, done=True)
 
     # ---- shards ----------------------------------------------------------------------------------
     def _acts(self, entry: ShardEntry):
@@ -142,8 +171,6 @@ class StreamReader:
             while not stop.is_set():
                 shards = self._window_shards(w)
                 item = (w, self._build(w, shards)) if shards else _END
-                if shards and self.on_window is not None:
-                    self.on_window(w, shards)
                 while not stop.is_set():
                     try:
                         out.put(item, timeout=0.1)
@@ -167,7 +194,15 @@ class StreamReader:
                 daemon=True,
             )
             self._thread.start()
-        item = self._queue.get()
+        told = False
+        while True:
+            try:
+                item = self._queue.get(timeout=0.2)
+                break
+            except queue.Empty:  # the harvest is behind: let the trainer checkpoint (and free shards) first
+                if self.follower.waiting and self.on_wait is not None and not told:
+                    self.on_wait()
+                    told = True
         if isinstance(item, BaseException):
             self.close()
             if isinstance(item, UserError):
@@ -185,6 +220,7 @@ class StreamReader:
     def next_batch(self) -> torch.Tensor | None:
         """The next `batch_size` rows [B, D] (float32), or None when the complete store has fewer left."""
         parts, need = [], self.batch_size
+        self._batch_start = self.state()  # what state() says until the batch is complete (see on_wait)
         while need > 0:
             if self._window is None or self.position >= self._window_start + self._window.shape[0]:
                 if self._ended or not self._next_window():
@@ -195,10 +231,21 @@ class StreamReader:
             parts.append(self._window[offset : offset + take])
             need -= take
             self.position += take
+        self._batch_start = None
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def state(self) -> dict:
-        """Where the next batch starts (the window holding it and that window's first row)."""
+        """Where the next batch starts (the window holding it and that window's first row); asked from
+        `on_wait`, in the middle of a batch, where that batch started."""
+        if self._batch_start is not None:
+            return dict(self._batch_start)
+        if self._window is not None and self.position == self._window_start + self._window.shape[0]:
+            return {
+                "epoch": 0,
+                "position": self.position,
+                "window": self._w + 1,
+                "window_start": self.position,
+            }
         return {"epoch": 0, "position": self.position, "window": self._w, "window_start": self._window_start}
 
     def sample(self, n: int) -> torch.Tensor:

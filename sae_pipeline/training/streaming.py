@@ -10,6 +10,7 @@ A streamed run makes one pass: it stops at train.total_tokens, or when the compl
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -48,11 +49,17 @@ def open_store(location: str, tcfg) -> ActivationStore:
     return ActivationStore(path, following=True)
 
 
-def stream_reader(store: ActivationStore, tcfg, pin_memory: bool, state: dict | None = None) -> StreamReader:
+def consumer_id(run_dir: Path, rank: int) -> str:
+    """This run's name among a bounded store's consumers: stable across resumes, one per rank."""
+    return f"{hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]}-rank{rank}"
+
+
+def stream_reader(store, tcfg, pin_memory: bool, run_dir: Path, rank: int, state=None) -> StreamReader:
+    consumer = (consumer_id(run_dir, rank), str(run_dir))
     return StreamReader(
         open_source(store.folder), tcfg.batch_size, seed=tcfg.seed, val_tokens=tcfg.val_tokens,
         window_shards=tcfg.stream_window_shards, prefetch=tcfg.prefetch, state=state,
-        pin_memory=pin_memory, wait_s=tcfg.stream_wait_s,
+        pin_memory=pin_memory, wait_s=tcfg.stream_wait_s, consumer=consumer,
     )  # fmt: skip
 
 

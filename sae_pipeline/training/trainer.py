@@ -97,7 +97,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
 
     def reader_at(state=None):
         if tcfg.stream:
-            return stream_reader(store, tcfg, pin_memory=device.type == "cuda", state=state)
+            return stream_reader(store, tcfg, device.type == "cuda", run_dir, dist.rank, state=state)
         return open_reader(
             store, target, tcfg.batch_size, seed=tcfg.seed, val_tokens=tcfg.val_tokens, buffer_rows=tcfg.buffer_rows,
             chunk_rows=tcfg.chunk_rows, prefetch=tcfg.prefetch, pin_memory=device.type == "cuda", state=state,
@@ -211,6 +211,18 @@ def _train_loop(
     val_x = reader.validation_rows() if tcfg.val_every > 0 and main else None
     loss_rec = LossRecovered(store, tcfg, device, log0, target) if tcfg.eval_every > 0 and main else None
     epoch, last_ckpt, rows = reader.epoch, step, dist.rows(tcfg.batch_size)
+    if getattr(
+        reader, "bounded", False
+    ):  # caught up with a bounded harvest: checkpoint so it may free shards
+
+        def caught_up():
+            nonlocal last_ckpt
+            if main and last_ckpt != step:
+                _save_checkpoints(members, step, reader, tcfg, dist.world_size)
+                last_ckpt = step
+            reader.checkpointed()
+
+        reader.on_wait = caught_up
     while step < total_steps:
         x_BD = reader.next_batch()
         if x_BD is None:  # a streamed store that ended (its data ran out) before the planned steps
@@ -257,6 +269,8 @@ def _train_loop(
             _check_finite(members)  # never a checkpoint with non-finite weights (every rank checks)
             if main:
                 _save_checkpoints(members, step, reader, tcfg, dist.world_size)
+            elif tcfg.stream:
+                reader.checkpointed()
             last_ckpt = step
         for m in members:
             m.stats.t0 += time.perf_counter() - t_side
@@ -271,6 +285,8 @@ def _train_loop(
         m.logger.log_sae(
             saved, {"arch": m.sae_cfg.arch, "hook": store.hook_name, "d_in": store.d_in, "step": step}
         )
+    if tcfg.stream:
+        reader.finished()  # a bounded harvest may delete every shard this run kept
     dist.barrier()
 
 
@@ -289,6 +305,8 @@ def _save_checkpoints(members, step: int, reader, tcfg, world_size: int) -> None
         )
     for m in members:
         checkpoint.prune(m.run_dir, tcfg.keep_checkpoints)
+    if tcfg.stream:
+        reader.checkpointed()  # a bounded store may now delete the shards before this checkpoint's window
 
 
 def _progress(m: Member, step: int, total: int, rec: dict) -> str:
