@@ -29,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sae_pipeline import layout
-from sae_pipeline.data import parts, store, text
+from sae_pipeline.data import parts, remote, store, text
 from sae_pipeline.data.consumers import ShardKeeper
 from sae_pipeline.data.shards import ShardBuffer, store_fingerprint, write_shard_job
 from sae_pipeline.data.tensor_harvest import harvest_tensors
@@ -50,8 +50,13 @@ def run(cfg: DictConfig) -> list[Path]:
     check_harvest_config(h)
     if is_torch_module(cfg.model):  # any nn.Module on a tensor dataset: one row per example
         return harvest_tensors(cfg, resolve_device(h.device))
-    out_dir = Path(h.out_dir)
+    url = remote.is_url(h.out_dir)  # a store at an fsspec URL: each shard staged locally, then uploaded
+    out_dir = Path(h.out_dir) if not url else Path(cfg.paths.root) / "staging"
     part, n_parts = parts.resolve_part(h)
+    if url and (n_parts > 1 or h.merge):
+        raise UserError(
+            f"harvest.out_dir={h.out_dir} is a URL: a harvest split into parts writes local folders only"
+        )
     if h.merge:
         for name in requested_hook_names(cfg.hook):
             parts.merge(layout.store_dir(out_dir, name), n_parts, store_fingerprint(cfg, name))
@@ -100,14 +105,21 @@ def run(cfg: DictConfig) -> list[Path]:
             "config": to_container(cfg),
         }
         folder = layout.store_dir(out_dir, hp.name)
-        fingerprints[hp.name] = store_fingerprint(cfg, hp.name, folder)
-        if n_parts == 1:
+        fingerprints[hp.name] = store_fingerprint(cfg, hp.name, None if url else folder)
+        if url:
+            where = remote.RemoteStore(remote.join(h.out_dir, folder.name))
+            writers[hp.name] = store.StoreWriter(
+                folder, header, fingerprints[hp.name], h.overwrite, remote=where
+            )
+        elif n_parts == 1:
             writers[hp.name] = store.StoreWriter(folder, header, fingerprints[hp.name], h.overwrite)
         else:
             writer = parts.open_part_writer(folder, header, fingerprints[hp.name], h.overwrite, part, n_parts)
             if writer is not None:  # None: the merged store is already complete
                 writers[hp.name] = writer
-    folders = [layout.store_dir(out_dir, hp.name) for hp in points]
+    folders = (
+        [w.place for w in writers.values()] if url else [layout.store_dir(out_dir, hp.name) for hp in points]
+    )
     if all(w.complete for w in writers.values()):
         print(f"store already complete, nothing to do: {', '.join(map(str, folders))}", file=sys.stderr)
         for name in writers if n_parts > 1 else ():  # this part is done: merge if the others are too

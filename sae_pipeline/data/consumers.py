@@ -30,15 +30,23 @@ FOLDER = "consumers"
 DONE = 1 << 62  # next_shard of a consumer that has finished reading
 
 
-def consumer_file(store: Path, consumer: str) -> Path:
-    return Path(store) / FOLDER / f"{consumer}.json"
+def _remote(place) -> bool:
+    return hasattr(place, "put_json")  # a data.remote.RemoteStore; else a local store folder
 
 
-def read_consumers(store: Path) -> list[dict]:
+def _read(place, name: str):
+    if _remote(place):
+        return place.read_json(f"{FOLDER}/{name}")
+    return json.loads((Path(place) / FOLDER / name).read_text())
+
+
+def read_consumers(place) -> list[dict]:
+    """Every registered consumer's record; `place` is a store folder or a RemoteStore."""
     out = []
-    for path in sorted((Path(store) / FOLDER).glob("*.json")):
+    names = place.list(FOLDER) if _remote(place) else [p.name for p in (Path(place) / FOLDER).glob("*.json")]
+    for name in sorted(n for n in names if n.endswith(".json")):
         try:
-            rec = json.loads(path.read_text())
+            rec = _read(place, name)
         except (OSError, ValueError):
             continue  # being replaced (atomic rename) or damaged: treated as not registered yet
         if isinstance(rec, dict) and isinstance(rec.get("next_shard"), int):
@@ -55,7 +63,7 @@ def deleted_shard(manifest: dict, needed) -> dict | None:
     return None
 
 
-def register(store: Path, manifest: dict, consumer: str, run: str, first_shard: int) -> None:
+def register(store, manifest: dict, consumer: str, run: str, first_shard: int) -> None:
     """Register (or re-register on resume) a consumer that will read shard 0 and shards first_shard on."""
     gone = deleted_shard(manifest, [0, *range(first_shard, len(manifest["shards"]))])
     if gone is not None:
@@ -67,16 +75,15 @@ def register(store: Path, manifest: dict, consumer: str, run: str, first_shard: 
     progress(store, consumer, run, first_shard)
 
 
-def progress(store: Path, consumer: str, run: str, next_shard: int, done: bool = False) -> None:
-    path = consumer_file(store, consumer)
+def progress(place, consumer: str, run: str, next_shard: int, done: bool = False) -> None:
+    rec = {"id": consumer, "run": run, "next_shard": DONE if done else int(next_shard)}
+    rec.update(keep=[] if done else [0], done=done)
+    if _remote(place):
+        place.put_json(f"{FOLDER}/{consumer}.json", rec)
+        return
+    path = Path(place) / FOLDER / f"{consumer}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    rec = {
-        "id": consumer,
-        "run": run,
-        "next_shard": DONE if done else int(next_shard),
-        "keep": [] if done else [0],
-    }
-    write_json_atomic(path, {**rec, "done": done})
+    write_json_atomic(path, rec)
 
 
 class ShardKeeper:
@@ -87,15 +94,15 @@ class ShardKeeper:
 
     def _collect(self, writer) -> int:
         """Delete the files of shards every registered consumer has passed; returns shards still on disk."""
-        manifest, folder = writer.manifest, writer.folder
-        consumers = read_consumers(folder)
+        manifest = writer.manifest
+        consumers = read_consumers(writer.place)
         changed = False
         if len(consumers) >= self.min_consumers:
             for i, shard in enumerate(manifest["shards"]):
                 if shard.get("consumed"):
                     continue
                 if all(i < c["next_shard"] and i not in c.get("keep", []) for c in consumers):
-                    (folder / shard["file"]).unlink(missing_ok=True)
+                    writer.delete_shard(shard["file"])
                     slowest = min(consumers, key=lambda c: (c["next_shard"], c["id"]))
                     shard.update(consumed=True, consumed_by=slowest["id"])
                     changed = True
@@ -109,7 +116,7 @@ class ShardKeeper:
             now = time.monotonic()
             waited = waited or now
             if now - last >= 10.0:
-                consumers = read_consumers(writer.folder)
+                consumers = read_consumers(writer.place)
                 slow = min((c["next_shard"] for c in consumers), default=None)
                 who = (
                     f"the slowest consumer is at shard {slow}"

@@ -11,11 +11,13 @@ The streaming reader (data/stream.py) reads shards only through a source, so tha
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from sae_pipeline import layout
 from sae_pipeline.data.integrity import shard_problem
+from sae_pipeline.data.remote import RemoteStore, is_url, local_path
 from sae_pipeline.data.store import header_hash, read_manifest
 from sae_pipeline.errors import UserError
 
@@ -36,6 +38,11 @@ class StoreSource:
 
     def __str__(self) -> str:
         return str(self.folder)
+
+    @property
+    def place(self):
+        """What consumers.py records progress in: this folder (a RemoteStore for a URL)."""
+        return self.folder
 
     def has_manifest(self) -> bool:
         return (self.folder / layout.MANIFEST).exists()
@@ -63,5 +70,35 @@ class StoreSource:
         """Done with a file `local_path` returned (a fetched copy is removed; a local shard stays)."""
 
 
+class RemoteSource(StoreSource):
+    """A store at an fsspec URL: each shard is downloaded whole into a private temporary folder, its
+    sha256 checked, read, and removed (`release`); the reader's prefetch thread downloads ahead."""
+
+    def __init__(self, url: str):
+        self.remote = RemoteStore(url)
+        self.folder = Path(tempfile.mkdtemp(prefix="sae-shards-"))
+
+    def __str__(self) -> str:
+        return str(self.remote)
+
+    @property
+    def place(self):
+        return self.remote
+
+    def has_manifest(self) -> bool:
+        return self.remote.exists(layout.MANIFEST)
+
+    def read_manifest(self) -> dict:
+        return self.remote.read_manifest()
+
+    def local_path(self, entry: ShardEntry) -> Path:
+        return self.remote.fetch(entry.file, entry.sha256, self.folder)
+
+    def release(self, path: Path) -> None:
+        Path(path).unlink(missing_ok=True)
+
+
 def open_source(location: str | Path) -> StoreSource:
-    return StoreSource(Path(location).expanduser())
+    if is_url(location):
+        return RemoteSource(str(location))
+    return StoreSource(local_path(location))

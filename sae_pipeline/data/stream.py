@@ -98,7 +98,7 @@ class StreamReader:
             )
         if self.bounded:
             consumers.register(
-                source.folder,
+                source.place,
                 self.follower.manifest,
                 consumer[0],
                 consumer[1],
@@ -109,11 +109,11 @@ class StreamReader:
     def checkpointed(self) -> None:
         """A checkpoint holding `state()` is on disk: shards before its window may be deleted."""
         if self.bounded:
-            consumers.progress(self.source.folder, *self.consumer, self.state()["window"] * self.k)
+            consumers.progress(self.source.place, *self.consumer, self.state()["window"] * self.k)
 
     def finished(self) -> None:
         if self.bounded:
-            consumers.progress(self.source.folder, *self.consumer, 0, done=True)
+            consumers.progress(self.source.place, *self.consumer, 0, done=True)
 
     # ---- shards ----------------------------------------------------------------------------------
     def _acts(self, entry: ShardEntry):
