@@ -69,6 +69,7 @@ def cli(module: str, args: list[str], cwd: Path, env: dict) -> subprocess.Comple
     )  # fmt: skip
 
 
+@pytest.mark.slow  # 10 processes against the server: ~2-5 min on 2 cores
 def test_harvest_train_eval_verify_on_s3_equal_local(server, assets, tmp_path):
     env, fs = server
     args = [*tiny_overrides(tmp_path, *assets), *HARVEST]

@@ -80,6 +80,7 @@ def reference(assets, tmp_path_factory):
     return _store(root), weights(root / "ref")
 
 
+@pytest.mark.slow  # 6 processes: ~1-2 min on 2 cores
 def test_streamed_runs_equal_the_finished_store_whatever_the_timing(assets, reference, tmp_path):
     _, ref = reference
     # 1. the harvest is slower than training (a pause after every shard): training waits for each window
