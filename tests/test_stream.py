@@ -221,3 +221,20 @@ def test_bounded_harvest_keeps_at_most_n_shards_and_trains_the_same_sae(assets, 
         first = gone[0]["file"]
         assert f"the shard {first} of the store" in res.stderr and consumer in res.stderr, res.stderr
         assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_stream_reader_resumes_exactly_from_its_state(tmp_path):
+    """Batches after a state() taken anywhere (mid-window, at a window's end) equal the uninterrupted stream's."""
+    store = make_store(tmp_path / "s", n_contexts=64, d_in=8, contexts_per_shard=8)  # 8 shards of 128 rows
+    reader = StreamReader(open_source(store), 32, seed=1, val_tokens=20, window_shards=3)
+    stream, states = [], []
+    while (x := reader.next_batch()) is not None:
+        states.append(reader.state())
+        stream.append(x[:, 0])
+    reader.close()
+    assert len(stream) == (1024 - 32) // 32
+    for i in (0, 5, 10, 23, len(stream) - 2):  # 10: the end of window 0 (3 shards, less 32 held-out rows)
+        again = StreamReader(open_source(store), 32, seed=1, val_tokens=20, window_shards=3, state=states[i])
+        assert torch.equal(again.next_batch()[:, 0], stream[i + 1]), i
+        again.close()
+    assert states[10]["window"] == 1 and states[10]["position"] == 352

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -155,8 +156,11 @@ class StreamReader:
 
     def _build(self, w: int, shards: list[ShardEntry]) -> torch.Tensor:
         parts = []
-        for entry in shards:
-            path, acts = self._acts(entry)
+        with ThreadPoolExecutor(
+            max_workers=min(4, len(shards))
+        ) as pool:  # a remote window: parallel downloads
+            found = list(pool.map(self._acts, shards))
+        for entry, (path, acts) in zip(shards, found, strict=True):
             rows = acts.read_rows(0, entry.n_rows)
             self.source.release(path)
             if entry.index == 0 and self._val_mask is not None:
