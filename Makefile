@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,s3]"
 	touch $(STAMP)
 
 setup: $(STAMP) browser ## create .venv, install everything (Chromium too, as root), fetch the embedded model and text
@@ -90,13 +90,14 @@ format: $(STAMP) ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: setup ## benchmarks: harvest early exit, SAE training roofline, loop vs step, reader throughput, quality at one pass
+bench: setup ## benchmarks: harvest early exit, SAE training roofline, loop vs step, reader throughput, quality at one pass, streaming/S3/bounded disk
 	$(PY) scripts/bench_harvest.py
 	$(PY) scripts/bench_sae.py
 	$(PY) scripts/bench_loop.py
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_sweep_group.py
 	$(PY) scripts/bench_quality.py --root $(ROOT)/bench/quality
+	$(PY) scripts/bench_stream.py
 
 gpu-check: $(STAMP) ## on a CUDA machine: bf16 autocast tests on the GPU, bench_sae in bf16/fp32, a demo-sized train
 	VENV=$(VENV) ROOT=$(ROOT) scripts/gpu_check.sh

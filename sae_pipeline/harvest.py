@@ -30,7 +30,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sae_pipeline import layout, locks
-from sae_pipeline.data import parts, store, text
+from sae_pipeline.data import parts, remote, store, text
+from sae_pipeline.data.consumers import ShardKeeper
 from sae_pipeline.data.shards import ShardBuffer, store_fingerprint, write_shard_job
 from sae_pipeline.data.tensor_harvest import harvest_tensors
 from sae_pipeline.errors import UserError, report_config_errors, report_user_errors
@@ -57,8 +58,13 @@ def _run(cfg: DictConfig, held: contextlib.ExitStack) -> list[Path]:
     check_harvest_config(h)
     if is_torch_module(cfg.model):  # any nn.Module on a tensor dataset: one row per example
         return harvest_tensors(cfg, resolve_device(h.device), held)
-    out_dir = Path(h.out_dir)
+    url = remote.is_url(h.out_dir)  # a store at an fsspec URL: each shard staged locally, then uploaded
+    out_dir = Path(h.out_dir) if not url else Path(cfg.paths.root) / "staging"
     part, n_parts = parts.resolve_part(h)
+    if url and (n_parts > 1 or h.merge):
+        raise UserError(
+            f"harvest.out_dir={h.out_dir} is a URL: a harvest split into parts writes local folders only"
+        )
     if h.merge:
         for name in requested_hook_names(cfg.hook):
             held.enter_context(locks.hold(layout.store_dir(out_dir, name), "the store", "merge later"))
@@ -102,18 +108,28 @@ def _run(cfg: DictConfig, held: contextlib.ExitStack) -> list[Path]:
             "dataset": {"config": to_container(cfg.data), "heldout": heldout},
             "seed": h.seed,
             "n_tokens_requested": h.n_tokens,
+            **(
+                {"bounded": {"keep_shards": h.keep_shards, "consumers": h.consumers}} if h.keep_shards else {}
+            ),
             "config": to_container(cfg),
         }
         folder = layout.store_dir(out_dir, hp.name)
-        fingerprints[hp.name] = store_fingerprint(cfg, hp.name, folder)
+        fingerprints[hp.name] = store_fingerprint(cfg, hp.name, None if url else folder)
         held.enter_context(parts.lock_store(folder, part, n_parts))
-        if n_parts == 1:
+        if url:
+            where = remote.RemoteStore(remote.join(h.out_dir, folder.name))
+            writers[hp.name] = store.StoreWriter(
+                folder, header, fingerprints[hp.name], h.overwrite, remote=where
+            )
+        elif n_parts == 1:
             writers[hp.name] = store.StoreWriter(folder, header, fingerprints[hp.name], h.overwrite)
         else:
             writer = parts.open_part_writer(folder, header, fingerprints[hp.name], h.overwrite, part, n_parts)
             if writer is not None:  # None: the merged store is already complete
                 writers[hp.name] = writer
-    folders = [layout.store_dir(out_dir, hp.name) for hp in points]
+    folders = (
+        [w.place for w in writers.values()] if url else [layout.store_dir(out_dir, hp.name) for hp in points]
+    )
     if all(w.complete for w in writers.values()):
         print(f"store already complete, nothing to do: {', '.join(map(str, folders))}", file=sys.stderr)
         for name in writers if n_parts > 1 else ():  # this part is done: merge if the others are too
@@ -134,6 +150,7 @@ def _run(cfg: DictConfig, held: contextlib.ExitStack) -> list[Path]:
         print(f"resuming after {first_shard} complete shards ({skipped} contexts)", file=sys.stderr)
 
     writer_thread = store.BackgroundWriter(h.writer_queue)
+    keeper = ShardKeeper(h.keep_shards, h.consumers) if h.keep_shards else None
     buffers = {name: ShardBuffer() for name in writers}
     forward_s, started, harvested_contexts, written = 0.0, time.perf_counter(), 0, 0
     total = sum(span.n_contexts for span in plan) * rows_per_context
@@ -157,11 +174,20 @@ def _run(cfg: DictConfig, held: contextlib.ExitStack) -> list[Path]:
             for name, buf in buffers.items():
                 if writers[name].needs(span.index):  # another hook's store may hold this shard intact
                     job = functools.partial(
-                        write_shard_job, writers[name], buf, h.seed, span.index, span.first_context, n_ctx
+                        write_shard_job,
+                        writers[name],
+                        buf,
+                        h.seed,
+                        span.index,
+                        span.first_context,
+                        n_ctx,
+                        keeper,
                     )
                     writer_thread.submit(job)
                 buffers[name] = ShardBuffer()
             harvested_contexts, written = harvested_contexts + n_ctx, written + 1
+            if h.shard_delay_s > 0:
+                time.sleep(h.shard_delay_s)
             if written == h.stop_after_shards:
                 writer_thread.submit(parts.kill_self)
             if n_ctx < span.n_contexts:

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 
 from sae_pipeline import layout
 from sae_pipeline.data import text
+from sae_pipeline.data.remote import is_url
 from sae_pipeline.data.store import read_manifest
 from sae_pipeline.errors import UserError
 from sae_pipeline.model.hook_points import resolve_hook
@@ -99,7 +100,7 @@ def store_path(target: Target, meta: dict) -> Path:
         raise UserError(
             f"{target.sae_dir / layout.CONFIG} does not say which store trained it (no 'store' key)."
         )
-    return Path(store)
+    return store if is_url(store) else Path(store)  # a URL stays a string (data/remote.py reads it)
 
 
 @dataclass

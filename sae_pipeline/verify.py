@@ -14,6 +14,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from sae_pipeline.data.remote import is_url
+from sae_pipeline.data.verify import verify_store
 from sae_pipeline.errors import UserError, report_config_errors, report_user_errors
 from sae_pipeline.integrity import verify_tree
 from sae_pipeline.schema import register_configs
@@ -21,7 +23,10 @@ from sae_pipeline.schema import register_configs
 
 def run(cfg: DictConfig) -> int:
     """Number of files checked; raises UserError after listing the damaged ones."""
-    checked, problems = verify_tree(Path(cfg.path).expanduser())
+    if is_url(cfg.path):  # a store at an fsspec URL: its manifest, then every object's sha256
+        checked, problems = verify_store(cfg.path)
+    else:
+        checked, problems = verify_tree(Path(cfg.path).expanduser())
     for line in problems:
         print(f"damaged: {line}")
     if problems:

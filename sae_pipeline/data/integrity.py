@@ -28,8 +28,12 @@ def _canonical_sha256(obj: dict) -> str:
     return json_sha256(obj, SEAL)
 
 
-def write_manifest(folder: Path, manifest: dict) -> None:
+def seal(manifest: dict) -> None:
     manifest[SEAL] = _canonical_sha256(manifest)
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    seal(manifest)
     write_json_atomic(Path(folder) / layout.MANIFEST, manifest)
 
 

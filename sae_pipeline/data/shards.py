@@ -89,7 +89,10 @@ class ShardBuffer:
 
 
 def write_shard_job(
-    writer, buf: ShardBuffer, seed: int, index: int, first_context: int, n_contexts: int
+    writer, buf: ShardBuffer, seed: int, index: int, first_context: int, n_contexts: int, keeper=None
 ) -> None:
-    """Runs on the writer thread: shuffle the shard's rows, then write it atomically."""
+    """Runs on the writer thread: (a bounded harvest: wait for room, data/consumers.py) shuffle the
+    shard's rows, then write it atomically."""
+    if keeper is not None:
+        keeper.make_room(writer)
     writer.write_shard(index, buf.shuffled(seed, index), first_context, n_contexts)

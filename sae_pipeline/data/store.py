@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 
 from sae_pipeline import layout
+from sae_pipeline.data import remote
 from sae_pipeline.data.integrity import check_manifest, shard_problem, write_manifest
 from sae_pipeline.errors import UserError
 from sae_pipeline.files import save_tensors_atomic, sha256_file
@@ -39,7 +40,9 @@ def store_dtype(name: str) -> torch.dtype:
 
 
 def read_manifest(store: Path) -> dict:
-    path = Path(store) / layout.MANIFEST
+    if remote.is_url(store):
+        return remote.RemoteStore(str(store)).read_manifest()
+    path = remote.local_path(store) / layout.MANIFEST
     if not path.exists():
         raise UserError(
             f"no activation store at {store}: {layout.MANIFEST} is missing (run sae-harvest first)"
@@ -93,14 +96,42 @@ class StoreWriter:
     of the whole store (one part of a sharded harvest, data/parts.py)."""
 
     def __init__(
-        self, folder: Path, header: dict, fingerprint: str, overwrite: bool, part: int = 0, parts: int = 1
-    ):
+        self, folder: Path, header: dict, fingerprint: str, overwrite: bool, part: int = 0, parts: int = 1,
+        remote=None,
+    ):  # fmt: skip
         self.folder = Path(folder)
+        self.remote = remote  # a data.remote.RemoteStore: `folder` only stages each file before its upload
         self.redo: set[int] = set()
         self.part, self.parts = part, parts
         self.manifest = self._open(header, fingerprint, overwrite)
 
+    @property
+    def place(self):
+        """Where the store lives: its local folder, or the RemoteStore it is uploaded to."""
+        return self.remote if self.remote is not None else self.folder
+
+    def _pull_remote_manifest(self, overwrite: bool) -> None:
+        """Stage the remote store's manifest (if any) locally, so resuming works as for a local store."""
+        self.remote.check_writable()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if not overwrite and self.remote.exists(layout.MANIFEST):
+            write_manifest(self.folder, self.remote.read_manifest())
+
+    def _problem(self, shard: dict) -> str | None:
+        if self.remote is not None:
+            return self.remote.problem(shard["file"], shard["sha256"])
+        return shard_problem(self.folder / shard["file"], shard["sha256"])
+
+    def delete_shard(self, file: str) -> None:
+        if self.remote is not None:
+            self.remote.rm(file)
+        else:
+            (self.folder / file).unlink(missing_ok=True)
+
     def _open(self, header: dict, fingerprint: str, overwrite: bool) -> dict:
+        if self.remote is not None:
+            self._pull_remote_manifest(overwrite)
         manifest_path = self.folder / layout.MANIFEST
         if manifest_path.exists() and not overwrite:
             old = read_manifest(self.folder)
@@ -130,7 +161,8 @@ class StoreWriter:
             "n_tokens": 0,
             "shards": [],
         }
-        write_manifest(self.folder, manifest)
+        self.manifest = manifest
+        self.save_manifest()
         return manifest
 
     def _keep_valid_shards(self, manifest: dict) -> dict:
@@ -138,7 +170,9 @@ class StoreWriter:
         missing one is rewritten in place (`redo`), the others are kept."""
         self.redo = set()
         for i, shard in enumerate(manifest["shards"]):
-            problem = shard_problem(self.folder / shard["file"], shard["sha256"])
+            if shard.get("consumed"):  # deleted by a bounded harvest after its consumers read it
+                continue
+            problem = self._problem(shard)
             if problem:
                 print(f"{problem.split(';')[0]}: it will be rewritten", file=sys.stderr)
                 self.redo.add(i)
@@ -195,10 +229,16 @@ class StoreWriter:
                     f"{self.n_complete_shards} complete shards and the same command resumes from there"
                 ) from None
             raise
+        digest = sha256_file(file)
+        if (
+            self.remote is not None
+        ):  # uploaded whole before the manifest lists it (no rename on object stores)
+            self.remote.put(file, file.name)
+            file.unlink()
         entry = {
             "file": file.name,
             "n_rows": int(acts.shape[0]),
-            "sha256": sha256_file(file),
+            "sha256": digest,
             "first_context": first_context,
             "n_contexts": n_contexts,
             "norm_sum": float(norms.sum()),
@@ -212,12 +252,17 @@ class StoreWriter:
             self.manifest["shards"].append(entry)
         self.manifest["n_tokens"] = sum(s["n_rows"] for s in self.manifest["shards"])
         self.manifest["norm_stats"] = norm_summary(self.manifest["shards"])
+        self.save_manifest()
+
+    def save_manifest(self) -> None:
         write_manifest(self.folder, self.manifest)
+        if self.remote is not None:  # the manifest last: every shard it lists is already uploaded
+            self.remote.put_manifest(self.manifest)
 
     def finish(self, extra: dict) -> None:
         self.manifest.update(extra)
         self.manifest["complete"] = True
-        write_manifest(self.folder, self.manifest)
+        self.save_manifest()
 
 
 class BackgroundWriter:
@@ -275,23 +320,50 @@ class ShardInfo:
     sha256: str
 
 
-class ActivationStore:
-    """Read access to a finished store: its manifest, and shards validated on load."""
+# manifest keys that change while a store is harvested (or consumed); the rest identifies the store
+VOLATILE = ("shards", "n_tokens", "complete", "norm_stats", "throughput", "data_exhausted", "manifest_sha256")
+VOLATILE += ("consumed", "consumers")
 
-    def __init__(self, folder: str | Path, require_complete: bool = True):
-        self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder)
-        if require_complete and not self.manifest.get("complete"):
+
+def header_hash(manifest: dict) -> str:
+    """What identifies a store whatever its progress: its settings, not its shards."""
+    body = {k: v for k, v in manifest.items() if k not in VOLATILE}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+class ActivationStore:
+    """Read access to a finished store: its manifest, and shards validated on load.
+
+    `following=True`: a store that may still be harvested (train.stream=true); its shards are read
+    through data/stream.py, and its identity is the header of its manifest, which does not change."""
+
+    def __init__(
+        self, folder: str | Path, require_complete: bool = True, following: bool = False, location: str | None = None
+    ):  # fmt: skip
+        self.location = location or str(folder)  # the store's URL when `folder` is a local copy or unused
+        self.folder = remote.local_path(folder) if not remote.is_url(folder) else Path(".")
+        self.following = following
+        self.manifest = read_manifest(
+            self.location if remote.is_url(self.location) and following else self.folder
+        )
+        if require_complete and not following and not self.manifest.get("complete"):
             raise UserError(
                 f"the store {self.folder} is incomplete ({self.manifest.get('n_tokens', 0)} rows so far); "
-                "rerun the same sae-harvest command to finish it"
+                "rerun the same sae-harvest command to finish it, or train on it as it grows with train.stream=true"
             )
         self.shards = [
             ShardInfo(i, self.folder / s["file"], int(s["n_rows"]), s["sha256"])
             for i, s in enumerate(self.manifest["shards"])
         ]
-        if not self.shards:
+        if not self.shards and not following:
             raise UserError(f"the store {self.folder} holds no shards")
+        gone = next((s for s in self.manifest["shards"] if s.get("consumed")), None)
+        if gone is not None and not following:
+            raise UserError(
+                f"the shard {gone['file']} of the store {self.folder} was deleted after consumer "
+                f"{gone.get('consumed_by')} read it (a bounded harvest, harvest.keep_shards); only a streamed "
+                "run that registered in time reads such a store: harvest it again without keep_shards"
+            )
 
     @property
     def d_in(self) -> int:
@@ -310,6 +382,8 @@ class ActivationStore:
         return STORE_DTYPES[self.manifest["dtype"]]
 
     def manifest_hash(self) -> str:
+        if self.following:
+            return header_hash(self.manifest)
         return hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
 
     def verify(self) -> None:

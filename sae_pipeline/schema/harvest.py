@@ -31,6 +31,13 @@ class HarvestConfig:
     parts: int = 1  # how many parts the harvest is split into
     part: int = 0  # which part this process writes (0 .. parts-1)
     merge: bool = False  # only merge the finished parts' manifests into the store manifest
+    # bounded disk: at most this many shards on disk; a shard is deleted once every registered consumer
+    # (a sae-train train.stream=true run) has read it, and the harvest pauses while N are unread (0 = keep all)
+    keep_shards: int = 0
+    consumers: int = 1  # with keep_shards: no shard is deleted before this many consumers have registered
+    shard_delay_s: float = (
+        0.0  # debug: sleep this long after each shard (a slow harvest, for streaming tests)
+    )
     stop_after_shards: Optional[int] = None  # debug: the process kills itself after writing this many shards
 
 
@@ -54,6 +61,14 @@ def check_harvest_config(h) -> None:
     if h.merge and int(h.parts) < 2:
         raise UserError(
             "harvest.merge=true merges the parts of a split harvest; set harvest.parts to their number"
+        )
+    if int(h.keep_shards) < 0 or int(h.consumers) < 1:
+        raise UserError(
+            f"harvest.keep_shards={h.keep_shards} must be 0 or more and harvest.consumers={h.consumers} positive"
+        )
+    if int(h.keep_shards) and int(h.parts) > 1:
+        raise UserError(
+            "harvest.keep_shards (bounded disk) works with one harvest process; drop harvest.parts"
         )
     if h.context_size < 2 and h.prepend_bos:
         raise UserError(f"harvest.context_size={h.context_size} leaves no room for text after BOS")

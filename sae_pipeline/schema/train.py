@@ -21,6 +21,13 @@ class TrainConfig:
     prefetch: int = 1  # shuffle buffers prepared ahead by the background reader thread
     val_tokens: int = 8192  # rows of whole contexts (last shard) held out for validation; 0 = none
     init_tokens: int = 16_384  # data sample for b_dec init (and the input scale without norm stats)
+    # train on a store while sae-harvest writes it: one pass, windows of `stream_window_shards` consecutive
+    # shards shuffled together (order fixed by shard sequence + seed, never timing; data/stream.py)
+    stream: bool = False
+    stream_window_shards: int = (
+        4  # shards per shuffle window of a streamed run (its memory: this many shards)
+    )
+    stream_wait_s: float = 3600.0  # give up when no new shard arrives for this long
     # a transcoder: the store of the hook whose activations the SAE predicts from `store`'s (same harvest)
     target_store: Optional[str] = None
     # --- optimisation ---

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 from sae_pipeline import faults, layout, locks
+from sae_pipeline.data.remote import is_url
 from sae_pipeline.data.store import ActivationStore
 from sae_pipeline.errors import UserError
 from sae_pipeline.sae import save_sae
@@ -16,7 +17,7 @@ from sae_pipeline.sae import save_sae
 def provenance(store: ActivationStore) -> dict:
     """What trained an SAE: the store, its manifest hash, hook and model (recorded in every config.json)."""
     return {
-        "store": str(store.folder.resolve()),
+        "store": store.location if is_url(store.location) else str(store.folder.resolve()),
         "store_manifest_sha256": store.manifest_hash(),
         "hook": store.hook_name,
         "model": store.manifest.get("model"),

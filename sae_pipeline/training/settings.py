@@ -18,12 +18,12 @@ from sae_pipeline.errors import UserError
 FREE_TO_CHANGE = {
     "prefetch", "log_every", "val_every", "eval_every", "eval_tokens", "eval_batch_size",
     "checkpoint_every_tokens", "keep_checkpoints", "run_dir", "resume", "overwrite", "allow_changes",
-    "stop_after_steps", "device", "group",
+    "stop_after_steps", "device", "group", "stream_wait_s",
     "latent_shards",  # the same SAE up to float order; a resume must keep it (training/latent_shards.py)
 }  # fmt: skip
 
 _POSITIVE = ("batch_size", "buffer_rows", "chunk_rows", "prefetch", "init_tokens", "dead_tokens", "log_every")
-_POSITIVE += ("eval_tokens", "eval_batch_size", "keep_checkpoints")
+_POSITIVE += ("eval_tokens", "eval_batch_size", "keep_checkpoints", "stream_window_shards")
 _NON_NEGATIVE = ("val_tokens", "lr_warmup_steps", "sparsity_warmup_steps", "val_every", "eval_every")
 _NON_NEGATIVE += ("checkpoint_every_tokens", "resample_every")
 
@@ -53,6 +53,8 @@ def check_train_config(t) -> None:
         raise UserError(f"train.lr_decay_fraction={t.lr_decay_fraction} must be in [0, 1]")
     if not (math.isfinite(t.max_grad_norm) and t.max_grad_norm >= 0):
         raise UserError(f"train.max_grad_norm={t.max_grad_norm} must be a finite number >= 0 (0 = off)")
+    if not t.stream_wait_s > 0:
+        raise UserError(f"train.stream_wait_s={t.stream_wait_s} must be a positive number of seconds")
     if t.stop_after_steps is not None and t.stop_after_steps < 1:
         raise UserError(f"train.stop_after_steps={t.stop_after_steps} must be a positive integer or null")
 

@@ -47,6 +47,7 @@ from sae_pipeline.training.run_folder import (
 from sae_pipeline.training.runlog import NullLogger, RunLogger
 from sae_pipeline.training.schedule import lr_at, sparsity_scale_at
 from sae_pipeline.training.settings import change_history, check_train_config, resume_changes
+from sae_pipeline.training.streaming import open_store, planned_steps, stream_reader
 from sae_pipeline.training.transcoder import Target, check_target_resumable, open_reader, open_target
 from sae_pipeline.training.validation import LossRecovered, validate
 
@@ -56,10 +57,11 @@ class StopRequested(RuntimeError):
 
 
 def input_scale(sae_cfg, store: ActivationStore, sample_ND: torch.Tensor) -> float:
-    """The factor the SAE trains on (x * s), from the store's recorded mean norm or else the sample's."""
+    """The factor the SAE trains on (x * s), from the store's recorded mean norm or else the sample's
+    (always the sample's for a streamed store, whose recorded norms grow with the harvest)."""
     if not sae_cfg.normalize_input:
         return 1.0
-    mean = (store.manifest.get("norm_stats") or {}).get("mean")
+    mean = None if store.following else (store.manifest.get("norm_stats") or {}).get("mean")
     return input_scale_factor(sample_ND) if not mean else scale_for_mean_norm(store.d_in, mean)
 
 
@@ -78,7 +80,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
     tcfg = cfg.train
     check_train_config(tcfg)
     dist = dist or Distributed(device=resolve_device(tcfg.device))
-    store = ActivationStore(Path(cfg.store).expanduser())
+    store = open_store(cfg.store, tcfg)
     target = open_target(tcfg, store)  # a transcoder's target store, else None
     specs = member_specs(cfg, store)
     latent_shards.check(specs, store.d_in, tcfg, dist.world_size, target is not None)
@@ -125,6 +127,8 @@ def _train(cfg, run_dir, hydra_info, dist, store, target, specs, amp_dtype, resu
         write_json_atomic(run_dir / layout.CONFIG, record)
 
     def reader_at(state=None):
+        if tcfg.stream:
+            return stream_reader(store, tcfg, device.type == "cuda", run_dir, dist.rank, state=state)
         return open_reader(
             store, target, tcfg.batch_size, seed=tcfg.seed, val_tokens=tcfg.val_tokens, buffer_rows=tcfg.buffer_rows,
             chunk_rows=tcfg.chunk_rows, prefetch=tcfg.prefetch, pin_memory=device.type == "cuda", state=state,
@@ -236,7 +240,7 @@ def _train(cfg, run_dir, hydra_info, dist, store, target, specs, amp_dtype, resu
 def _train_loop(
     members, reader, store, tcfg, device, autocast, step: int, resuming: bool, dist, target, compute: dict
 ) -> None:
-    total_steps = max(1, tcfg.total_tokens // tcfg.batch_size)
+    total_steps = planned_steps(tcfg, reader)
     log0 = members[0].logger
     if resuming:
         log0.event(step, f"resuming at step {step}/{total_steps} (pass {reader.epoch + 1} over the store)")
@@ -247,7 +251,7 @@ def _train_loop(
             else f"train.lr not given: {type(m.sae).default_lr_scale:g} x 2e-4 / sqrt(d_sae / 2**14), d_sae={m.sae.d_sae}"
         )
         m.logger.event(step, f"peak learning rate {m.lr:.4g} ({why})")
-    if step == 0 and total_steps * tcfg.batch_size > reader.epoch_rows:
+    if step == 0 and not tcfg.stream and total_steps * tcfg.batch_size > reader.epoch_rows:
         passes = total_steps * tcfg.batch_size / reader.epoch_rows
         log0.event(
             0,
@@ -257,8 +261,26 @@ def _train_loop(
     val_x = reader.validation_rows() if tcfg.val_every > 0 and main else None
     loss_rec = LossRecovered(store, tcfg, device, log0, target) if tcfg.eval_every > 0 and main else None
     epoch, last_ckpt, rows = reader.epoch, step, dist.rows(tcfg.batch_size)
+    if getattr(
+        reader, "bounded", False
+    ):  # caught up with a bounded harvest: checkpoint so it may free shards
+
+        def caught_up():
+            nonlocal last_ckpt
+            if main and last_ckpt != step:
+                _save_checkpoints(members, step, reader, tcfg, dist.world_size)
+                last_ckpt = step
+            reader.checkpointed()
+
+        reader.on_wait = caught_up
     while step < total_steps:
-        x_BD = reader.next_batch()[rows].to(device, non_blocking=True)
+        x_BD = reader.next_batch()
+        if x_BD is None:  # a streamed store that ended (its data ran out) before the planned steps
+            log0.event(step, f"the store is complete and read: stopping at step {step} of {total_steps}")
+            if main:
+                _save_checkpoints(members, step, reader, tcfg, dist.world_size)
+            break
+        x_BD = x_BD[rows].to(device, non_blocking=True)
         lr, scale = lr_at(step, total_steps, tcfg, 1.0), sparsity_scale_at(step, tcfg)  # lr: schedule factor
         try:
             for m in members:
@@ -280,7 +302,8 @@ def _train_loop(
                     "sparsity_coefficient": scale,
                     "tokens": step * tcfg.batch_size,
                 }
-                rec["epoch"] = step * tcfg.batch_size / reader.epoch_rows
+                if reader.epoch_rows:
+                    rec["epoch"] = step * tcfg.batch_size / reader.epoch_rows
                 m.logger.log(step, rec)
                 if main:
                     print(_progress(m, step, total_steps, rec), flush=True)
@@ -300,6 +323,8 @@ def _train_loop(
             _check_finite(members)  # never a checkpoint with non-finite weights (every rank checks)
             if dist.saves_checkpoints:  # rank 0, or replica 0's rank of each latent shard
                 _save_checkpoints(members, step, reader, tcfg, dist.world_size, compute)
+            elif tcfg.stream:
+                reader.checkpointed()
             last_ckpt = step
         for m in members:
             m.stats.t0 += time.perf_counter() - t_side
@@ -315,6 +340,8 @@ def _train_loop(
         m.logger.log_sae(
             saved, {"arch": m.sae_cfg.arch, "hook": store.hook_name, "d_in": store.d_in, "step": step}
         )
+    if tcfg.stream:
+        reader.finished()  # a bounded harvest may delete every shard this run kept
     dist.barrier()
 
 
@@ -333,6 +360,8 @@ def _save_checkpoints(members, step: int, reader, tcfg, world_size: int, compute
         )
     for m in members:
         checkpoint.prune(m.checkpoint_root, max(tcfg.keep_checkpoints, m.min_keep))
+    if tcfg.stream:
+        reader.checkpointed()  # a bounded store may now delete the shards before this checkpoint's window
 
 
 def _progress(m: Member, step: int, total: int, rec: dict) -> str:
