@@ -239,7 +239,12 @@ class FolderLock:
             self.taken_over = previous or None
             data = json.dumps({**self.record, "kind": "flock"}).encode()
             os.ftruncate(fd, 0)
-            os.pwrite(fd, data, 0)
+            try:
+                os.pwrite(fd, data, 0)
+            except OSError as err:  # a full disk: the flock holds without the record, which only names the holder
+                if err.errno != errno.ENOSPC:
+                    os.close(fd)
+                    raise OSError(err.errno, err.strerror, str(self.path)) from None
             self.fd = fd
             return True
         raise self.busy(_read(self.path))
