@@ -211,12 +211,14 @@ def test_bounded_harvest_keeps_at_most_n_shards_and_trains_the_same_sae(assets, 
     train = _popen("train", [f"store={store}", *TRAIN, f"train.run_dir={tmp_path}/run"], tmp_path, tlog)
     peak, deadline = 0, time.monotonic() + DEADLINE_S
     while (harvest_p.poll() is None or train.poll() is None) and time.monotonic() < deadline:
+        if train.poll():  # training failed: the bounded harvest would wait for it forever
+            break
         if store.exists():  # a safety bound: it holds at every moment, so sampling can only under-count
             peak = max(peak, len([p for p in store.iterdir() if p.name.startswith("shard-")]))
         time.sleep(0.02)
-    if harvest_p.poll() is None or train.poll() is None:
+    if harvest_p.poll() is None or train.poll() is None or train.poll():
         harvest_p.kill(), train.kill()
-        pytest.fail(f"stuck after {DEADLINE_S} s:\n{hlog.read_text()[-2000:]}\n{tlog.read_text()[-2000:]}")
+        pytest.fail(f"stuck after {DEADLINE_S} s, or training failed:\n{hlog.read_text()[-2000:]}\n{tlog.read_text()[-2000:]}")
     _wait(harvest_p, hlog)
     _wait(train, tlog)
     assert 0 < peak <= 8, peak
