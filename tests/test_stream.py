@@ -218,7 +218,9 @@ def test_bounded_harvest_keeps_at_most_n_shards_and_trains_the_same_sae(assets, 
         time.sleep(0.02)
     if harvest_p.poll() is None or train.poll() is None or train.poll():
         harvest_p.kill(), train.kill()
-        pytest.fail(f"stuck after {DEADLINE_S} s, or training failed:\n{hlog.read_text()[-2000:]}\n{tlog.read_text()[-2000:]}")
+        pytest.fail(
+            f"stuck after {DEADLINE_S} s, or training failed:\n{hlog.read_text()[-2000:]}\n{tlog.read_text()[-2000:]}"
+        )
     _wait(harvest_p, hlog)
     _wait(train, tlog)
     assert 0 < peak <= 8, peak
