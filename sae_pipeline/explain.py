@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from sae_pipeline.errors import report_config_errors, report_user_errors
 from sae_pipeline.interpret.explain_run import run_explain
+from sae_pipeline.runs import single_target_only
 from sae_pipeline.schema import register_configs
 from sae_pipeline.schema.explain import check_explain_config
 
@@ -26,7 +27,8 @@ from sae_pipeline.schema.explain import check_explain_config
 def run(cfg: DictConfig) -> Path:
     """Explain and score the chosen latents of the SAE at cfg.sae_path; returns <run>/explain."""
     check_explain_config(cfg.explain)
-    return run_explain(cfg.explain, cfg.sae_path)
+    target, _ = single_target_only(Path(cfg.sae_path))
+    return run_explain(cfg.explain, target.run_dir)
 
 
 register_configs()

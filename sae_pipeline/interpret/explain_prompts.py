@@ -72,9 +72,11 @@ _PREFIX = re.compile(r"^(explanation|answer|the feature detects|feature)\s*[:\-]
 
 
 def parse_explanation(answer: str, max_chars: int = 200) -> str:
-    """The first non-empty line, without a leading label, quotes or markup, at most max_chars long."""
+    """The first non-empty line, without a leading label, enclosing quotes or markup, at most max_chars long."""
     for line in (answer or "").splitlines():
-        line = _PREFIX.sub("", line.strip().strip("*#`").strip()).strip().strip("\"'`").strip()
+        line = _PREFIX.sub("", line.strip().strip("*#`").strip()).strip()
+        if len(line) >= 2 and line[0] == line[-1] and line[0] in "\"'`":  # quoted whole
+            line = line[1:-1].strip()
         if line:
             return line.replace(OPEN, "").replace(CLOSE, "")[:max_chars]
     return NO_EXPLANATION

@@ -28,7 +28,6 @@ from sae_pipeline.interpret import explain_prompts as prompts
 from sae_pipeline.interpret import explain_scores as scores
 from sae_pipeline.interpret.chat import Ask, connect
 from sae_pipeline.locks import hold
-from sae_pipeline.runs import single_target_only
 
 # the settings that change what is written (not where the model is reached, nor how patiently)
 _SETTINGS = ("latents", "n_latents", "seed", "model", "explanation_tokens", "answer_tokens", "n_prompt_top",
@@ -85,7 +84,12 @@ def _check_settings(out_dir: Path, settings: dict, overwrite: bool) -> None:
             (out_dir / name).unlink(missing_ok=True)
     elif path.is_file():
         old = json.loads(path.read_text())
-        changed = sorted(k for k in settings if old.get(k) != settings[k])
+        changed = sorted(k for k in _SETTINGS if old.get(k) != settings[k])
+        if not changed and old.get("latent_ids") != settings["latent_ids"]:
+            raise UserError(
+                f"{out_dir} holds explanations of other latents (the feature browser changed since); "
+                "rerun with explain.overwrite=true to start again"
+            )
         if changed:
             raise UserError(
                 f"{out_dir} holds explanations made with other settings ({', '.join('explain.' + k for k in changed)}); "
@@ -126,17 +130,17 @@ def _score(ask: Ask, e, latent: int, own: str, other: int, shuffled: str, ex: sc
     }
 
 
-def run_explain(e, sae_path: str, ask: Ask | None = None) -> Path:
-    """Explain and score the chosen latents of the SAE at sae_path; returns <run>/explain. `ask`: a model
-    to use instead of the one the config names (tests, notebooks)."""
-    target, _ = single_target_only(Path(sae_path))
-    features_dir = Path(e.features_dir) if e.features_dir else target.run_dir / layout.FEATURES
+def run_explain(e, run_dir: Path, ask: Ask | None = None) -> Path:
+    """Explain and score the chosen latents of the run at run_dir; returns <run>/explain. `ask`: a model to
+    use instead of the one the config names (notebooks)."""
+    run_dir = Path(run_dir)
+    features_dir = Path(e.features_dir) if e.features_dir else run_dir / layout.FEATURES
     report = read_browser(features_dir)
     ids = choose(e, report)
     by_id = {r["id"]: r for r in report["latents"]}
     sets = {i: scores.examples(by_id[i], report["tokens"], int(e.n_prompt_top), int(e.n_prompt_quantile),
                                int(e.n_score), int(e.seed) * 1_000_003 + i) for i in ids}  # fmt: skip
-    out_dir = target.run_dir / layout.EXPLAIN_DIR
+    out_dir = run_dir / layout.EXPLAIN_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     with hold(out_dir, "the explain folder", "wait for the other sae-explain to finish"):
         settings = {k: OmegaConf.to_container(e)[k] for k in _SETTINGS}
