@@ -207,15 +207,16 @@ def test_retries_busy_and_garbled_answers_then_succeeds():
 
 
 def test_timeout_is_retried_and_a_server_that_stays_slow_is_one_sentence():
-    with ChatServer("rule", delay_s=1.0) as server:
+    # a slow answer sleeps 2 s, twice the timeout; a prompt one has 1 s, however loaded the machine
+    with ChatServer("rule", delay_s=2.0) as server:
         server.slow_next = 1
-        assert ask(server, timeout_s=0.25) == "Yes."  # the first try timed out, the second answered
+        assert ask(server, timeout_s=1.0) == "Yes."  # the first try timed out, the second answered
         assert len(server.requests) == 2
         server.slow_next = 2
         with pytest.raises(
             UserError, match="did not answer after 2 tries .last: no answer within explain.timeout_s"
         ):
-            ask(server, timeout_s=0.25, retries=1)
+            ask(server, timeout_s=1.0, retries=1)
 
 
 def test_a_refusal_is_not_retried():
