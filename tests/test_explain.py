@@ -22,12 +22,13 @@ from sae_pipeline import layout
 from sae_pipeline.errors import UserError
 from sae_pipeline.interpret import browser, explanations
 from sae_pipeline.interpret import explain_prompts as prompts
-from sae_pipeline.interpret.chat import HttpChat
+from sae_pipeline.interpret.chat import HttpChat, connect
 from sae_pipeline.interpret.explain_run import run_explain
 from sae_pipeline.interpret.explain_scores import balanced_accuracy
 from sae_pipeline.locks import FolderBusy, hold
 from sae_pipeline.schema.explain import ExplainConfig, check_explain_config
-from tests.chat_server import ChatServer
+from tests.chat_server import ChatServer, rule_answer
+from tests.helpers import features_cfg, make_sae_run, run_cli, save_tiny_model
 
 WORDS = ["the", "night", "day", "sword", "art", "thou", "king", "queen", "love"]
 PLANTED = {0: "king", 1: "queen", 2: "love"}  # latent -> the one word it fires on
@@ -300,3 +301,108 @@ def test_choices_and_bad_input(planted_run):
             run_explain(cfg(server), planted_run.parent / "elsewhere")
     with pytest.raises(UserError, match="explain.latents must be top, random or a list"):
         cfg(latents="most")
+
+
+# ----------------------------------------------------------------------------- a model in this process
+
+
+def test_in_process_model_answers_through_its_chat_template(tmp_path):
+    """explain.base_url=null: the answer is transformers' greedy generate on the chat-templated prompt."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = save_tiny_model(tmp_path / "chat", max_position_embeddings=4096)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    tok.save_pretrained(model_dir)
+    ask = connect(cfg(None, model=str(model_dir), device="cpu"))
+    messages = prompts.detection_messages('the word "king"', "the king said")
+    got = ask(messages, 6)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert enc["input_ids"].shape[1] > 60  # the whole prompt went in (character tokens)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=6, do_sample=False)
+    assert got == tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert len(out[0]) == enc["input_ids"].shape[1] + 6  # a random model does not stop early: all 6 tokens
+
+
+def test_in_process_model_without_chat_template_is_one_sentence(planted_run, tmp_path):
+    model_dir = save_tiny_model(tmp_path / "base")
+    with pytest.raises(UserError, match="has no chat template; give an instruct model"):
+        run_explain(cfg(None, model=str(model_dir), device="cpu"), planted_run)
+
+
+# ----------------------------------------------------------------------------- the real command, a tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A tiny Llama, its store and a random SAE (helpers.make_sae_run), browsed by sae-features."""
+    from sae_pipeline import features
+
+    run = make_sae_run(tmp_path_factory.mktemp("explain"))
+    features.run(features_cfg(run))
+    return run
+
+
+def test_sae_explain_cli_end_to_end_on_a_tiny_model(tiny_run, tmp_path):
+    from sae_pipeline import features
+
+    common = [f"sae_path={tiny_run}", f"paths.root={tmp_path / 'runs'}", "explain.n_latents=3",
+              "explain.n_prompt_top=2", "explain.n_score=2"]  # fmt: skip
+    with ChatServer("rule") as server:
+        res = run_cli(
+            "explain", [*common, f"explain.base_url={server.url}", "explain.model=tiny-chat"], tmp_path
+        )
+    assert res.returncode == 0, res.stderr
+    report = browser.read_report(tiny_run / layout.FEATURES)
+    live = sorted((r for r in report["latents"] if not r["dead"]), key=lambda r: (-r["count"], r["id"]))
+    recs = records(tiny_run)
+    assert [r["latent"] for r in recs] == [r["id"] for r in live[:3]]  # the three that fire most often
+    assert [r["explanation"] for r in recs] == [rule_answer(p) for p in server.prompts("explain")]
+    s = summary(tiny_run)
+    assert set(s) == SUMMARY_KEYS and s["n_latents"] == 3
+    for k in explanations.SCORES:
+        assert s[k] == pytest.approx(sum(r[k] for r in recs) / 3, abs=1e-12) and 0.0 <= s[k] <= 1.0
+    by_id = {r["id"]: r for r in report["latents"]}
+    assert [by_id[r["latent"]]["explanation"]["text"] for r in recs] == [r["explanation"] for r in recs]
+    # a rebuilt browser keeps showing them
+    features.run(features_cfg(tiny_run))
+    rebuilt = {r["id"]: r for r in browser.read_report(tiny_run / layout.FEATURES)["latents"]}
+    assert [rebuilt[r["latent"]]["explanation"]["detection"] for r in recs] == [r["detection"] for r in recs]
+    # a server that is down: one sentence, exit code 2
+    down = f"http://127.0.0.1:{free_port()}/v1"
+    res = run_cli("explain", [*common, f"explain.base_url={down}", "explain.model=m", "explain.retries=0",
+                              "explain.overwrite=true"], tmp_path)  # fmt: skip
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"error: the model server at explain.base_url={down} did not answer after 1 tries (last: [Errno 111] "
+        "Connection refused); start it or point explain.base_url at a running one"
+    ]
+
+
+def test_silent_contexts_never_fire(tiny_run):
+    """Every silent window of the browser is in a held-out context where its latent is 0 at every token."""
+    import torch
+
+    from sae_pipeline.data import text
+    from sae_pipeline.runs import load_all
+
+    _, spec, model, tok, sae, hook = load_all(str(tiny_run), "cpu")
+    report = browser.read_report(tiny_run / layout.FEATURES)
+    ids_NT, mask_NT = text.heldout_contexts(spec.manifest, tok, report["settings"]["n_tokens"])
+    with torch.no_grad():
+        x_NTD = model(ids_NT, output_hidden_states=True).hidden_states[hook.layer + 1]  # resid_post
+        acts_NTF = (
+            sae.encode(x_NTD.reshape(-1, x_NTD.shape[-1])).reshape(*ids_NT.shape, -1) * mask_NT[..., None]
+        )
+    n_checked = 0
+    for r in report["latents"]:
+        quiet = int(((acts_NTF[..., r["id"]].amax(dim=1) == 0) & mask_NT.any(dim=1)).sum())
+        assert len(r["silent"]) == min(8, quiet)  # features.n_silent, or every quiet context when fewer
+        for ex in r["silent"]:
+            assert acts_NTF[ex["ctx"], :, r["id"]].max() == 0 and bool(mask_NT[ex["ctx"], ex["pos"]])
+            assert ex["toks"] == ids_NT[ex["ctx"], ex["start"] : ex["start"] + len(ex["toks"])].tolist()
+            n_checked += 1
+    assert n_checked > 40  # not vacuous: the dense latents of make_sae_run leave few quiet contexts
