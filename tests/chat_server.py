@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-EXPLAINED = re.compile(r'explained as: "(.*)"\.\nText: (.*)\n', re.DOTALL)
+EXPLAINED = re.compile(r'Explanation of a feature: "(.*)"\.\nText: (.*)\nQuestion', re.DOTALL)
 MARKED = re.compile(r"<<(.*?)>>")
 WORD = re.compile(r'the word "(.*)"')
 
@@ -36,7 +36,7 @@ def rule_answer(prompt: str) -> str:
         return "I cannot read this prompt."
     word = WORD.fullmatch(m.group(1))
     word, text = (word.group(1) if word else m.group(1)), m.group(2)
-    if "Are the tokens between" in prompt:
+    if "are the tokens between" in prompt:
         marked = [w for s in MARKED.findall(text) for w in s.split()]
         return "Yes." if marked and all(w == word for w in marked) else "No."
     return "Yes." if word in text else "No."
@@ -102,8 +102,8 @@ class ChatServer:
 
     def prompts(self, kind: str) -> list[str]:
         """The user prompts of one kind of request: explain, detection or fuzzing."""
-        key = {"explain": "What does the feature detect?", "detection": "Does the feature fire",
-               "fuzzing": "Are the tokens between"}[kind]  # fmt: skip
+        key = {"explain": "What does the feature detect?", "detection": "does this text contain",
+               "fuzzing": "are the tokens between"}[kind]  # fmt: skip
         return [r["body"]["messages"][-1]["content"] for r in self.requests
                 if key in r["body"]["messages"][-1]["content"]]  # fmt: skip
 

@@ -3,7 +3,9 @@
 Texts are the feature browser's token windows joined back into text; marked tokens are wrapped in
 << and >> (runs of neighbouring marked tokens as one span), as in the explainer prompts of EleutherAI's
 delphi. A score question is answered yes or no: `parse_yes_no` reads the answer's first word and
-returns None for anything else, which the scores count as a wrong answer.
+returns None for anything else, which the scores count as a wrong answer. (The questions are worded
+so that SmolLM2-135M-Instruct starts its answer with yes or no; asked "Does the feature fire ...?" it
+mostly answered "The feature is ...".)
 """
 
 from __future__ import annotations
@@ -42,15 +44,16 @@ def explanation_messages(texts: list[str]) -> list[dict]:
 
 def detection_messages(explanation: str, text: str) -> list[dict]:
     return _messages(
-        f'A feature is explained as: "{explanation}".\nText: {text}\n'
-        "Does the feature fire on some token of this text? Answer yes or no."
+        f'Explanation of a feature: "{explanation}".\nText: {text}\n'
+        "Question: does this text contain what the explanation describes?\nAnswer with one word, yes or no."
     )
 
 
 def fuzzing_messages(explanation: str, marked_text: str) -> list[dict]:
     return _messages(
-        f'A feature is explained as: "{explanation}".\nText: {marked_text}\n'
-        f"Are the tokens between {OPEN} and {CLOSE} the ones this feature fires on? Answer yes or no."
+        f'Explanation of a feature: "{explanation}".\nText: {marked_text}\n'
+        f"Question: are the tokens between {OPEN} and {CLOSE} what the explanation describes?\n"
+        "Answer with one word, yes or no."
     )
 
 
