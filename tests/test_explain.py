@@ -24,7 +24,7 @@ from sae_pipeline.interpret import browser, explanations
 from sae_pipeline.interpret import explain_prompts as prompts
 from sae_pipeline.interpret.chat import HttpChat, connect
 from sae_pipeline.interpret.explain_run import run_explain
-from sae_pipeline.interpret.explain_scores import balanced_accuracy
+from sae_pipeline.interpret.explain_scores import balanced_accuracy, examples, scorable
 from sae_pipeline.locks import FolderBusy, hold
 from sae_pipeline.schema.explain import ExplainConfig, check_explain_config
 from tests.chat_server import ChatServer, rule_answer
@@ -57,6 +57,15 @@ def planted_report(seed: int = 0) -> dict:
             "silent": [{"toks": _window(rng, None, 0.0)["toks"]} for _ in range(6)],
         })  # fmt: skip
     latents.append({"id": 3, "count": 0, "dead": True, "top": [], "weak": [], "silent": []})
+    # the most frequent latent fires in every context: no silent window, so nothing to score detection on
+    every = {
+        "id": 4,
+        "count": 500,
+        "dead": False,
+        "silent": [],
+        "top": [_window(rng, "the", 5.0) for _ in range(12)],
+    }
+    latents.append({**every, "weak": [{**_window(rng, "the", 0.5), "quantile": 0.5} for _ in range(8)]})
     return {"latents": latents, "tokens": {str(i): w + " " for i, w in enumerate(WORDS)}}
 
 
@@ -124,7 +133,7 @@ def test_perfect_reader_scores_one_and_shuffled_half(planted_run, monkeypatch):
     with ChatServer("rule") as server:
         run_explain(cfg(server), planted_run)
     recs = {r["latent"]: r for r in records(planted_run)}
-    assert sorted(recs) == [0, 1, 2]  # the dead latent 3 is never chosen
+    assert sorted(recs) == [0, 1, 2]  # neither the dead latent 3 nor latent 4 that never stays silent
     for f, word in PLANTED.items():
         r = recs[f]
         assert r["explanation"] == f'the word "{word}"'
@@ -184,6 +193,22 @@ def test_a_scorer_that_always_says_yes_gets_half_and_junk_gets_zero(planted_run,
         assert [r[k] for k in explanations.SCORES] == [want] * 4
         assert r["unparsed_answers"] == (unparsed if mode == "junk" else 0)
     assert summary(planted_run)["detection"] == want
+
+
+def test_a_rare_latent_keeps_half_its_top_contexts_for_scoring():
+    rng = random.Random(1)
+    rec = {
+        "top": [_window(rng, "king", 5.0 - i) for i in range(4)],
+        "weak": [],
+        "silent": [_window(rng, None, 0)],
+    }
+    ex = examples(rec, planted_report()["tokens"], n_prompt_top=10, n_prompt_quantile=4, n_score=5, seed=0)
+    strings = planted_report()["tokens"]
+    assert ex.prompt == [prompts.show(w["toks"], strings, {2, 6}) for w in rec["top"][:2]]
+    assert ex.positives == [prompts.show(w["toks"], strings) for w in rec["top"][2:]]
+    assert len(ex.fuzz_right) == len(ex.fuzz_wrong) == 1 and scorable(ex)
+    rec["top"] = rec["top"][:3]  # 2 in the prompt, 1 held out: no wrongly marked example is left to ask about
+    assert not scorable(examples(rec, strings, n_prompt_top=10, n_prompt_quantile=4, n_score=5, seed=0))
 
 
 # ----------------------------------------------------------------------------- the HTTP client
@@ -294,7 +319,7 @@ def test_choices_and_bad_input(planted_run):
         chosen = sorted(r["latent"] for r in records(planted_run))
         assert len(chosen) == 2 and set(chosen) <= {0, 1, 2}  # live latents only
         for bad, match in [([3, 0], r"\[3\] never fired"), ([0, 9], r"\[9\] are not in the feature browser"),
-                           ([1], "at least 2 latents")]:  # fmt: skip
+                           ([1], "at least 2 latents"), ([4, 0], r"\[4\] have too few browser examples")]:  # fmt: skip
             with pytest.raises(UserError, match=match):
                 run_explain(cfg(server, latents=bad, overwrite=True), planted_run)
         with pytest.raises(UserError, match="no feature browser"):
@@ -358,8 +383,10 @@ def test_sae_explain_cli_end_to_end_on_a_tiny_model(tiny_run, tmp_path):
     assert res.returncode == 0, res.stderr
     report = browser.read_report(tiny_run / layout.FEATURES)
     live = sorted((r for r in report["latents"] if not r["dead"]), key=lambda r: (-r["count"], r["id"]))
+    ok = [r["id"] for r in live if scorable(examples(r, report["tokens"], 2, 4, 2, seed=0))]
+    assert len(ok) < len(live)  # the densest latents fire in every context: nothing silent to score on
     recs = records(tiny_run)
-    assert [r["latent"] for r in recs] == [r["id"] for r in live[:3]]  # the three that fire most often
+    assert [r["latent"] for r in recs] == ok[:3]  # the three scorable ones that fire most often
     assert [r["explanation"] for r in recs] == [rule_answer(p) for p in server.prompts("explain")]
     s = summary(tiny_run)
     assert set(s) == SUMMARY_KEYS and s["n_latents"] == 3

@@ -49,13 +49,15 @@ def read_browser(features_dir: Path) -> dict:
     return report
 
 
-def choose(e, report: dict) -> list[int]:
-    """The latents to explain: the most often firing, a seeded random sample of live ones, or a list."""
+def choose(e, report: dict, sets: dict[int, scores.Examples]) -> list[int]:
+    """The latents to explain: the most often firing, a seeded random sample, or a list; `top` and `random`
+    draw from the live latents whose browser examples can score an explanation (scores.scorable)."""
     live = {r["id"]: r for r in report["latents"] if not r["dead"]}
+    ok = sorted(i for i in live if scores.scorable(sets[i]))
     if e.latents == "top":
-        ids = sorted(live, key=lambda i: (-live[i]["count"], i))[: int(e.n_latents)]
+        ids = sorted(ok, key=lambda i: (-live[i]["count"], i))[: int(e.n_latents)]
     elif e.latents == "random":
-        ids = sorted(random.Random(int(e.seed)).sample(sorted(live), min(int(e.n_latents), len(live))))
+        ids = sorted(random.Random(int(e.seed)).sample(ok, min(int(e.n_latents), len(ok))))
     else:
         ids = [int(i) for i in e.latents]
         browsed = {r["id"] for r in report["latents"]}
@@ -69,9 +71,15 @@ def choose(e, report: dict) -> list[int]:
             raise UserError(
                 f"explain.latents {silent} never fired in the browser's text, so there is nothing to explain"
             )
+        few = [i for i in ids if i not in ok]
+        if few:
+            raise UserError(
+                f"explain.latents {few} have too few browser examples to score an explanation (firing windows "
+                "the explainer does not see, windows where they never fire); browse more text (features.n_tokens)"
+            )
     if len(ids) < 2:
         raise UserError(
-            f"sae-explain needs at least 2 latents that fire (got {len(ids)}): the shuffled baseline scores "
+            f"sae-explain needs at least 2 latents it can score (got {len(ids)}): the shuffled baseline scores "
             "another latent's explanation"
         )
     return ids
@@ -136,10 +144,10 @@ def run_explain(e, run_dir: Path, ask: Ask | None = None) -> Path:
     run_dir = Path(run_dir)
     features_dir = Path(e.features_dir) if e.features_dir else run_dir / layout.FEATURES
     report = read_browser(features_dir)
-    ids = choose(e, report)
-    by_id = {r["id"]: r for r in report["latents"]}
-    sets = {i: scores.examples(by_id[i], report["tokens"], int(e.n_prompt_top), int(e.n_prompt_quantile),
-                               int(e.n_score), int(e.seed) * 1_000_003 + i) for i in ids}  # fmt: skip
+    sets = {r["id"]: scores.examples(r, report["tokens"], int(e.n_prompt_top), int(e.n_prompt_quantile),
+                                     int(e.n_score), int(e.seed) * 1_000_003 + r["id"])
+            for r in report["latents"] if not r["dead"]}  # fmt: skip
+    ids = choose(e, report, sets)
     out_dir = run_dir / layout.EXPLAIN_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     with hold(out_dir, "the explain folder", "wait for the other sae-explain to finish"):

@@ -1,8 +1,9 @@
 """Scoring an explanation of a latent: detection and fuzzing, as balanced accuracies in [0, 1].
 
 From one browser record (feature_report.py): the explainer sees the first `n_prompt_top` top contexts
-and every other quantile (weak) example, firing tokens marked; scoring uses only the examples it did
-not see, so an explanation cannot pass by quoting its prompt.
+(at most half of them, so a rare latent keeps some to be scored on) and every other quantile (weak)
+example, firing tokens marked; scoring uses only the examples it did not see, so an explanation cannot
+pass by quoting its prompt. A latent that leaves no example of one of the answers is not `scorable`.
 
 - detection: positives (held-out top and quantile windows, unmarked) and negatives (windows of contexts
   where the latent never fires): the scorer answers "does it fire here?";
@@ -57,8 +58,9 @@ def examples(rec: dict, strings: dict[str, str], n_prompt_top: int, n_prompt_qua
     """Split a browser record's windows into the prompt's and the scorer's (deterministic in seed)."""
     top, weak = rec["top"], rec["weak"]
     seen_weak = weak[0::2][:n_prompt_quantile]
-    shown = top[:n_prompt_top] + seen_weak
-    held = _interleave([w for w in weak if not any(w is s for s in seen_weak)], top[n_prompt_top:])
+    shown = top[: min(n_prompt_top, (len(top) + 1) // 2)] + seen_weak  # a rare latent keeps half for scoring
+    n_top = len(shown) - len(seen_weak)
+    held = _interleave([w for w in weak if not any(w is s for s in seen_weak)], top[n_top:])
     ex = Examples(prompt=[prompts.show(e["toks"], strings, _firing(e)) for e in shown])
     ex.positives = [prompts.show(e["toks"], strings) for e in held[:n_score]]
     ex.negatives = [prompts.show(e["toks"], strings) for e in rec.get("silent", [])[:n_score]]
@@ -72,6 +74,11 @@ def examples(rec: dict, strings: dict[str, str], n_prompt_top: int, n_prompt_qua
             marks = set(rng.sample(quiet, min(len(_firing(e)), len(quiet))))
             ex.fuzz_wrong.append(prompts.show(e["toks"], strings, marks))
     return ex
+
+
+def scorable(ex: Examples) -> bool:
+    """Every question has examples of both answers: held-out firing windows, silent ones, right and wrong marks."""
+    return bool(ex.positives and ex.negatives and ex.fuzz_right and ex.fuzz_wrong)
 
 
 def _ask_all(ask: Ask, messages: list[list[dict]], max_tokens: int) -> list[bool | None]:
