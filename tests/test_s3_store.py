@@ -43,8 +43,8 @@ def server(tmp_path_factory):
     env = {
         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
-        "AWS_CONFIG_FILE": "/nonexistent",
-    }  # fmt: skip
+        "AWS_CONFIG_FILE": "/nonexistent", "AWS_EC2_METADATA_DISABLED": "true",
+    }  # fmt: skip  # no metadata endpoint: without credentials, botocore would try 169.254.169.254 (network)
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
