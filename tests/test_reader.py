@@ -109,13 +109,22 @@ def test_error_in_reader_thread_surfaces_as_user_error(tmp_path):
     reader.close()
 
 
-def expected_order(store: ActivationStore, seed: int, epoch: int, buffer_rows: int, chunk_rows: int, val: set):
+def expected_order(
+    store: ActivationStore, seed: int, epoch: int, buffer_rows: int, chunk_rows: int, val: set
+):
     """Row ids of one pass as the module docstring defines it, recomputed from the store's row ids."""
     from sae_pipeline.data.reader import _rng
 
     chunks = []  # (row ids of the chunk's training rows) per chunk, in store order
     for shard in store.shards:
-        ids = ShuffledReader(store, 1)._acts[shard.index].read_rows(0, shard.n_rows)[:, 0].round().long().tolist()
+        ids = (
+            ShuffledReader(store, 1)
+            ._acts[shard.index]
+            .read_rows(0, shard.n_rows)[:, 0]
+            .round()
+            .long()
+            .tolist()
+        )
         for start in range(0, shard.n_rows, chunk_rows):
             kept = [i for i in ids[start : start + chunk_rows] if i not in val]
             if kept:
