@@ -91,11 +91,12 @@ def step(device: torch.device, s: dict, roofline_tflops: float) -> dict:
         tps = s["batch"] / min(times)
         out[name] = {
             "tokens_per_s": tps,
-            "share_of_bf16_roofline": tps * 10 * s["d_in"] * d_sae / (roofline_tflops * 1e12),
+            "share_of_roofline": tps * 10 * s["d_in"] * d_sae / (roofline_tflops * 1e12),
             "share_of_encoder_gemm": tps * 2 * s["d_in"] * d_sae / (roofline_tflops * 1e12),
             "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         }
     out["bf16_over_fp32"] = out["bf16"]["tokens_per_s"] / out["fp32"]["tokens_per_s"]
+    out["roofline"] = "bf16 matmul" if device.type == "cuda" else "fp32 matmul (bf16 is no CPU's roofline)"
     return out
 
 

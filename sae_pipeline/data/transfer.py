@@ -44,11 +44,12 @@ class DeviceWindow:
     def send(cls, raw_ND: torch.Tensor, order_M: torch.Tensor, device: torch.device) -> DeviceWindow:
         if device.type != "cuda":  # gathered here, in the calling (reader) thread: None = in order
             return cls(raw_ND.index_select(0, order_M).float().to(device), None)
-        with torch.cuda.stream(_copy_stream(device)):
+        stream = _copy_stream(device)
+        with torch.cuda.stream(stream):
             raw = raw_ND.to(device, non_blocking=True)
             order = order_M.pin_memory().to(device, non_blocking=True)
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(stream)
         return cls(raw, order, ready)
 
     def __len__(self) -> int:
