@@ -172,8 +172,8 @@ def latent_shards(device: torch.device, store: Path, work: Path, s: dict) -> dic
         "where": str(on),
         "why": "2 GPUs: one shard each over NCCL"
         if on.type == "cuda"
-        else "one process per device under NCCL (cuda:LOCAL_RANK), so 2 shards on this node's "
-        f"{n_gpu or 'no'} GPU run as 2 gloo processes on the CPU, at the CPU rehearsal's shape",
+        else "one process per device under NCCL (cuda:LOCAL_RANK) and this node has "
+        f"{n_gpu} GPUs, so the 2 shards run as 2 gloo processes on the CPU, at the CPU rehearsal's shape",
     }
     runs = {}
     for name, nproc, extra in (("one_process", 1, []), ("two_shards", 2, ["train.latent_shards=2"])):

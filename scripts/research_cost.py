@@ -66,7 +66,12 @@ def main() -> None:
     )
     ap.add_argument("--gemm-efficiency", type=float, default=0.7, help="encoder GEMM rate / roofline")
     ap.add_argument("--loop-share", type=float, default=0.44, help="training loop rate / encoder GEMM rate")
-    ap.add_argument("--reader-gb-s", type=float, default=1.4, help="the reader's feed, GB/s of store bytes")
+    ap.add_argument(
+        "--reader-gb-s",
+        type=float,
+        default=1.91,
+        help="one reader's feed, GB/s (bench_reader.py, bf16, d_in 2304)",
+    )
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
