@@ -114,8 +114,6 @@ def reader(device: torch.device, store: ActivationStore) -> dict:
     kw = dict(batch_size=batch, seed=0, val_tokens=4096)
     with ShuffledReader(store, device="cpu", **kw) as ref, ShuffledReader(store, device=device, **kw) as dev:
         same = all(torch.equal(ref.next_batch(), dev.next_batch().cpu()) for _ in range(20))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     r = ShuffledReader(store, device=device, **kw)
     n = r.epoch_rows // batch
     r.next_batch()  # the first window (start-up) is not the steady rate
@@ -131,7 +129,6 @@ def reader(device: torch.device, store: ActivationStore) -> dict:
         "rows_per_s": rows / seconds,
         "gb_per_s_store_bytes": rows * store.d_in * 2 / seconds / 1e9,
         "first_20_batches_equal_cpu_reader": same,
-        "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
     }
 
 
@@ -224,6 +221,8 @@ def main() -> int:
         def part(name, fn):
             log(f"== {name}")
             t0 = time.perf_counter()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             try:
                 report[name] = fn()
             except Exception as err:  # noqa: BLE001 - every part is tried and its failure recorded
@@ -231,6 +230,8 @@ def main() -> int:
                 failed.append(name)
                 traceback.print_exc()
             report[name]["seconds"] = time.perf_counter() - t0
+            if device.type == "cuda":  # this part's peak (the step's dtypes also have their own)
+                report[name]["part_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
             log(json.dumps(report[name], indent=1))
 
         part("gemm", lambda: gemm(device, s))
@@ -241,7 +242,9 @@ def main() -> int:
         part("train", lambda: train(device, store.folder, work, s))
         part("latent_shards", lambda: latent_shards(device, store.folder, work, s))
     if device.type == "cuda":
-        report["peak_mib_whole_check"] = torch.cuda.max_memory_allocated(device) / 2**20
+        report["peak_mib_whole_check"] = max(
+            r.get("part_peak_mib", 0) for r in report.values() if isinstance(r, dict)
+        )
     report["wall_s"] = time.perf_counter() - t_start
     report["failed"] = failed
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1))
