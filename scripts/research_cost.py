@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument(
         "--reader-gb-s",
         type=float,
-        default=1.91,
+        default=5.04,
         help="one reader's feed, GB/s (bench_reader.py, bf16, d_in 2304)",
     )
     ap.add_argument("--batch", type=int, default=4096)
