@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_SILENT ?= true
 
-.PHONY: help setup assets browser demo sweep steer explain probe example-digits example-transcoder test test-fast faults lint format bench gpu-check clean distclean
+.PHONY: help setup assets browser demo sweep steer explain probe example-digits example-transcoder test test-fast faults lint format bench gpu-bundle gpu-check gpu-check-rehearsal clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -96,17 +96,32 @@ format: $(STAMP) ## apply ruff fixes and formatting
 bench: setup ## benchmarks: harvest early exit, SAE training roofline, loop vs step, reader throughput, quality at one pass, streaming/S3/bounded disk
 	$(PY) scripts/bench_harvest.py
 	$(PY) scripts/bench_sae.py
+	$(PY) scripts/bench_reader.py
 	$(PY) scripts/bench_loop.py
 	$(PY) scripts/bench_train.py
 	$(PY) scripts/bench_sweep_group.py
 	$(PY) scripts/bench_quality.py --root $(ROOT)/bench/quality
 	$(PY) scripts/bench_stream.py
 
-gpu-check: $(STAMP) ## on a CUDA machine: bf16 autocast tests on the GPU, bench_sae in bf16/fp32, a demo-sized train
-	VENV=$(VENV) ROOT=$(ROOT) scripts/gpu_check.sh
+# The GPU check runs on a node that has only python3 with torch, transformers, safetensors, numpy, fsspec and
+# pyarrow: the project's other imports travel as pure-Python wheels in gpu_bundle/ (`make gpu-bundle`, here).
+GPU_PYTHON ?= python3
+gpu-bundle: $(STAMP) ## fetch the wheels the GPU check needs on a bare GPU node (Python 3.12) into gpu_bundle/
+	$(PY) scripts/gpu_bundle.py --python 3.12 --out gpu_bundle
+
+gpu-check: ## on a GPU node (bare python3 + torch etc.): install gpu_bundle/ into .gpu-site/, write runs/gpu_check/gpu_check.json + log
+	rm -rf .gpu-site && $(GPU_PYTHON) -m pip install -q --no-index --no-deps --target .gpu-site gpu_bundle/*.whl
+	mkdir -p $(ROOT)/gpu_check && set -o pipefail && PYTHONPATH=.gpu-site $(GPU_PYTHON) scripts/gpu_check.py \
+		--out $(ROOT)/gpu_check 2>&1 | tee $(ROOT)/gpu_check/gpu_check.log
+
+REHEARSAL := .gpu-rehearsal/venv
+gpu-check-rehearsal: gpu-bundle ## the GPU check on the CPU, in a fresh venv holding only the node's packages + gpu_bundle/
+	rm -rf $(REHEARSAL) && python3 -m venv $(REHEARSAL)
+	$(REHEARSAL)/bin/pip install -q "$(TORCH_SPEC)" transformers safetensors numpy fsspec pyarrow
+	$(MAKE) gpu-check GPU_PYTHON=$(REHEARSAL)/bin/python ROOT=$(ROOT)/rehearsal
 
 clean: ## remove outputs and caches of this checkout (keeps .venv and the asset cache)
-	rm -rf $(ROOT) outputs multirun wandb .pytest_cache .ruff_cache
+	rm -rf $(ROOT) outputs multirun wandb .pytest_cache .ruff_cache .gpu-site .gpu-rehearsal
 
 distclean: clean ## also remove the virtual environment
 	rm -rf $(VENV)

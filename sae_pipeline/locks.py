@@ -241,9 +241,8 @@ class FolderLock:
             os.ftruncate(fd, 0)
             try:
                 os.pwrite(fd, data, 0)
-            except (
-                OSError
-            ) as err:  # a full disk: the flock holds without the record, which only names the holder
+            # a full disk: the flock holds without the record, which only names the holder
+            except OSError as err:
                 if err.errno != errno.ENOSPC:
                     os.close(fd)
                     raise OSError(err.errno, err.strerror, str(self.path)) from None

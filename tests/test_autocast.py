@@ -1,8 +1,8 @@
 """bfloat16 autocast for every architecture: float32 master weights, float32 gradients and Adam state.
 
 Each architecture takes a few optimizer steps under `torch.autocast(device, dtype=torch.bfloat16)` on tiny
-shapes (CPU autocast stands in for CUDA's; on a CUDA machine the same tests also run on the GPU, see
-scripts/gpu_check.sh), and the result is compared with the same steps in float32.
+shapes (CPU autocast stands in for CUDA's; on a CUDA machine the same tests also run on the GPU:
+`pytest tests/test_autocast.py` there), and the result is compared with the same steps in float32.
 
 Tolerances come from bf16's 8-bit significand: rounding to nearest has relative error <= u = 2**-8 (0.39%).
 Autocast rounds the inputs of every matmul to bf16 and returns bf16 products (accumulated in float32), so

@@ -107,3 +107,62 @@ def test_error_in_reader_thread_surfaces_as_user_error(tmp_path):
     with pytest.raises(UserError, match=r"shard-0000\d"):
         read_all(reader, 10)
     reader.close()
+
+
+def expected_order(
+    store: ActivationStore, seed: int, epoch: int, buffer_rows: int, chunk_rows: int, val: set
+):
+    """Row ids of one pass as the module docstring defines it, recomputed from the store's row ids."""
+    from sae_pipeline.data.reader import _rng
+
+    chunks = []  # (row ids of the chunk's training rows) per chunk, in store order
+    for shard in store.shards:
+        ids = (
+            ShuffledReader(store, 1)
+            ._acts[shard.index]
+            .read_rows(0, shard.n_rows)[:, 0]
+            .round()
+            .long()
+            .tolist()
+        )
+        for start in range(0, shard.n_rows, chunk_rows):
+            kept = [i for i in ids[start : start + chunk_rows] if i not in val]
+            if kept:
+                chunks.append(kept)
+    order = torch.randperm(len(chunks), generator=_rng(seed, epoch)).tolist()
+    per = max(1, round(buffer_rows / chunk_rows))
+    out = []
+    for w, k in enumerate(range(0, len(order), per)):
+        rows = [i for c in order[k : k + per] for i in chunks[c]]
+        out += [rows[j] for j in torch.randperm(len(rows), generator=_rng(seed, epoch, w + 1)).tolist()]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batches_follow_the_documented_order_at_any_thread_count(tmp_path, dtype):
+    # ids up to 256 are exact in bfloat16, so rows stay tellable apart in a bf16 store
+    st = ActivationStore(make_store(tmp_path / "s", n_contexts=16, contexts_per_shard=6, dtype=dtype))
+    kw = dict(batch_size=20, seed=7, val_tokens=20, buffer_rows=48, chunk_rows=16)
+    with ShuffledReader(st, read_threads=1, **kw) as a, ShuffledReader(st, read_threads=3, **kw) as b:
+        val = set(row_ids(a.validation_rows()))
+        want = expected_order(st, 7, 0, 48, 16, val) + expected_order(st, 7, 1, 48, 16, val)
+        n = len(want) // 20
+        assert read_all(a, n) == want[: n * 20]
+        assert read_all(b, n) == want[: n * 20]
+
+
+def test_windows_cross_in_the_store_dtype_and_gather_alike_on_every_path(tmp_path):
+    from sae_pipeline.data.transfer import DeviceWindow
+
+    st = ActivationStore(make_store(tmp_path / "s", n_contexts=8, contexts_per_shard=4, dtype=torch.bfloat16))
+    reader = ShuffledReader(st, batch_size=8, seed=0, val_tokens=16, buffer_rows=64, chunk_rows=32)
+    chunks = reader._windows(0)[-1]
+    raw, order = reader._window_order(0, len(reader._windows(0)) - 1, chunks)
+    assert raw.dtype == torch.bfloat16  # not converted on the host
+    assert len(order) < raw.shape[0]  # the validation rows of the last shard are left out by the order
+    lazy = DeviceWindow(raw, order)  # gathered per batch (the CUDA path's arithmetic, here on the CPU)
+    eager = DeviceWindow.send(raw, order, torch.device("cpu"))  # gathered once (the CPU path)
+    for offset, take in [(0, 5), (5, len(order) - 5)]:
+        a, b = lazy.rows(offset, take), eager.rows(offset, take)
+        assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+    assert torch.equal(eager.rows(0, len(order)), raw.float()[order])

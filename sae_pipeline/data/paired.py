@@ -118,6 +118,10 @@ class PairedReader(ShuffledReader):
             rows = rows[~self._val_mask[c.start : c.stop]]
         return rows
 
+    def _window_rows(self, chunks) -> tuple[torch.Tensor, None]:
+        """Paired rows are joined (and made float32) on the host: the two stores' dtypes may differ."""
+        return torch.cat([self._read_chunk(c) for c in chunks]), None
+
     def validation_rows(self) -> torch.Tensor:
         """The held-out rows [N, d_in + d_out] (float32), never returned by `next_batch`."""
         if self._val_mask is None:

@@ -1,7 +1,7 @@
 """Shuffled, resumable streaming reader over an activation store.
 
     reader = ShuffledReader(store, batch_size=4096, seed=0, val_tokens=8192)
-    x_BD = reader.next_batch()          # float32, shuffled, never a validation row
+    x_BD = reader.next_batch()          # float32 on `device` (default cpu), shuffled, never a validation row
     state = reader.state()              # {"epoch": e, "position": p}: JSON-able
     ShuffledReader(store, ..., state=state) continues with exactly the same batches.
 
@@ -12,9 +12,14 @@ without replaying the past):
   3. consecutive runs of permuted chunks form windows of about `buffer_rows` rows (the shuffle
      buffer); the rows of each window are permuted again (seed, epoch, window).
 The epoch's stream is the concatenation of its windows; epochs follow each other without a
-gap, so a batch may straddle two passes. Shards are read through a fresh memory map per chunk
-(unmapped right after the copy), so resident memory is bounded by the buffer size
+gap, so a batch may straddle two passes. Resident memory is bounded by the buffer size
 (`prefetch + 2` windows at most), whatever the store size.
+
+How rows travel (data/transfer.py): `read_threads` threads read a window's chunks straight from the
+shard files into one host buffer in the store's dtype (page-locked when `device` is CUDA); the buffer
+and the window's order (its permutation, validation rows left out) go to `device` together, and
+`next_batch` gathers and converts to float32 there. The order is the same on every device, so a run
+and its resume see the same rows wherever the gather runs.
 
 Validation: whole contexts with the highest context ids of the last shard (at least
 `val_tokens` rows) are kept out of training; `validation_rows()` returns them.
@@ -25,6 +30,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +39,18 @@ import torch
 
 from sae_pipeline.data.integrity import ShardChecker
 from sae_pipeline.data.store import ActivationStore
+from sae_pipeline.data.transfer import DeviceWindow, host_buffer
 from sae_pipeline.errors import UserError
 
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32, "I64": np.int64}
 _TORCH_VIEW = {"BF16": torch.bfloat16}
+_TORCH_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+}
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,24 @@ class _Tensor:
         if self.dtype in _TORCH_VIEW:
             out = out.view(_TORCH_VIEW[self.dtype])
         return out
+
+    def read_into(self, start: int, out: torch.Tensor) -> None:
+        """Rows [start, start + len(out)) straight from the file into `out` (a contiguous host tensor)."""
+        want = out.shape[0] * self.row_bytes
+        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        try:
+            with open(self.path, "rb", buffering=0) as f:
+                f.seek(self.offset + start * self.row_bytes)
+                got = 0
+                while got < want:  # readinto releases the GIL: several chunks are read at once
+                    n = f.readinto(view[got:want])
+                    if not n:
+                        raise OSError(
+                            f"it ends {want - got} bytes before rows {start}..{start + out.shape[0]}"
+                        )
+                    got += n
+        except OSError as err:
+            raise UserError(f"the shard {self.path} could not be read ({err})") from None
 
 
 def _tensor_index(path: Path) -> dict[str, _Tensor]:
@@ -124,12 +156,16 @@ class ShuffledReader:
         chunk_rows: int = 4_096,
         prefetch: int = 1,
         state: dict | None = None,
-        pin_memory: bool = False,
+        device: torch.device | str = "cpu",
+        read_threads: int = 4,
     ):
-        if batch_size <= 0 or buffer_rows <= 0 or chunk_rows <= 0:
-            raise UserError("train.batch_size, train.buffer_rows and train.chunk_rows must be positive")
+        if batch_size <= 0 or buffer_rows <= 0 or chunk_rows <= 0 or read_threads <= 0:
+            raise UserError(
+                "train.batch_size, train.buffer_rows, train.chunk_rows and train.read_threads must be positive"
+            )
         self.store, self.batch_size, self.seed = store, int(batch_size), int(seed)
-        self.pin_memory = pin_memory
+        self.device, self.read_threads = torch.device(device), int(read_threads)
+        self._pool: ThreadPoolExecutor | None = None
         self._checker = ShardChecker.of(store)  # each shard's sha256, the first time its rows are read
         self._acts = []
         for shard in store.shards:
@@ -141,6 +177,8 @@ class ShuffledReader:
                     f"the shard {shard.path} has activations {got}, but the manifest says ({shard.n_rows}, {store.d_in})"
                 )
             self._acts.append(acts)
+        dtypes = {a.dtype for a in self._acts}  # one dtype per store; a mixed one is read as float32
+        self._dtype = dtypes.pop() if len(dtypes) == 1 else "F32"
         last = store.shards[-1]
         self._val_mask, self._val_rows = self._choose_validation(last, int(val_tokens))
         self.chunks = []
@@ -209,22 +247,48 @@ class ShuffledReader:
         return self._val_rows
 
     # ---- the deterministic order --------------------------------------------------------------
-    def _read_chunk(self, c: _Chunk) -> torch.Tensor:
+    def _read_into(self, c: _Chunk, out: torch.Tensor) -> None:
         self._checker.check(c.shard)
-        rows = self._acts[c.shard].read_rows(c.start, c.stop)
-        if c.shard == len(self._acts) - 1 and self._val_mask is not None:
-            rows = rows[~self._val_mask[c.start : c.stop]]
-        return rows.float()
+        acts = self._acts[c.shard]
+        if acts.dtype == self._dtype:
+            acts.read_into(c.start, out)
+        else:
+            out.copy_(acts.read_rows(c.start, c.stop))
+
+    def _window_rows(self, chunks: list[_Chunk]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The chunks' rows as read (one host buffer, store dtype), and the positions of their training
+        rows in it (None: all of them); reads the chunks on `read_threads` threads."""
+        sizes = [c.stop - c.start for c in chunks]
+        raw = host_buffer(sum(sizes), self.store.d_in, _TORCH_DTYPES[self._dtype], self.device)
+        starts = np.cumsum([0, *sizes]).tolist()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="store-read")
+        outs = [raw[a:b] for a, b in zip(starts, starts[1:], strict=False)]
+        for done in [self._pool.submit(self._read_into, c, o) for c, o in zip(chunks, outs, strict=True)]:
+            done.result()
+        last = len(self._acts) - 1
+        if self._val_mask is None or all(c.shard != last for c in chunks):
+            return raw, None
+        keep = torch.ones(raw.shape[0], dtype=torch.bool)
+        for c, a in zip(chunks, starts, strict=False):
+            if c.shard == last:
+                keep[a : a + c.stop - c.start] = ~self._val_mask[c.start : c.stop]
+        return raw, keep.nonzero().squeeze(1)
 
     def _windows(self, epoch: int) -> list[list[_Chunk]]:
         order = torch.randperm(len(self.chunks), generator=_rng(self.seed, epoch)).tolist()
         per = self.chunks_per_window
         return [[self.chunks[i] for i in order[k : k + per]] for k in range(0, len(order), per)]
 
-    def _build_window(self, epoch: int, w: int, chunks: list[_Chunk]) -> torch.Tensor:
-        x = torch.cat([self._read_chunk(c) for c in chunks])
-        x = x[torch.randperm(x.shape[0], generator=_rng(self.seed, epoch, w + 1))]
-        return x.pin_memory() if self.pin_memory else x
+    def _window_order(self, epoch: int, w: int, chunks: list[_Chunk]):
+        """(rows as read, the shuffled order of the window's training rows in them)."""
+        raw, keep = self._window_rows(chunks)
+        n = raw.shape[0] if keep is None else keep.shape[0]
+        perm = torch.randperm(n, generator=_rng(self.seed, epoch, w + 1))
+        return raw, (perm if keep is None else keep[perm])
+
+    def _build_window(self, epoch: int, w: int, chunks: list[_Chunk]) -> DeviceWindow:
+        return DeviceWindow.send(*self._window_order(epoch, w, chunks), self.device)
 
     def _producer(self, epoch: int, position: int, out: queue.Queue, stop: threading.Event) -> None:
         """Puts (epoch, window start, rows) for every window from the one holding `position` on."""
@@ -269,14 +333,14 @@ class ShuffledReader:
 
     # ---- public API -------------------------------------------------------------------------
     def next_batch(self) -> torch.Tensor:
-        """The next `batch_size` training rows [B, D] (float32)."""
+        """The next `batch_size` training rows [B, D] (float32, on `device`)."""
         parts, need = [], self.batch_size
         while need > 0:
-            if self._window is None or self.position >= self._window_start + self._window.shape[0]:
+            if self._window is None or self.position >= self._window_start + len(self._window):
                 self._next_window()
             offset = self.position - self._window_start
-            take = min(need, self._window.shape[0] - offset)
-            parts.append(self._window[offset : offset + take])
+            take = min(need, len(self._window) - offset)
+            parts.append(self._window.rows(offset, take))
             need -= take
             self.position += take
             if self.position == self.epoch_rows:
@@ -289,13 +353,14 @@ class ShuffledReader:
         return {"epoch": self.epoch, "position": self.position}
 
     def sample(self, n: int) -> torch.Tensor:
-        """The first `n` rows of epoch 0 (a deterministic data sample; no effect on the stream)."""
+        """The first `n` rows of epoch 0, float32 on the CPU (a deterministic data sample; no effect on the
+        stream)."""
         out, got = [], 0
         for w, chunks in enumerate(self._windows(0)):
             if got >= n:
                 break
-            x = self._build_window(0, w, chunks)
-            out.append(x[: n - got])
+            window = DeviceWindow(*self._window_order(0, w, chunks))
+            out.append(window.rows(0, min(n - got, len(window))))
             got += out[-1].shape[0]
         return torch.cat(out)
 
@@ -304,6 +369,9 @@ class ShuffledReader:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._thread = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
     def __enter__(self):
         return self

@@ -19,6 +19,7 @@ class TrainConfig:
     buffer_rows: int = 65_536  # shuffle buffer (rows); bounds the reader's memory
     chunk_rows: int = 4096  # contiguous rows read at a time from one shard
     prefetch: int = 1  # shuffle buffers prepared ahead by the background reader thread
+    read_threads: int = 4  # threads reading a shuffle buffer's chunks from the shard files at once
     val_tokens: int = 8192  # rows of whole contexts (last shard) held out for validation; 0 = none
     init_tokens: int = 16_384  # data sample for b_dec init (and the input scale without norm stats)
     # train on a store while sae-harvest writes it: one pass, windows of `stream_window_shards` consecutive

@@ -131,7 +131,8 @@ def _train(cfg, run_dir, hydra_info, dist, store, target, specs, amp_dtype, resu
             return stream_reader(store, tcfg, device.type == "cuda", run_dir, dist.rank, state=state)
         return open_reader(
             store, target, tcfg.batch_size, seed=tcfg.seed, val_tokens=tcfg.val_tokens, buffer_rows=tcfg.buffer_rows,
-            chunk_rows=tcfg.chunk_rows, prefetch=tcfg.prefetch, pin_memory=device.type == "cuda", state=state,
+            chunk_rows=tcfg.chunk_rows, prefetch=tcfg.prefetch, device=device, read_threads=tcfg.read_threads,
+            state=state,
         )  # fmt: skip
 
     reader = reader_at()
