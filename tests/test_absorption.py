@@ -76,3 +76,129 @@ def test_no_absorption_control():
     assert report["mean_absorption_fraction_score"] == 0.0
     assert report["mean_full_absorption_score"] == 0.0
     assert all(e["absorbing_latents"] == {} for e in report["letters"].values())
+
+
+# ----------------------------------------------------------------------------- sae-eval, end to end
+
+LETTER_WORDS = 40  # made-up words per letter a..e in the tiny tokenizer's vocabulary
+
+
+def _word_tokenizer(words: list[str]):
+    """Word-level: runs of letters are one token when in the vocabulary, other characters one each."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.helpers import CHARS, SPECIALS
+
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(SPECIALS + list(CHARS) + words))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("[A-Za-z]+|[^A-Za-z]"), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="module")
+def letter_run(tmp_path_factory):
+    """A tiny Llama whose word embeddings carry a direction per first letter, a store harvested from
+    markdown plays (so sae-probe's speaker task has headings), and a random ReLU SAE on it."""
+    import json
+    import random
+
+    from transformers import AutoModelForCausalLM
+
+    from sae_pipeline import harvest, layout
+    from sae_pipeline.data.store import read_manifest
+    from sae_pipeline.sae import save_sae
+    from tests.helpers import compose_config, save_tiny_model, tiny_overrides
+    from tests.test_probe_tasks import PLAYS, WORDS, _play
+
+    tmp = tmp_path_factory.mktemp("absorb")
+    rng = random.Random(0)
+    made_up = sorted(
+        {c + "".join(rng.choice("bcdfghklmnprstvw") for _ in range(4)) for c in "abcde" for _ in range(60)}
+    )
+    words = [w for c in "abcde" for w in [m for m in made_up if m[0] == c][:LETTER_WORDS]]
+    words += WORDS + ["KING", "QUEEN", "FOOL", "Exit", "ACT", "A", "Play", "has", "the", "first", "letter"]
+    model_dir = save_tiny_model(tmp / "model")
+    tok = _word_tokenizer(words)
+    tok.save_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    g = torch.Generator().manual_seed(3)
+    u_LD = torch.nn.functional.normalize(torch.randn(5, model.config.hidden_size, generator=g), dim=1)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        for w in words[: 5 * LETTER_WORDS]:
+            emb[tok.convert_tokens_to_ids(w)] += 2.0 * u_LD["abcde".index(w[0])]
+    model.save_pretrained(model_dir)
+    corpus = tmp / "plays.jsonl"
+    corpus.write_text("".join(json.dumps({"title": t, "text": _play(rng)}) + "\n" for t in PLAYS))
+    (store,) = harvest.run(compose_config("harvest", tiny_overrides(tmp, model_dir, corpus, n_tokens=800)))
+    m = read_manifest(store)
+    sae = build_sae(CONFIG_CLASSES["relu"](d_sae=48, normalize_input=False), d_in=m["d_in"], seed=0)
+    save_sae(
+        sae,
+        tmp / "run" / layout.FINAL_SAE,
+        extra={"store": str(store), "hook": m["hook"]["name"], "model": m["model"]},
+    )
+    (tmp / "run" / layout.CONFIG).write_text(json.dumps({"store": str(store)}))
+    return tmp
+
+
+def test_sae_eval_writes_absorption_probing_and_the_card(letter_run):
+    import json
+
+    from sae_pipeline import eval as sae_eval
+    from sae_pipeline import layout
+    from tests.helpers import compose_config
+
+    tmp = letter_run
+    (tmp / "run" / layout.EXPLAIN_DIR).mkdir()
+    explain = {
+        "n_latents": 8,
+        "detection": 0.61,
+        "fuzzing": 0.55,
+        "detection_shuffled": 0.5,
+        "fuzzing_shuffled": 0.49,
+    }
+    (tmp / "run" / layout.EXPLAIN_DIR / layout.EXPLAIN_SUMMARY).write_text(json.dumps(explain))
+    cfg = compose_config("eval", [
+        f"sae_path={tmp / 'run'}", f"paths.root={tmp / 'runs'}", "eval.n_tokens=256", "eval.device=cpu",
+        "logger=none", "eval.absorption=true", "eval.absorption_words=500", "eval.absorption_min_words=5",
+        "eval.probe_tasks=[speaker]", "eval.probe={ks:[1,2],Cs:[1.0],n_bootstrap:10,contexts_per_doc:2}",
+    ])  # fmt: skip
+    m = sae_eval.run(cfg)["metrics"]["run"]
+    a = m["absorption"]
+    assert set(a["letters"]) == set("abcde")  # the planted letters, and no other has enough words
+    assert all(e["probe_f1"] >= 0.9 for e in a["letters"].values())
+    assert 0.0 <= a["mean_absorption_fraction_score"] <= 1.0
+    assert (
+        a["n_words"] == a["settings"]["words_in_vocabulary"] < 500
+    )  # every alphabetic token of the vocabulary
+    on_disk = json.loads((tmp / "run" / layout.EVAL / layout.METRICS).read_text())
+    assert on_disk["absorption"]["letters"] == a["letters"]
+    sp = on_disk["sparse_probing"]["speaker"]
+    assert sp["level"] == "token" and set(sp["results"]["token"]["sae_k"]) == {"1", "2"}
+    card = json.loads((tmp / "run" / layout.EVAL / layout.CARD_JSON).read_text())
+    em = card["eval_result_metrics"]
+    assert em["core"]["sparsity"]["l0"] == m["l0"]
+    assert em["core"]["model_performance_preservation"]["ce_loss_score"] == m["loss_recovered"]
+    assert (
+        em["absorption_first_letter"]["mean"]["mean_absorption_fraction_score"]
+        == a["mean_absorption_fraction_score"]
+    )
+    assert (
+        em["sparse_probing"]["speaker"]["sae"]["sae_top_1_test_accuracy"]
+        == sp["results"]["token"]["sae_k"]["1"]["accuracy"]
+    )
+    assert (
+        em["sparse_probing"]["speaker"]["llm"]["llm_test_accuracy"]
+        == sp["results"]["token"]["dense"]["accuracy"]
+    )
+    assert em["autointerp"]["autointerp"]["autointerp_score"] == explain["detection"]
+    md = (tmp / "run" / layout.EVAL / layout.CARD_MD).read_text()
+    assert (
+        "mean_absorption_fraction_score" in md
+        and "sae_top_2_test_accuracy" in md
+        and "autointerp_score" in md
+    )
