@@ -3,12 +3,25 @@ without absorption, the prompts on a real tokenizer, and sae-eval's absorption a
 
 from __future__ import annotations
 
+import json
+import random
+
 import numpy as np
 import pytest
 import torch
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from sae_pipeline import eval as sae_eval
+from sae_pipeline import harvest, layout
+from sae_pipeline.data.store import read_manifest
+from sae_pipeline.errors import UserError
 from sae_pipeline.evaluation.absorption import AbsorptionSettings, absorption, split_words
-from sae_pipeline.sae import CONFIG_CLASSES, build_sae
+from sae_pipeline.evaluation.report import _benchmark_scalars
+from sae_pipeline.sae import CONFIG_CLASSES, build_sae, save_sae
+from sae_pipeline.schema.eval import check_eval_config
+from tests.helpers import CHARS, SPECIALS, compose_config, save_tiny_model, tiny_overrides
+from tests.test_probe_tasks import PLAYS, WORDS, _play
 
 # Planted activations: letters a, b, c are the unit directions e0, e1, e2. Every word w of letter a in
 # ABSORBED also carries its own token direction t_w (one dimension each, 0.5 long). The hand-built ReLU
@@ -85,11 +98,6 @@ LETTER_WORDS = 40  # made-up words per letter a..e in the tiny tokenizer's vocab
 
 def _word_tokenizer(words: list[str]):
     """Word-level: runs of letters are one token when in the vocabulary, other characters one each."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from tests.helpers import CHARS, SPECIALS
-
     vocab = {t: i for i, t in enumerate(dict.fromkeys(SPECIALS + list(CHARS) + words))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("[A-Za-z]+|[^A-Za-z]"), behavior="isolated")
@@ -103,15 +111,6 @@ def letter_run(tmp_path_factory):
     """A tiny Llama whose word embeddings carry a direction per first letter, a store harvested from
     markdown plays (so sae-probe's speaker task has headings), and a random ReLU SAE on it."""
     import json
-    import random
-
-    from transformers import AutoModelForCausalLM
-
-    from sae_pipeline import harvest, layout
-    from sae_pipeline.data.store import read_manifest
-    from sae_pipeline.sae import save_sae
-    from tests.helpers import compose_config, save_tiny_model, tiny_overrides
-    from tests.test_probe_tasks import PLAYS, WORDS, _play
 
     tmp = tmp_path_factory.mktemp("absorb")
     rng = random.Random(0)
@@ -146,12 +145,6 @@ def letter_run(tmp_path_factory):
 
 
 def test_sae_eval_writes_absorption_probing_and_the_card(letter_run):
-    import json
-
-    from sae_pipeline import eval as sae_eval
-    from sae_pipeline import layout
-    from tests.helpers import compose_config
-
     tmp = letter_run
     (tmp / "run" / layout.EXPLAIN_DIR).mkdir()
     explain = {
@@ -196,9 +189,31 @@ def test_sae_eval_writes_absorption_probing_and_the_card(letter_run):
         == sp["results"]["token"]["dense"]["accuracy"]
     )
     assert em["autointerp"]["autointerp"]["autointerp_score"] == explain["detection"]
+    flat = _benchmark_scalars(m)  # what log_wandb adds to the eval's W&B row and summary
+    assert flat["eval/absorption/mean_absorption_fraction_score"] == a["mean_absorption_fraction_score"]
+    assert flat["eval/absorption/letters/a/probe_f1"] == a["letters"]["a"]["probe_f1"]
+    top1 = em["sparse_probing"]["speaker"]["sae"]["sae_top_1_test_accuracy"]
+    assert flat["eval/sparse_probing/speaker/sae_top_1_test_accuracy"] == top1
     md = (tmp / "run" / layout.EVAL / layout.CARD_MD).read_text()
     assert (
         "mean_absorption_fraction_score" in md
         and "sae_top_2_test_accuracy" in md
         and "autointerp_score" in md
     )
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("eval.probe_tasks=[gnere]", "unknown probe task 'gnere'"),
+        (
+            "eval.probe_tasks=[genre] eval.probe={n_bootstraps:10}",
+            "eval.probe has unknown keys ['n_bootstraps']",
+        ),
+        ("eval.absorption_words=5", "eval.absorption_words must be >= 26"),
+    ],
+)
+def test_bad_settings_are_one_sentence(override, named):
+    cfg = compose_config("eval", ["sae_path=x", "eval.absorption=true", *override.split()])
+    with pytest.raises(UserError, match=named.replace("[", r"\[").replace("]", r"\]")):
+        check_eval_config(cfg)

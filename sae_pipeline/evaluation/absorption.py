@@ -67,11 +67,23 @@ def split_words(letter_N: np.ndarray, test_fraction: float, seed: int) -> tuple[
 
 
 def _fit(X: np.ndarray, y: np.ndarray, C: float):
+    """A class-balanced logistic regression on standardised features (lbfgs converges in a few steps
+    there, not on raw activations); the scaler stays in the pipeline, so directions are mapped back."""
     from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lbfgs' convergence warnings
-        return LogisticRegression(C=C, class_weight="balanced", max_iter=2000).fit(X, y)
+        model = LogisticRegression(C=C, class_weight="balanced", max_iter=1000)
+        return make_pipeline(StandardScaler(), model).fit(X, y)
+
+
+def _raw_direction(probe) -> Tensor:
+    """The probe's unit weight vector in activation space: w / scale of the standardised fit."""
+    scaler, lr = probe.steps[0][1], probe.steps[1][1]
+    w_D = torch.from_numpy(lr.coef_[0] / scaler.scale_).float()
+    return w_D / w_D.norm()
 
 
 def _f1(y: np.ndarray, pred: np.ndarray) -> float:
@@ -168,8 +180,7 @@ def absorption(
             skipped[name] = f"probe F1 {f1:.3f}, {len(positives)} probe-true-positive test words"
             continue
         main, f1s = main_latents(z_np[tr], y_tr, z_np[te], y_te, s)
-        w_D = torch.from_numpy(probe.coef_[0]).float()
-        w_D = w_D / w_D.norm()
+        w_D = _raw_direction(probe)
         proj_F = W_dec_FD @ w_D  # d_i . w
         cos_F = proj_F / dec_norm_F
         fractions, fulls, absorbers, full_latents, absorbed_words = [], 0, Counter(), Counter(), []
