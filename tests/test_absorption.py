@@ -23,34 +23,49 @@ from sae_pipeline.schema.eval import check_eval_config
 from tests.helpers import CHARS, SPECIALS, compose_config, save_tiny_model, tiny_overrides
 from tests.test_probe_tasks import PLAYS, WORDS, _play
 
-# Planted activations: letters a, b, c are the unit directions e0, e1, e2. Every word w of letter a in
-# ABSORBED also carries its own token direction t_w (one dimension each, 0.5 long). The hand-built ReLU
-# SAE (b_dec = 0) has a main latent per letter (encoder e_L, decoder e_L); with absorption, the main
-# latent for a is switched off by any t_w (encoder e0 - 4 sum t_w) and each absorbed word has its own
-# token latent (encoder 2 t_w, decoder e0 + 0.5 t_w) that reconstructs it, letter included.
+# Planted activations: letters a, b, c are the unit directions e0, e1, e2. A word w of letter a in FULL,
+# PARTIAL or WEAK also carries its own token direction t_w (one dimension each, 0.5 long). The hand-built
+# ReLU SAE (b_dec = 0) has a main latent per letter (encoder e_L, decoder e_L) and, with absorption, one
+# token latent per such word (encoder 2 t_w, so it fires at 1 on w alone):
+#   FULL     main latent switched off (encoder -4 t_w), token decoder e0 + 0.5 t_w: it carries all of the
+#            letter -> absorption fraction 1, full absorption;
+#   PARTIAL  main latent at 0.5 (encoder -t_w), token decoder 0.5 e0 + 0.5 t_w: half each -> fraction
+#            0.5/(0.5 + 0.5) = 0.5, not full (a main latent fires);
+#   WEAK     main latent off, token decoder 0.2 e0 + 0.5 t_w: it supplies 0.2 of the probe projection,
+#            under the 0.4 threshold -> fraction 0, not full.
+# The probe direction w has no component on a probe-test word's own t_w (that dimension is zero on every
+# probe-train row, so its weight stays exactly 0), which makes p = x . w = w0 for every a-word.
 N_WORDS = {0: 40, 1: 30, 2: 30}
-ABSORBED = list(range(0, 40, 4))  # 10 of the 40 a-words
-D_IN = 3 + len(ABSORBED)
+FULL, PARTIAL, WEAK = list(range(0, 40, 4)), list(range(1, 40, 4)), list(range(2, 40, 4))
+TOKEN_WORDS = FULL + PARTIAL + WEAK
+D_IN = 3 + len(TOKEN_WORDS)
 SETTINGS = AbsorptionSettings(min_words=5)
+SPEC = {
+    "full": (-4.0, 1.0),
+    "partial": (-1.0, 0.5),
+    "weak": (-4.0, 0.2),
+}  # main encoder on t_w, e0 in decoder
 
 
 def planted(absorb: bool):
     letter_N = np.concatenate([np.full(n, c) for c, n in N_WORDS.items()])
     x_ND = torch.zeros(len(letter_N), D_IN)
     x_ND[torch.arange(len(letter_N)), torch.from_numpy(letter_N)] = 1.0
-    for j, i in enumerate(ABSORBED):
+    for j, i in enumerate(TOKEN_WORDS):
         x_ND[i, 3 + j] = 0.5
-    d_sae = 3 + len(ABSORBED)
+    d_sae = 3 + len(TOKEN_WORDS)
     sae = build_sae(CONFIG_CLASSES["relu"](d_sae=d_sae, b_dec_init="zeros"), D_IN, seed=0)
     with torch.no_grad():
         W_enc_DF, W_dec_FD = torch.zeros(D_IN, d_sae), torch.zeros(d_sae, D_IN)
         for c in range(3):
             W_enc_DF[c, c] = W_dec_FD[c, c] = 1.0
         if absorb:
-            for j in range(len(ABSORBED)):
-                W_enc_DF[3 + j, 0] = -4.0
+            for j, i in enumerate(TOKEN_WORDS):
+                kind = "full" if i in FULL else "partial" if i in PARTIAL else "weak"
+                to_main, letter_share = SPEC[kind]
+                W_enc_DF[3 + j, 0] = to_main
                 W_enc_DF[3 + j, 3 + j] = 2.0
-                W_dec_FD[3 + j, 0], W_dec_FD[3 + j, 3 + j] = 1.0, 0.5
+                W_dec_FD[3 + j, 0], W_dec_FD[3 + j, 3 + j] = letter_share, 0.5
         sae.W_enc_DF.copy_(W_enc_DF)
         sae.W_dec_FD.copy_(W_dec_FD)
         sae.b_enc_F.zero_()
@@ -63,22 +78,26 @@ def test_planted_absorption_rate_is_exact():
     report = absorption(x_ND, letter_N, sae, SETTINGS)
     _, test = split_words(letter_N, SETTINGS.test_fraction, SETTINGS.seed)
     a_test = [i for i in test if letter_N[i] == 0]
-    absorbed_test = [i for i in a_test if i in ABSORBED]
-    assert 0 < len(absorbed_test) < len(a_test)  # the split put some absorbed words in probe-test
-    expected = len(absorbed_test) / len(a_test)  # every absorbed word: fraction 1 and full absorption
+    n_full, n_partial = sum(i in FULL for i in a_test), sum(i in PARTIAL for i in a_test)
+    assert n_full and n_partial and any(i in WEAK for i in a_test)  # the split put every kind in probe-test
+    fraction, rate = (n_full + 0.5 * n_partial) / len(a_test), n_full / len(a_test)
     a = report["letters"]["a"]
     assert a["probe_f1"] == 1.0 and a["main_latents"] == [0]
     assert a["n_probe_true_positives"] == len(a_test)
-    assert a["mean_absorption_fraction"] == pytest.approx(expected, abs=1e-6)
-    assert a["full_absorption_rate"] == pytest.approx(expected, abs=1e-6)
-    assert a["num_full_absorption"] == len(absorbed_test)
-    assert set(a["full_absorbing_latents"]) == {str(3 + ABSORBED.index(i)) for i in absorbed_test}
+    assert a["mean_absorption_fraction"] == pytest.approx(fraction, abs=1e-6)
+    assert a["full_absorption_rate"] == pytest.approx(rate, abs=1e-6)
+    assert a["num_full_absorption"] == n_full
+    full_latents = {str(3 + TOKEN_WORDS.index(i)) for i in a_test if i in FULL}
+    assert set(a["full_absorbing_latents"]) == full_latents
+    assert set(a["absorbing_latents"]) == full_latents | {
+        str(3 + TOKEN_WORDS.index(i)) for i in a_test if i in PARTIAL
+    }
     for c in "bc":
         assert report["letters"][c]["mean_absorption_fraction"] == 0.0
         assert report["letters"][c]["main_latents"] == ["abc".index(c)]
     assert report["n_letters_scored"] == 3
-    assert report["mean_absorption_fraction_score"] == pytest.approx(expected / 3, abs=1e-6)
-    assert report["mean_full_absorption_score"] == pytest.approx(expected / 3, abs=1e-6)
+    assert report["mean_absorption_fraction_score"] == pytest.approx(fraction / 3, abs=1e-6)
+    assert report["mean_full_absorption_score"] == pytest.approx(rate / 3, abs=1e-6)
     assert report["mean_num_split_features"] == 1.0
 
 
