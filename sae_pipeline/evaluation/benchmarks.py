@@ -11,6 +11,7 @@ SAEs at one hook share (the words' activations, a task's contexts and dense acti
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 
@@ -19,6 +20,14 @@ from sae_pipeline.evaluation import first_letter
 from sae_pipeline.evaluation.absorption import AbsorptionSettings, absorption
 from sae_pipeline.interpret.probe_report import prepare_task, probe_sae
 from sae_pipeline.schema.probe import probe_task_config
+
+
+def _timed(fn, *args) -> dict:
+    """fn(*args), a report, with the seconds it took as `wall_s` (shared inputs count for the first SAE)."""
+    started = time.perf_counter()
+    report = fn(*args)
+    report["wall_s"] = round(time.perf_counter() - started, 3)
+    return report
 
 
 class Benchmarks:
@@ -44,9 +53,9 @@ class Benchmarks:
             )
         out: dict = {}
         if self.e.absorption:
-            out["absorption"] = self.absorption(sae, spec, hook)
+            out["absorption"] = _timed(self.absorption, sae, spec, hook)
         if self.e.probe_tasks:
-            out["sparse_probing"] = {t: self.probe(t, sae, spec, hook) for t in self.e.probe_tasks}
+            out["sparse_probing"] = {t: _timed(self.probe, t, sae, spec, hook) for t in self.e.probe_tasks}
         return out
 
     def _bos(self, spec) -> int | None:

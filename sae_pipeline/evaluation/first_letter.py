@@ -24,6 +24,7 @@ from torch import Tensor
 
 from sae_pipeline.errors import UserError
 from sae_pipeline.model.hooks import capture
+from sae_pipeline.progress import progress
 
 LETTERS = string.ascii_lowercase
 TEMPLATE = " has the first letter:"  # follows the word; SAEBench's "{word} has the first letter:"
@@ -105,10 +106,13 @@ def word_activations(
     ids_NT, att_NT, pos_N = build_prompts(tokenizer, words, words, n_examples, bos_id, seed)
     device = next(model.parameters()).device
     out = []
+    bar = progress(len(words), "absorption prompts", unit="words")
     for i in range(0, len(words), batch_size):
         ids, att = ids_NT[i : i + batch_size], att_NT[i : i + batch_size]
         width = int(att.sum(1).max())  # right padding: drop the all-pad tail of the batch
         acts = capture(model, ids[:, :width].to(device), att[:, :width].to(device), [hook])[hook.name]
         rows = torch.arange(acts.shape[0], device=acts.device)
         out.append(acts[rows, pos_N[i : i + batch_size].to(acts.device)].float().cpu())
+        bar.update(len(ids))
+    bar.close()
     return torch.cat(out)
