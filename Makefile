@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_SILENT ?= true
 
-.PHONY: help setup assets browser demo card sweep steer probe example-digits example-transcoder test test-fast faults lint format bench gpu-check clean distclean
+.PHONY: help setup assets browser demo card sweep steer explain probe example-digits example-transcoder test test-fast faults lint format bench gpu-check clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ card: setup ## the demo SAE's card: core metrics, first-letter absorption, spars
 
 steer: setup ## steer SmolLM2 with a latent of the demo SAE (run `make demo` first)
 	$(VENV)/bin/sae-steer paths.root=$(ROOT) sae_path=$(DEMO_RUN) 'steer.latents=[0]' 'steer.scales=[8.0]'
+
+explain: setup ## explanations of 6 random latents of the demo SAE by SmolLM2-135M-Instruct, scored (run `make demo` first; ~4 min CPU)
+	OMP_NUM_THREADS=1 $(VENV)/bin/sae-explain paths.root=$(ROOT) sae_path=$(DEMO_RUN) explain.latents=random explain.n_latents=6 explain.n_score=4 explain.overwrite=true
 
 probe: setup ## sparse probing of the demo SAE vs dense activations: play genre, held-out play, speaker headings (run `make demo` first)
 	$(VENV)/bin/sae-probe -m paths.root=$(ROOT) sae_path=$(DEMO_RUN) probe_task=genre,play,speaker

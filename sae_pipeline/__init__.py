@@ -4,7 +4,8 @@ The package's folders are its architecture. Stage modules (one `sae-*` command e
 and `main` only; they import the library below them and never each other
 (`python scripts/check_imports.py` checks it, and so does tests/test_layout.py).
 
-    harvest.py train.py eval.py features.py steer.py probe.py export.py verify.py connect.py   the stages
+    harvest.py train.py eval.py features.py explain.py steer.py probe.py export.py verify.py connect.py
+                  the stages
     api.py        the Python API for notebooks (load_sae, splice_sae, harvest(), ...), re-exported here
     schema/       every config group's dataclass (one module per stage + common groups) and checks
     conf/         the Hydra YAML files (only values that differ from the schema), shipped in the wheel
@@ -20,7 +21,8 @@ and `main` only; they import the library below them and never each other
                   data-parallel and latent-sharded jobs
     evaluation/   metrics, the splice scorer, a torch module's task scorer, eval reports, sweep tables
                   and Pareto plots
-    interpret/    feature statistics and browser, logit lens, steering edits, feature connectors (seeds/002)
+    interpret/    feature statistics and browser, logit lens, steering edits, feature connectors (seeds/002),
+                  explanations of latents by an instruct model and their scores
     runs.py       finding an SAE run on disk and what trained it
     layout.py     every file and folder name, defined once
     files.py      atomic writes (temporary name, fsync, rename) and checksums

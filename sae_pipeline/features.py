@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sae_pipeline import layout
 from sae_pipeline.errors import report_config_errors, report_user_errors
-from sae_pipeline.interpret import browser
+from sae_pipeline.interpret import browser, explanations
 from sae_pipeline.interpret.feature_report import build_latents, select_latents
 from sae_pipeline.interpret.feature_stats import collect
 from sae_pipeline.interpret.logit_lens import top_logit_tokens
@@ -48,7 +48,7 @@ def run(cfg: DictConfig) -> Path:
     logit = top_logit_tokens(model, sae.W_dec_FD[latents.to(sae.W_dec_FD.device)], int(f.n_logit_tokens))
     records = build_latents(stats, latents, ids_NT, f, logit)
     wall = time.perf_counter() - started
-    used = {t for r in records for ex in r["top"] + r["weak"] for t in ex["toks"]}
+    used = {t for r in records for ex in r["top"] + r["weak"] + r["silent"] for t in ex["toks"]}
     used |= {t for r in records for t, _ in r.get("promoted", []) + r.get("suppressed", [])}
     report = {
         "format_version": 1,
@@ -73,6 +73,7 @@ def run(cfg: DictConfig) -> Path:
     }
     out_dir = Path(f.out_dir) if f.out_dir else target.run_dir / layout.FEATURES
     out_dir.mkdir(parents=True, exist_ok=True)
+    explanations.attach(report, explanations.read_for_browser(target.run_dir))  # from sae-explain, if run
     browser.write_browser(out_dir, report)
     print(
         f"{len(records)} latents ({report['n_dead']} dead) over {stats.n_tokens} held-out tokens in {wall:.1f}s: "

@@ -11,6 +11,7 @@ only use one thread, so tests/faults run at one thread, parent included (tests/f
 
 import os
 
+import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,3 +23,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 THREADS = torch.get_num_threads()
 torch.set_num_threads(THREADS)
 os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(THREADS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _thread_count_per_module():
+    """Every module starts at THREADS (a module may pin another count in its own fixture, set up after this)."""
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _thread_count_kept():
+    """A test that leaves another thread count behind breaks every later comparison with a subprocess (which
+    gets OMP_NUM_THREADS): CI once saw 3 unrelated tests fail that way. Name the test that did it, and undo it."""
+    before = torch.get_num_threads()
+    yield
+    after = torch.get_num_threads()
+    if after != before:
+        torch.set_num_threads(before)
+        pytest.fail(
+            f"this test left the thread count at {after} (it was {before}): restore it", pytrace=False
+        )

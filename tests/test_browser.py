@@ -6,6 +6,7 @@ Needs the Debian package `chromium` (/usr/bin/chromium): skipped locally when it
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -214,3 +215,28 @@ def test_missing_data_script_is_reported(page, tmp_path):
     lonely.write_text(html_path.read_text())
     dom, _ = dump_dom(lonely, "", tmp_path)
     assert "features_data.js did not load" in dom
+
+
+def test_explanations_show_on_the_latent_page_and_in_the_index(page, tmp_path):
+    """What sae-explain writes (explanations.jsonl records) appears on its latent's page and in the index."""
+    from sae_pipeline.interpret import explanations
+
+    _, report, live, _ = page
+    rec = {"latent": live["id"], "explanation": "<b>kings</b> & crowns", "detection": 0.875, "fuzzing": 0.5,
+           "detection_shuffled": 0.5, "fuzzing_shuffled": 0.25}  # fmt: skip
+    out = tmp_path / "explained"
+    out.mkdir()
+    html = browser.write_browser(
+        out, explanations.attach(copy.deepcopy(report), [rec])
+    )  # the fixture's stays
+    dom, console = dump_dom(html, f"#latent-{live['id']}", tmp_path)
+    assert console == [], console
+    nodes = Nodes(dom)
+    assert [n[2] for n in nodes.find("p", cls="explanation")] == ["Explanation: <b>kings</b> & crowns"]
+    assert "detection 0.88 (shuffled 0.50) \u00b7 fuzzing 0.50 (shuffled 0.25)" in dom
+    dom, console = dump_dom(html, "", tmp_path)
+    assert console == [], console
+    cells = Nodes(dom).find("td", cls="explanation")
+    assert len(cells) == min(100, len(report["latents"])) and [c[2] for c in cells if c[2]] == [
+        rec["explanation"]
+    ]

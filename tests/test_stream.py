@@ -36,7 +36,12 @@ from tests.helpers import (
     write_corpus,
 )
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+# A harvest and a training process run side by side: at the default thread count each would spin OpenMP threads
+# on the same cores (a 2-core machine then ran some steps 100x slower and CI hung), so every process here, this
+# one included (the reference), computes on one thread; results are bit-identical only at one thread count.
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
+       "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # fmt: skip
+DEADLINE_S = 600  # a process pair that has not finished by then is stuck: kill it and fail with its logs
 STORE = ("tiny", "corpus", "blocks.1.hook_resid_post")
 # 97 contexts of 31 rows, 4 contexts (124 rows) per shard: 25 shards
 HARVEST = ["harvest.n_tokens=3000", "harvest.shard_size=100"]
@@ -52,8 +57,20 @@ def _popen(module: str, args: list[str], cwd: Path, log: Path) -> subprocess.Pop
 
 
 def _wait(proc: subprocess.Popen, log: Path, ok=(0,)) -> None:
-    rc = proc.wait(timeout=300)
+    try:
+        rc = proc.wait(timeout=DEADLINE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"still running after {DEADLINE_S} s: " + log.read_text()[-3000:]) from None
     assert rc in ok, log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -192,11 +209,18 @@ def test_bounded_harvest_keeps_at_most_n_shards_and_trains_the_same_sae(assets, 
     store = _store(tmp_path)
     harvest_p = _popen("harvest", _harvest_args(tmp_path, assets, "harvest.keep_shards=7"), tmp_path, hlog)
     train = _popen("train", [f"store={store}", *TRAIN, f"train.run_dir={tmp_path}/run"], tmp_path, tlog)
-    peak = 0
-    while harvest_p.poll() is None or train.poll() is None:
+    peak, deadline = 0, time.monotonic() + DEADLINE_S
+    while (harvest_p.poll() is None or train.poll() is None) and time.monotonic() < deadline:
+        if train.poll():  # training failed: the bounded harvest would wait for it forever
+            break
         if store.exists():  # a safety bound: it holds at every moment, so sampling can only under-count
             peak = max(peak, len([p for p in store.iterdir() if p.name.startswith("shard-")]))
         time.sleep(0.02)
+    if harvest_p.poll() is None or train.poll() is None or train.poll():
+        harvest_p.kill(), train.kill()
+        pytest.fail(
+            f"stuck after {DEADLINE_S} s, or training failed:\n{hlog.read_text()[-2000:]}\n{tlog.read_text()[-2000:]}"
+        )
     _wait(harvest_p, hlog)
     _wait(train, tlog)
     assert 0 < peak <= 8, peak

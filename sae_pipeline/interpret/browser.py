@@ -56,7 +56,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; } tr.dead td { c
 .ex { display: flex; align-items: baseline; gap: 8px; } .ex .ctx { flex: 1; }
 .label { display: inline-block; min-width: 10ch; color: #666; font-family: ui-monospace, monospace; }
 .chips span { display: inline-block; margin: 2px; padding: 1px 5px; border-radius: 3px; font-family: ui-monospace, monospace; white-space: pre; }
-.up { background: #e3f2fd; } .down { background: #fce4ec; }
+.explanation { font-style: italic; } .up { background: #e3f2fd; } .down { background: #fce4ec; }
 .cols { display: flex; gap: 32px; flex-wrap: wrap; } .muted { color: #777; }
 input[type=search] { width: 28em; padding: 4px; }
 svg rect.bar { fill: #ff9800; } svg text { font-size: 10px; fill: #555; }
@@ -141,6 +141,12 @@ JS = r"""
       view.append(el("p", { text: "density " + pct(l.density) + " (" + l.count + " of " + D.n_tokens +
         " tokens, 1 in " + Math.round(1 / l.density) + ") \u00b7 max " + num(l.max_act) + " \u00b7 mean when firing " + num(l.mean_act) }));
     }
+    if (l.explanation) {  // written by sae-explain
+      const x = l.explanation, f = (v) => v.toFixed(2);
+      view.append(el("p", { class: "explanation", text: "Explanation: " + x.text }),
+        el("p", { class: "muted", text: "detection " + f(x.detection) + " (shuffled " + f(x.detection_shuffled) +
+          ") \u00b7 fuzzing " + f(x.fuzzing) + " (shuffled " + f(x.fuzzing_shuffled) + "), balanced accuracy" }));
+    }
     const cols = el("div", { class: "cols" });
     if (l.hist) cols.append(histogram(l.hist, l.max_act));
     if (l.promoted) {
@@ -200,6 +206,8 @@ JS = r"""
     th.onclick = () => { state.asc = state.key === key ? !state.asc : key === "id"; state.key = key; state.page = 1; fill(); };
     head.append(th);
   }
+  const explained = D.latents.some((l) => l.explanation);
+  if (explained) head.append(el("th", { text: "explanation" }));
   head.append(el("th", { text: "promoted tokens" }), el("th", { text: "top context" }));
   const search = el("input", { type: "search", placeholder: "latent id, or a token it fires on (e.g. 123, king)" });
   search.oninput = () => { state.query = search.value.trim(); state.page = 1; fill(); };
@@ -223,6 +231,7 @@ JS = r"""
       const tr = el("tr", { class: l.dead ? "dead" : "", "data-latent": l.id }, el("td", {}, el("a", { href: "#latent-" + l.id, text: String(l.id) })));
       tr.append(el("td", { class: "num", text: l.dead ? "dead" : pct(l.density) }),
         el("td", { class: "num", text: num(l.max_act) }), el("td", { class: "num", text: num(l.mean_act) }));
+      if (explained) tr.append(el("td", { class: "explanation", text: l.explanation ? l.explanation.text : "" }));
       tr.append(el("td", {}, l.promoted ? chips(l.promoted.slice(0, 4), "up") : ""));
       tr.append(el("td", {}, l.top.length ? context(l.top[0], l.max_act) : ""));
       body.append(tr);

@@ -2,7 +2,7 @@
 
 Each record: firing count and density, mean and max activation, an exact histogram, the top contexts
 (a token window around the peak, every token's activation), weaker examples (one per quantile band of a
-uniform sample of firings) and, where the logit lens applies, the promoted and suppressed tokens.
+uniform sample of firings), silent windows (contexts where it never fires) and, where the logit lens applies, the promoted and suppressed tokens.
 """
 
 from __future__ import annotations
@@ -27,6 +27,14 @@ def _example(
     acts = window[lo - (pos - before) : hi - (pos - before)]
     return {"ctx": ctx, "pos": pos, "start": lo, "peak": pos - lo, "toks": ids[ctx][lo:hi],
             "acts": [_r(a) for a in acts], **extra}  # fmt: skip
+
+
+def _silent(tok: int, ids: list[list[int]], before: int, after: int) -> dict:
+    """A window of a context where the latent never fires (every activation is 0, so none are kept)."""
+    T = len(ids[0])
+    ctx, pos = divmod(tok, T)
+    lo, hi = max(0, pos - before), min(T, pos + after + 1)
+    return {"ctx": ctx, "pos": pos, "start": lo, "toks": ids[ctx][lo:hi]}
 
 
 def build_latents(stats: FeatureStats, latents: Tensor, ids_NT: Tensor, f_cfg, logit) -> list[dict]:
@@ -74,6 +82,7 @@ def build_latents(stats: FeatureStats, latents: Tensor, ids_NT: Tensor, f_cfg, l
             _example(t, s["res_win_FrW"][i][j], ids, before, after, {"act": _r(v), "quantile": _r(q)})
             for (v, t, j), q in picks
         ]
+        rec["silent"] = [_silent(t, ids, before, after) for t in s["sil_tok_Fz"][i] if t >= 0]
         if lens is not None:
             rec["promoted"] = [[t, _r(v)] for t, v in zip(lens[0][i], lens[1][i], strict=True)]
             rec["suppressed"] = [[t, _r(v)] for t, v in zip(lens[2][i], lens[3][i], strict=True)]

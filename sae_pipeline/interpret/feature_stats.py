@@ -7,6 +7,8 @@
   appears at most once per latent; the window is centred on its peak token);
 - weak examples: a uniform sample of each latent's firing positions (random priorities, streaming top-r
   on them);
+- silent contexts: a uniform sample of the contexts where a latent never fires (random priorities, a
+  window at a random valid position): the negatives sae-explain's detection scoring needs;
 - histogram: exact counts in linear bins over [0, 2^e_f], e_f growing with the running max (bins merge
   pairwise when the range doubles, so counts stay exact);
 - firing counts, activation sums and maxima.
@@ -48,7 +50,7 @@ class FeatureStats:
     """
 
     def __init__(self, n_latents: int, f_cfg, device):
-        F, k, r = n_latents, int(f_cfg.top_k), int(f_cfg.reservoir)
+        F, k, r, z = n_latents, int(f_cfg.top_k), int(f_cfg.reservoir), int(f_cfg.n_silent)
         self.k, self.r, self.n_bins = k, r, int(f_cfg.n_bins)
         self.before, self.after = int(f_cfg.window_before), int(f_cfg.window_after)
         W = self.before + 1 + self.after
@@ -59,6 +61,8 @@ class FeatureStats:
         self.res_tok_Fr = torch.full((F, r), -1, dtype=torch.long, device=device)
         self.res_val_Fr = torch.zeros((F, r), device=device)
         self.res_win_FrW = torch.zeros((F, r, W), device=device)
+        self.sil_key_Fz = torch.full((F, z), -1.0, device=device)  # random priority; -1 = empty
+        self.sil_tok_Fz = torch.full((F, z), -1, dtype=torch.long, device=device)  # ctx * T + window centre
         self.count_F = torch.zeros(F, dtype=torch.long, device=device)
         self.sum_F = torch.zeros(F, dtype=torch.float64, device=device)
         self.max_F = torch.zeros(F, device=device)
@@ -66,6 +70,8 @@ class FeatureStats:
         self.hist_Fb = torch.zeros((F, self.n_bins), dtype=torch.long, device=device)
         self.n_tokens = 0
         self.gen = torch.Generator(device=device).manual_seed(int(f_cfg.seed))
+        # a generator of its own, so the silent sample leaves the weak examples' draws unchanged
+        self.sil_gen = torch.Generator(device=device).manual_seed(int(f_cfg.seed) + 1)
 
     def _windows(self, acts_CTF: Tensor, c: Tensor, p: Tensor, f: Tensor) -> Tensor:
         """[n, W] activations of latent f[i] around position p[i] of context c[i] (zeros off the edges)."""
@@ -92,6 +98,8 @@ class FeatureStats:
         self.top_tok_Fk[rows, slots] = offset + cols * T + pos
         self.top_win_FkW[rows, slots] = self._windows(acts_CTF, cols, pos, rows)
 
+        self._update_silent(peak_CF, valid_CT, offset)
+
         # every firing, sparse: counts, the histogram and a uniform sample (random priorities, top r)
         n_idx, f_idx = (acts_CTF.view(C * T, F) > 0).nonzero(as_tuple=True)
         self.count_F += torch.bincount(f_idx, minlength=F)
@@ -116,6 +124,19 @@ class FeatureStats:
         self.res_tok_Fr[rows, slots] = offset + n
         self.res_val_Fr[rows, slots] = acts_CTF.view(C * T, F)[n, rows]
         self.res_win_FrW[rows, slots] = self._windows(acts_CTF, n // T, n % T, rows)
+
+    def _update_silent(self, peak_CF: Tensor, valid_CT: Tensor, offset: int) -> None:
+        """Contexts whose peak is 0 for a latent compete for its silent slots by random priority."""
+        C, T = valid_CT.shape
+        if self.sil_key_Fz.shape[1] == 0:
+            return
+        keys_CT = torch.rand((C, T), generator=self.sil_gen, device=valid_CT.device)
+        centre_C = keys_CT.masked_fill(~valid_CT, -1.0).argmax(dim=1)  # a random valid position
+        prio_CF = 1.0 - torch.rand(peak_CF.shape, generator=self.sil_gen, device=peak_CF.device)
+        silent_CF = (peak_CF <= 0) & valid_CT.any(dim=1, keepdim=True)
+        rows, slots, cols = _accept(self.sil_key_Fz, torch.where(silent_CF, prio_CF, -2.0).T)
+        self.sil_key_Fz[rows, slots] = prio_CF[cols, rows]
+        self.sil_tok_Fz[rows, slots] = offset + cols * T + centre_C[cols]
 
     def _update_histogram(self, f_idx: Tensor, vals: Tensor, batch_max_F: Tensor) -> None:
         """Linear bins over [0, 2^exp_f]; when exp_f grows by s, old bin j moves to j >> s (exact)."""

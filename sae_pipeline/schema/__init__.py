@@ -1,7 +1,7 @@
 """Typed schemas of every config group, one module per stage plus the groups they share.
 
     common.py    paths, model, data, hook, logger (shared by several stages)
-    harvest.py  train.py  eval.py  features.py  steer.py  probe.py  export.py  verify.py  connect.py
+    harvest.py  train.py  eval.py  features.py  explain.py  steer.py  probe.py  export.py  verify.py  connect.py
 
 `register_configs()` puts every schema in Hydra's ConfigStore; each stage calls it before
 `@hydra.main` composes, and `compose()` calls it for notebooks and tests. A typo in a key or a
@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from sae_pipeline.sae import CONFIG_CLASSES
 
-from . import connect, eval, export, features, harvest, probe, steer, train, verify
+from . import connect, eval, explain, export, features, harvest, probe, steer, train, verify
 from .common import to_container
 from .help import register_resolver as register_help
 from .ids import register_resolver
@@ -35,6 +35,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=train.TrainJob)
     cs.store(name="eval_schema", node=eval.EvalJob)
     cs.store(name="features_schema", node=features.FeaturesJob)
+    cs.store(name="explain_schema", node=explain.ExplainJob)
     cs.store(name="steer_schema", node=steer.SteerJob)
     cs.store(name="export_schema", node=export.ExportJob)
     cs.store(name="verify_schema", node=verify.VerifyJob)

@@ -21,6 +21,7 @@ class FeaturesConfig:
     window_after: int = 4  # tokens shown after the peak token
     n_weak: int = 8  # weaker examples per latent, one per quantile band of a uniform sample of its firings
     reservoir: int = 64  # size of that uniform sample of firing positions per latent
+    n_silent: int = 8  # contexts where the latent never fires, sampled per latent (sae-explain's negatives)
     n_logit_tokens: int = 10  # promoted and suppressed output tokens per latent
     n_bins: int = 32  # activation histogram bins (linear, exact counts; range <= 2x the max)
     batch_size: int = 8  # contexts per forward pass
@@ -45,6 +46,6 @@ def check_features_config(f) -> None:
     for key in ("n_tokens", "top_k", "batch_size", "n_bins", "reservoir"):
         if int(f[key]) < 1:
             raise UserError(f"features.{key} must be >= 1, got {f[key]}.")
-    for key in ("window_before", "window_after", "n_weak", "n_logit_tokens", "max_latents"):
+    for key in ("window_before", "window_after", "n_weak", "n_logit_tokens", "max_latents", "n_silent"):
         if int(f[key]) < 0:
             raise UserError(f"features.{key} must be >= 0, got {f[key]}.")

@@ -267,8 +267,8 @@ def _train_loop(
 
         def caught_up():
             nonlocal last_ckpt
-            if main and last_ckpt != step:
-                _save_checkpoints(members, step, reader, tcfg, dist.world_size)
+            if dist.saves_checkpoints and last_ckpt != step:
+                _save_checkpoints(members, step, reader, tcfg, dist.world_size, compute)
                 last_ckpt = step
             reader.checkpointed()
 
@@ -277,8 +277,8 @@ def _train_loop(
         x_BD = reader.next_batch()
         if x_BD is None:  # a streamed store that ended (its data ran out) before the planned steps
             log0.event(step, f"the store is complete and read: stopping at step {step} of {total_steps}")
-            if main:
-                _save_checkpoints(members, step, reader, tcfg, dist.world_size)
+            if dist.saves_checkpoints:
+                _save_checkpoints(members, step, reader, tcfg, dist.world_size, compute)
             break
         x_BD = x_BD[rows].to(device, non_blocking=True)
         lr, scale = lr_at(step, total_steps, tcfg, 1.0), sparsity_scale_at(step, tcfg)  # lr: schedule factor
