@@ -14,7 +14,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_SILENT ?= true
 
-.PHONY: help setup assets browser demo sweep steer explain probe example-digits example-transcoder test test-fast faults lint format bench gpu-bundle gpu-check gpu-check-rehearsal clean distclean
+.PHONY: help setup assets browser demo card sweep steer explain probe example-digits example-transcoder test test-fast faults lint format bench gpu-bundle gpu-check gpu-check-rehearsal clean distclean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -38,6 +38,10 @@ demo: setup ## the main job: harvest -> train -> eval -> feature browser on the 
 	$(VENV)/bin/sae-eval paths.root=$(ROOT) sae_path=$(DEMO_RUN) eval.n_tokens=4096
 	$(VENV)/bin/sae-features paths.root=$(ROOT) sae_path=$(DEMO_RUN) features.n_tokens=8192
 	@echo "feature browser: open $(DEMO_RUN)/features/index.html"
+
+card: setup ## the demo SAE's card: core metrics, first-letter absorption, sparse probing, in SAEBench's names (run `make demo` first)
+	$(VENV)/bin/sae-eval paths.root=$(ROOT) sae_path=$(DEMO_RUN) eval.n_tokens=4096 eval.absorption=true 'eval.probe_tasks=[genre,speaker]'
+	@echo "card: $(DEMO_RUN)/eval/card.md (card.json beside it)"
 
 steer: setup ## steer SmolLM2 with a latent of the demo SAE (run `make demo` first)
 	$(VENV)/bin/sae-steer paths.root=$(ROOT) sae_path=$(DEMO_RUN) 'steer.latents=[0]' 'steer.scales=[8.0]'

@@ -18,8 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from sae_pipeline import layout
 from sae_pipeline.data import text
 from sae_pipeline.errors import UserError
+from sae_pipeline.evaluation import card as C
 from sae_pipeline.evaluation import metrics as M
 from sae_pipeline.evaluation import task
+from sae_pipeline.evaluation.benchmarks import Benchmarks
 from sae_pipeline.evaluation.splice import SpliceEvaluator
 from sae_pipeline.files import sha256_file, write_json_atomic
 from sae_pipeline.model.hook_points import resolve_hook
@@ -66,6 +68,24 @@ def settings_fingerprint(cfg: DictConfig, target: Target, spec: Spec) -> dict:
         "store": str(spec.store),
         "source": spec.source,
         "sae_sha256": sha256_file(target.weights_file),
+        "benchmarks": _benchmark_settings(cfg.eval),
+    }
+
+
+def _benchmark_settings(e) -> dict | None:
+    """The settings absorption and sparse probing depend on (None when neither runs)."""
+    if not (e.absorption or e.probe_tasks):
+        return None
+    keys = (
+        "absorption",
+        "absorption_words",
+        "absorption_examples",
+        "absorption_min_words",
+        "probe_tasks",
+        "probe",
+    )
+    return {
+        k: OmegaConf.to_container(e[k], resolve=True) if OmegaConf.is_config(e[k]) else e[k] for k in keys
     }
 
 
@@ -93,6 +113,32 @@ def plot_density(metrics: dict, path: Path, title: str) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def benchmark_lines(name: str, m: dict) -> list[str]:
+    """The absorption and sparse-probing results in a few printed lines (none when not computed)."""
+    lines = []
+    a = m.get("absorption")
+    if a is not None and a["n_letters_scored"]:
+        lines.append(
+            f"{name} absorption (first letter): mean fraction {a['mean_absorption_fraction_score']:.4f} | "
+            f"full absorption {a['mean_full_absorption_score']:.4f} | split latents {a['mean_num_split_features']:.2f} | "
+            f"probe F1 {a['mean_probe_f1']:.3f} | {a['n_letters_scored']} letters, {a['n_words']} words"
+        )
+    elif a is not None:
+        lines.append(
+            f"{name} absorption (first letter): no letter scored ({len(a['skipped_letters'])} skipped)"
+        )
+    for t, r in (m.get("sparse_probing") or {}).items():
+        sec = C.probing_section(r)
+        ks = " ".join(
+            f"k{k.split('_')[2]}={v:.3f}" for k, v in sec["sae"].items() if k.startswith("sae_top_")
+        )
+        lines.append(
+            f"{name} sparse probing {t} (accuracy): dense {sec['llm']['llm_test_accuracy']:.3f} | "
+            f"all latents {sec['sae']['sae_test_accuracy']:.3f} | {ks}"
+        )
+    return lines
 
 
 def summary_line(name: str, m: dict) -> str:
@@ -156,6 +202,7 @@ def log_wandb(cfg: DictConfig, target: Target, metrics: dict, group: str | None)
     try:
         flat = {f"eval/{k}": metrics[k] for k in SCALARS if k in metrics}
         flat.update({f"eval/{k}": v for k, v in metrics["latents"].items()})
+        flat.update(_benchmark_scalars(metrics))
         run.summary.update(flat)
         h = metrics["log10_density_histogram"]
         flat["eval/log10_density"] = wandb.Histogram(np_histogram=(h["counts"], h["edges"]))
@@ -164,6 +211,25 @@ def log_wandb(cfg: DictConfig, target: Target, metrics: dict, group: str | None)
         return str(run.dir)
     finally:
         run.finish()
+
+
+def _benchmark_scalars(m: dict) -> dict:
+    """eval/absorption/* and eval/sparse_probing/<task>/* in SAEBench's names, for W&B."""
+    out = {}
+    a = m.get("absorption")
+    if a is not None:
+        for k, v in C.absorption_section(a)["mean"].items():
+            out[f"eval/absorption/{k}"] = v
+        out["eval/absorption/mean_probe_f1"] = a["mean_probe_f1"]
+        out["eval/absorption/n_letters_scored"] = a["n_letters_scored"]
+        for letter, e in a["letters"].items():
+            out[f"eval/absorption/letters/{letter}/mean_absorption_fraction"] = e["mean_absorption_fraction"]
+            out[f"eval/absorption/letters/{letter}/full_absorption_rate"] = e["full_absorption_rate"]
+            out[f"eval/absorption/letters/{letter}/probe_f1"] = e["probe_f1"]
+    for t, r in (m.get("sparse_probing") or {}).items():
+        for cat in C.probing_section(r).values():
+            out.update({f"eval/sparse_probing/{t}/{k}": v for k, v in cat.items()})
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def evaluator_for(
@@ -204,7 +270,14 @@ def evaluator_for(
 
 
 def evaluate_target(
-    cfg, target: Target, spec: Spec, evaluator: SpliceEvaluator, desc: dict, device, group
+    cfg,
+    target: Target,
+    spec: Spec,
+    evaluator: SpliceEvaluator,
+    desc: dict,
+    device,
+    group,
+    bench: Benchmarks | None = None,
 ) -> dict:
     sae = load_target_sae(target, spec, device)
     hook = evaluator.hook
@@ -213,6 +286,10 @@ def evaluate_target(
     started = time.perf_counter()
     m = evaluator.evaluate(sae)
     wall = time.perf_counter() - started
+    if bench is not None and bench.wanted:
+        started = time.perf_counter()
+        m.update(bench.run(sae, spec, hook, transcoder=evaluator.source is not None))
+        m["benchmarks_wall_s"] = round(time.perf_counter() - started, 3)
     m["sae"] = {"arch": sae.cfg.arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "cfg": spec.meta.get("sae", {})}
     if evaluator.source is not None:  # the FVU, MSE and splice above are of the target hook
         m["sae"]["d_out"] = sae.d_out
@@ -238,6 +315,8 @@ def evaluate_target(
     target.eval_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(target.eval_dir / layout.METRICS, m)
     plot_density(m, target.eval_dir / layout.DENSITY_PLOT, f"{target.name} ({sae.cfg.arch})")
+    card = C.build_card(m, C.read_explain_summary(target.run_dir))
+    C.write_card(card, target.eval_dir, f"{target.name}: SAE card")
     log_wandb(cfg, target, m, group)
     if (
         m["n_tokens"] < cfg.eval.n_tokens and "task_loss" not in m

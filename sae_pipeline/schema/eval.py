@@ -13,6 +13,7 @@ from omegaconf import MISSING, OmegaConf
 from sae_pipeline.errors import UserError, check_choice, check_known_keys
 
 from .common import LOGGER_MODES, DataConfig, LoggerConfig, PathsConfig
+from .probe import probe_task_config
 from .source import SourceConfig
 
 DATA_SPLITS = ("eval", "train")
@@ -32,6 +33,15 @@ class EvalConfig:
     reuse_prefix: bool = True  # replay the clean pass's early blocks in the ablated/spliced passes
     skip_existing: bool = False  # keep a run's metrics.json when it was made with the same settings
     sweep: bool = True  # write the sweep table and Pareto plots when several runs are evaluated
+    # Feature absorption on the first-letter task (evaluation/absorption.py): single-token words of the
+    # model's own vocabulary in a few-shot "<word> has the first letter:" prompt.
+    absorption: bool = False
+    absorption_words: int = 1500  # words sampled (seeded) from the vocabulary; 30% of them are probe-test
+    absorption_examples: int = 4  # solved examples before each word in its prompt
+    absorption_min_words: int = 10  # probe-true-positive test words a letter needs to be scored
+    # Sparse probing (sae-probe's tasks: genre, play, speaker, files) run inside the evaluation
+    probe_tasks: list[str] = field(default_factory=list)
+    probe: Optional[Any] = None  # sae-probe settings for every task, e.g. eval.probe={n_bootstrap:100}
 
 
 @dataclass
@@ -53,6 +63,17 @@ def check_eval_config(cfg) -> None:
     if e.batch_size < 1:
         raise UserError(f"eval.batch_size must be >= 1, got {e.batch_size}.")
     check_choice("eval.data_split", e.data_split, DATA_SPLITS)
+    if e.absorption and e.absorption_words < 26:
+        raise UserError(
+            f"eval.absorption_words must be >= 26 (one per letter at least), got {e.absorption_words}."
+        )
+    if e.absorption_examples < 0 or e.absorption_min_words < 1:
+        raise UserError(
+            "eval.absorption_examples must be >= 0 and eval.absorption_min_words >= 1, got "
+            f"{e.absorption_examples} and {e.absorption_min_words}."
+        )
+    for task in e.probe_tasks:
+        probe_task_config(task, e.probe)  # an unknown task or setting is named before any model loads
     if e.context_size is not None and e.context_size < 2:
         raise UserError(f"eval.context_size must be >= 2, got {e.context_size}.")
     check_choice("logger.mode", cfg.logger.mode, LOGGER_MODES)

@@ -7,12 +7,13 @@ The task is chosen with the `probe_task` group (conf/probe_task/*.yaml, package 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, Optional
 
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from sae_pipeline.data.labels import TASKS
-from sae_pipeline.errors import UserError, check_choice
+from sae_pipeline.errors import UserError, check_choice, check_known_keys
 
 from .common import LOGGER_MODES, LoggerConfig, PathsConfig
 
@@ -66,3 +67,29 @@ def check_probe_config(cfg) -> None:
     if p.context_size is not None and int(p.context_size) < 2:
         raise UserError(f"probe.context_size must be >= 2, got {p.context_size}.")
     check_choice("logger.mode", cfg.logger.mode, LOGGER_MODES)
+
+
+def probe_task_names() -> list[str]:
+    """The presets of the probe_task group (conf/probe_task/*.yaml)."""
+    folder = resources.files("sae_pipeline.conf") / "probe_task"
+    return sorted(f.name[: -len(".yaml")] for f in folder.iterdir() if f.name.endswith(".yaml"))
+
+
+def probe_task_config(task: str, overrides: Any = None) -> DictConfig:
+    """sae-probe's `probe` config for one preset task plus overrides, as `probe_task=<task>` composes it
+    (sae-eval's eval.probe_tasks); checked like sae-probe's own."""
+    names = probe_task_names()
+    if task not in names:
+        raise UserError(f"unknown probe task {task!r}; the tasks are {', '.join(names)}.")
+    preset = OmegaConf.create(
+        (resources.files("sae_pipeline.conf") / "probe_task" / f"{task}.yaml").read_text()
+    )
+    cfg = OmegaConf.merge(OmegaConf.structured(ProbeConfig), preset)
+    if overrides is not None:
+        user = OmegaConf.create(overrides) if not OmegaConf.is_config(overrides) else overrides
+        if not OmegaConf.is_dict(user):
+            raise UserError(f"eval.probe must be a mapping of sae-probe settings, got {overrides!r}.")
+        check_known_keys(dict(user), ProbeConfig, "eval.probe")
+        cfg = OmegaConf.merge(cfg, user)
+    check_probe_config(OmegaConf.create({"probe": cfg, "logger": {"mode": LOGGER_MODES[0]}}))
+    return cfg
