@@ -16,8 +16,7 @@ and `main` only; they import the library below them and never each other
     sae/          one file per architecture, registry, sparse kernels, saving and loading, the
                   training step of one latent shard
     training/     trainer loop, members, schedules, statistics, checkpoints, run folders, validation,
-                  fit_sae for activations already in memory, transcoder targets, dead-latent resampling,
-                  data-parallel and latent-sharded jobs
+                  transcoder targets, dead-latent resampling, data-parallel and latent-sharded jobs
     evaluation/   metrics, the splice scorer, a torch module's task scorer, eval reports, sweep tables
                   and Pareto plots
     interpret/    feature statistics and browser, logit lens, steering edits, feature connectors (seeds/002)
