@@ -1,12 +1,12 @@
 """Interpretation: what an SAE's latents are and what they do.
 
-    feature_stats.py   one pass of per-latent statistics for the browser, as [F, k] tensors
-    feature_report.py  per-latent records of the browser, assembled from those statistics
-    browser.py         the static latent browser: index.html + features_data.js
-    logit_lens.py      which output tokens a decoder row promotes and suppresses
-    steering.py        steering edits at a hook point and sae-steer's KV-cached generation loop
-    probing.py         probes on latents next to dense activations: are the latents useful features?
-    probe_report.py    one probing task for one SAE, end to end (sae-probe)
-    connectors.py      feature connectors (seeds/002): a sparse map between two SAEs' features
-    connector_run.py   what sae-connect needs around a connector: the two SAEs, their stores, encoded rows
+feature_stats.py   one pass of per-latent statistics for the browser, as [F, k] tensors
+feature_report.py  per-latent records of the browser, assembled from those statistics
+browser.py         the static latent browser: index.html + features_data.js
+logit_lens.py      which output tokens a decoder row promotes and suppresses
+steering.py        steering edits at a hook point and sae-steer's KV-cached generation loop
+probing.py         probes on latents next to dense activations: are the latents useful features?
+probe_report.py    one probing task for one SAE, end to end (sae-probe)
+connectors.py      feature connectors (seeds/002): a sparse map between two SAEs' features
+connector_run.py   what sae-connect needs around a connector: the two SAEs, their stores, encoded rows
 """
