@@ -35,15 +35,12 @@ from sae_pipeline.evaluation.masked import is_masked_lm, mask_tokens, masked_log
 from sae_pipeline.model.hook_points import HookPoint, find_blocks
 from sae_pipeline.model.hooks import capture, splice
 from sae_pipeline.progress import progress
+from sae_pipeline.runtime import model_device
 
 VARIANTS = ("zero", "mean", "sae")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _batches(input_ids_NT: Tensor, loss_mask_NT: Tensor, batch_size: int, device) -> Iterator:
@@ -167,7 +164,7 @@ def _forward_logits(model, ids_BT) -> Tensor:
 
 def mean_activation(model, hook: HookPoint, input_ids_NT, loss_mask_NT, batch_size: int = 8) -> Tensor:
     """Mean hook activation over the valid positions (the mean-ablation value; cache it across calls)."""
-    device = _device(model)
+    device = model_device(model)
     moments = M._Moments()
     with torch.inference_mode():
         for ids_BT, mask_BT in _batches(input_ids_NT, loss_mask_NT, batch_size, device):
@@ -215,7 +212,7 @@ class SpliceEvaluator:
     def evaluate(self, sae, activation: bool = True) -> dict:
         """Spliced metrics (and, with `activation`, the activation metrics) of one SAE."""
         model, hook = self.model, self.hook
-        device = _device(model)
+        device = model_device(model)
         sae = _prepare_sae(sae, device)
         p = _sae_param(sae)
         sae_dtype = torch.float32 if p is None else p.dtype
