@@ -28,6 +28,7 @@ and `main` only; they import the library below them and never each other
     progress.py   progress bars on a terminal, plain lines in a log ($SAE_PIPELINE_PROGRESS_S apart)
     tracking.py   Weights & Biases start-up shared by the stages
     runtime.py    the device and process-wide CPU settings
+    config_access.py  one key of a config group, whatever its form (DictConfig, dict, dataclass)
     errors.py     UserError: one sentence, exit code 2
 
 The public Python API (`from sae_pipeline import load_sae, splice_sae, ...`) is loaded on first use, so

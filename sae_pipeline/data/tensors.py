@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sae_pipeline.config_access import cfg_value
 from sae_pipeline.errors import UserError
-from sae_pipeline.schema.common import cfg_value
 
 NAMES = ("inputs", "labels")
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
+from sae_pipeline.config_access import cfg_value
 from sae_pipeline.errors import UserError
 from sae_pipeline.model import assets
-from sae_pipeline.schema.common import cfg_value
 
 BUILDER_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
+from sae_pipeline.config_access import cfg_value
 from sae_pipeline.errors import UserError
 from sae_pipeline.model import assets, gguf_cache
 from sae_pipeline.runtime import resolve_device
-from sae_pipeline.schema.common import cfg_value
 
 MODEL_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

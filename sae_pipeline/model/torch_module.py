@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sae_pipeline.config_access import cfg_value
 from sae_pipeline.errors import UserError
 from sae_pipeline.model.hook_points import HookPoint
-from sae_pipeline.schema.common import cfg_value
 
 KIND = "torch_module"
 

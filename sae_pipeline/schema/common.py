@@ -76,11 +76,6 @@ class LoggerConfig:
     log_artifact: bool = True  # the final SAE as a W&B `model` artifact (sae-train)
 
 
-def cfg_value(cfg: Any, key: str, default=None):
-    """A key of a config group given as a DictConfig, a plain dict (a manifest's record) or a dataclass."""
-    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-
-
 def to_container(cfg: DictConfig) -> dict:
     """A plain, fully resolved dict (for manifests, config.json and W&B)."""
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)  # type: ignore[return-value]
