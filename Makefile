@@ -26,34 +26,34 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev,s3]"
 	touch $(STAMP)
 
-setup: $(STAMP) browser ## create .venv, install everything (Chromium too, as root), fetch the embedded model and text
+setup: $(STAMP) browser ## create .venv, install everything (Chromium too, as root: the only target that does), fetch the embedded model and text
 	$(PY) -m sae_pipeline.model.assets
 
 assets: $(STAMP) ## fetch and convert the embedded model and text only
 	$(PY) -m sae_pipeline.model.assets
 
-demo: setup ## the main job: harvest -> train -> eval -> feature browser on the embedded default (CPU: ~8 min)
+demo: assets ## the main job: harvest -> train -> eval -> feature browser on the embedded default (CPU: ~8 min)
 	$(VENV)/bin/sae-harvest paths.root=$(ROOT) harvest.n_tokens=200000
 	$(VENV)/bin/sae-train paths.root=$(ROOT) store=$(DEMO_STORE) experiment=demo train.run_dir=$(DEMO_RUN) train.overwrite=true
 	$(VENV)/bin/sae-eval paths.root=$(ROOT) sae_path=$(DEMO_RUN) eval.n_tokens=4096
 	$(VENV)/bin/sae-features paths.root=$(ROOT) sae_path=$(DEMO_RUN) features.n_tokens=8192
 	@echo "feature browser: open $(DEMO_RUN)/features/index.html"
 
-card: setup ## the demo SAE's card: core metrics, first-letter absorption, sparse probing, in SAEBench's names (run `make demo` first)
+card: assets ## the demo SAE's card: core metrics, first-letter absorption, sparse probing, in SAEBench's names (run `make demo` first)
 	$(VENV)/bin/sae-eval paths.root=$(ROOT) sae_path=$(DEMO_RUN) eval.n_tokens=4096 eval.absorption=true 'eval.probe_tasks=[genre,speaker]'
 	@echo "card: $(DEMO_RUN)/eval/card.md (card.json beside it)"
 
-steer: setup ## steer SmolLM2 with a latent of the demo SAE (run `make demo` first)
+steer: assets ## steer SmolLM2 with a latent of the demo SAE (run `make demo` first)
 	$(VENV)/bin/sae-steer paths.root=$(ROOT) sae_path=$(DEMO_RUN) 'steer.latents=[0]' 'steer.scales=[8.0]'
 
-explain: setup ## explanations of 6 random latents of the demo SAE by SmolLM2-135M-Instruct, scored (run `make demo` first; ~4 min CPU)
+explain: assets ## explanations of 6 random latents of the demo SAE by SmolLM2-135M-Instruct, scored (run `make demo` first; ~4 min CPU)
 	OMP_NUM_THREADS=1 $(VENV)/bin/sae-explain paths.root=$(ROOT) sae_path=$(DEMO_RUN) explain.latents=random explain.n_latents=6 explain.n_score=4 explain.overwrite=true
 
-probe: setup ## sparse probing of the demo SAE vs dense activations: play genre, held-out play, speaker headings (run `make demo` first)
+probe: assets ## sparse probing of the demo SAE vs dense activations: play genre, held-out play, speaker headings (run `make demo` first)
 	$(VENV)/bin/sae-probe -m paths.root=$(ROOT) sae_path=$(DEMO_RUN) probe_task=genre,play,speaker
 	@echo "tables: $(DEMO_RUN)/probe/{genre,play,speaker}/probe.md (plots: probe_vs_k.png beside them)"
 
-sweep: setup ## a small L1 sweep (Hydra multirun) on the embedded default, then its Pareto table and plots
+sweep: assets ## a small L1 sweep (Hydra multirun) on the embedded default, then its Pareto table and plots
 	$(VENV)/bin/sae-harvest paths.root=$(ROOT) harvest.n_tokens=200000
 	$(VENV)/bin/sae-train -m paths.root=$(ROOT) store=$(DEMO_STORE) sae=relu train=demo train.eval_every=0 train.overwrite=true \
 		sae.l1_coefficient=0.5,1,2,4 hydra.sweep.dir=$(ROOT)/sweeps/demo-relu
@@ -65,7 +65,7 @@ example-digits: $(STAMP) ## feature connectors on an MLP digit classifier (seeds
 	@echo "W2 pictures and accuracy table: $(ROOT)/digits/"
 
 TC_STORES := $(ROOT)/stores/smollm2-135m/shakespeare
-example-transcoder: setup ## transcoders (plain and skip) from SmolLM2 layer 9's MLP input to its output (CPU: ~10-15 min)
+example-transcoder: assets ## transcoders (plain and skip) from SmolLM2 layer 9's MLP input to its output (CPU: ~10-15 min)
 	$(VENV)/bin/sae-harvest paths.root=$(ROOT) hook=mlp_out 'hook.names=[module:model.layers.9.mlp:input]' \
 		harvest.n_tokens=100000 harvest.dtype=float16
 	$(VENV)/bin/sae-train paths.root=$(ROOT) store=$(TC_STORES)/module__model.layers.9.mlp__input \
@@ -97,7 +97,7 @@ format: $(STAMP) ## apply ruff fixes and formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: setup ## benchmarks: harvest early exit, SAE training roofline, loop vs step, reader throughput, quality at one pass, streaming/S3/bounded disk
+bench: assets ## benchmarks: harvest early exit, SAE training roofline, loop vs step, reader throughput, quality at one pass, streaming/S3/bounded disk
 	$(PY) scripts/bench_harvest.py
 	$(PY) scripts/bench_sae.py
 	$(PY) scripts/bench_reader.py

@@ -8,6 +8,7 @@ from sae_pipeline import (
     load_sae,
     splice_sae,
     steering,
+    tokenize,
     train_sae,
 )
 
@@ -22,7 +23,7 @@ print(f"L0 {metrics['l0']:.1f}, loss recovered {metrics['loss_recovered']:.3f}")
 sae = load_sae(run_dir)  # also a SAELens folder, or a .safetensors file with W_enc/b_enc/W_dec/b_dec
 hook = sae.meta["hook_name"]  # e.g. blocks.3.hook_resid_post
 model, tokenizer = load_model(sae.meta["model_name"])
-ids = tokenizer("To be, or not to be, that is the question", return_tensors="pt").input_ids
+ids = tokenize(tokenizer, "To be, or not to be, that is the question")  # [1, T], BOS first as in the stages
 
 with capture_activations(model, [hook]) as acts:
     clean = model(ids).logits
@@ -31,7 +32,7 @@ latents = sae.encode(x)  # [1, T, d_sae]: any leading shape works, and so do dec
 idx, vals = sae.encode_sparse(x)  # [1, T, K] each: the active latents and their values
 top = int(idx[0, -1, 0])  # the strongest latent on the last token
 
-with splice_sae(model, sae):  # the model runs on the SAE's reconstruction
+with splice_sae(model, sae):  # the model runs on the SAE's reconstruction (BOS kept, as sae-eval does)
     spliced = model(ids).logits
 with splice_sae(model, sae, error_term=True, edit=lambda a: a.index_fill(-1, torch.tensor([top]), 0.0)):
     ablated = model(ids).logits  # exact model + the error term, minus that one latent's contribution

@@ -4,9 +4,8 @@ The package's folders are its architecture. Stage modules (one `sae-*` command e
 and `main` only; they import the library below them and never each other
 (`python scripts/check_imports.py` checks it, and so does tests/test_layout.py).
 
-    harvest.py train.py eval.py features.py explain.py steer.py probe.py export.py verify.py connect.py
-                  the stages
-    api.py        the Python API for notebooks (load_sae, splice_sae, harvest(), ...), re-exported here
+    harvest.py train.py eval.py features.py explain.py steer.py probe.py export.py verify.py connect.py   the stages
+    api.py        the Python API for notebooks (load_sae, tokenize, splice_sae, ...), re-exported here
     schema/       every config group's dataclass (one module per stage + common groups) and checks
     conf/         the Hydra YAML files (only values that differ from the schema), shipped in the wheel
     data/         the activation store (shards + manifest), harvest parts and their merge, the shuffled
@@ -17,8 +16,7 @@ and `main` only; they import the library below them and never each other
     sae/          one file per architecture, registry, sparse kernels, saving and loading, the
                   training step of one latent shard
     training/     trainer loop, members, schedules, statistics, checkpoints, run folders, validation,
-                  fit_sae for activations already in memory, transcoder targets, dead-latent resampling,
-                  data-parallel and latent-sharded jobs
+                  transcoder targets, dead-latent resampling, data-parallel and latent-sharded jobs
     evaluation/   metrics, the splice scorer, a torch module's task scorer, eval reports, sweep tables
                   and Pareto plots
     interpret/    feature statistics and browser, logit lens, steering edits, feature connectors (seeds/002),
@@ -27,8 +25,11 @@ and `main` only; they import the library below them and never each other
     layout.py     every file and folder name, defined once
     files.py      atomic writes (temporary name, fsync, rename) and checksums
     integrity.py  checking those checksums over a folder; faults.py: pause points for tests/faults
+    locks.py      one writer per folder: the exclusive lock a stage holds on every folder it writes
+    progress.py   progress bars on a terminal, plain lines in a log ($SAE_PIPELINE_PROGRESS_S apart)
     tracking.py   Weights & Biases start-up shared by the stages
     runtime.py    the device and process-wide CPU settings
+    config_access.py  one key of a config group, whatever its form (DictConfig, dict, dataclass)
     errors.py     UserError: one sentence, exit code 2
 
 The public Python API (`from sae_pipeline import load_sae, splice_sae, ...`) is loaded on first use, so
@@ -47,6 +48,7 @@ _API = (
     "load_sae",
     "splice_sae",
     "steering",
+    "tokenize",
     "train_sae",
 )
 __all__ = list(_API)

@@ -1,12 +1,13 @@
 """The Python API for notebooks and scripts; `sae_pipeline` re-exports these names lazily.
 
-    from sae_pipeline import load_sae, load_model, capture_activations, splice_sae, steering
+    from sae_pipeline import load_sae, load_model, tokenize, capture_activations, splice_sae, steering
     sae = load_sae("runs/train/<run>")        # or its sae/ folder, a SAELens folder, a .safetensors file
     model, tokenizer = load_model(sae.meta["model_name"])
+    input_ids = tokenize(tokenizer, "To be, or not to be")     # [1, T], BOS first as the stages have it
     with capture_activations(model, [sae.meta["hook_name"]]) as acts:
         model(input_ids)
     latents = sae.encode(acts[sae.meta["hook_name"]])           # [..., d_in] -> [..., d_sae]
-    with splice_sae(model, sae):                                # the model now runs on the SAE's output
+    with splice_sae(model, sae):          # the model now runs on the SAE's output (BOS position left alone)
         logits = model(input_ids).logits
 
 The stages run as functions with command-line overrides (a list of "key=value" or a dict) and return what
@@ -18,12 +19,12 @@ called `harvest`, `train`, ... because those names are the stage modules `sae_pi
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from sae_pipeline.errors import UserError
@@ -51,6 +52,16 @@ def load_sae(path: str | Path, device: str = "cpu", **bare_options) -> SAE:
     except UserError:
         sae.meta = {}
     return sae
+
+
+def tokenize(tokenizer, text: str, prepend_bos: bool = True) -> Tensor:
+    """[1, T] token ids as the stages make them: BOS first (a masked LM's CLS), then the text's tokens with no
+    other special token. `splice_sae` leaves that first position alone, as `sae-eval` does, so a notebook's
+    cross-entropy matches the stage's."""
+    from sae_pipeline.data.text import bos_token_id
+    from sae_pipeline.interpret.steering import prompt_ids
+
+    return prompt_ids(tokenizer, text, bos_token_id(tokenizer, prepend_bos), "cpu")
 
 
 def load_model(model: str | dict | Any = "embedded:smollm2", device: str = "cpu", dtype: str = "float32"):
@@ -101,10 +112,14 @@ def splice_sae(
     hook: str | None = None,
     error_term: bool = False,
     edit: Callable[[Tensor], Tensor] | None = None,
+    skip_bos: bool = True,
 ) -> Iterator[None]:
     """Within the block the activation x at the SAE's hook becomes decode(edit(encode(x))), plus the SAE's
     error term x - sae(x) when `error_term` (then with no edit the model's output is unchanged, and an edit
-    changes only what it touches). `edit` maps latents [B, T, d_sae] to new latents."""
+    changes only what it touches). `edit` maps latents [B, T, d_sae] to new latents.
+
+    With `skip_bos` the first position of each forward keeps its activation: it holds BOS (`tokenize` puts it
+    there), which the stages never store, train on or splice. For KV-cached generation pass skip_bos=False."""
     from sae_pipeline.model.hooks import splice
 
     if getattr(sae, "transcoder", False):
@@ -120,6 +135,8 @@ def splice_sae(
         out = sae.decode(edit(acts) if edit is not None else acts)
         if error_term:
             out = out + (x - sae.decode(acts))
+        if skip_bos:
+            out = torch.cat([x[:, :1], out[:, 1:]], dim=1)
         return out
 
     with splice(model, _hook_of(sae, hook), fn):
@@ -186,11 +203,7 @@ def train_sae(overrides: Overrides = None) -> Path:
     Without train.run_dir the run goes to <paths.train>/<date>_<arch>, as on the command line."""
     from sae_pipeline import train as stage
 
-    cfg = _compose("train", overrides)
-    if not cfg.train.run_dir:
-        stamp = time.strftime("%Y-%m-%d_%H-%M-%S") + f"-{time.time_ns() % 10**9:09d}"
-        cfg.train.run_dir = str(Path(cfg.paths.train) / f"{stamp}_{cfg.sae.arch}")
-    return stage.run(cfg)
+    return stage.run(_compose("train", overrides))
 
 
 def evaluate_sae(sae_path: str | Path, overrides: Overrides = None) -> dict:

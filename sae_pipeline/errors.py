@@ -5,11 +5,13 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import fields, is_dataclass
 from typing import Any, TypeVar
 
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from safetensors import SafetensorError
 
@@ -34,6 +36,8 @@ def report_user_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
+            if args and isinstance(args[0], DictConfig):
+                check_schema_keys(args[0])
             return fn(*args, **kwargs)
         except UserError as err:
             message = str(err)
@@ -75,12 +79,42 @@ def report_config_errors(main: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def check_schema_keys(cfg: DictConfig, where: str = "") -> None:
+    """Refuse a key the schema does not know, which only `+key=value` (or `++`) can add: Hydra accepts it
+    silently and the run would start with every setting at its default."""
+    kind = OmegaConf.get_type(cfg)
+    if is_dataclass(kind):
+        known = {f.name for f in fields(kind)}
+        for key in cfg:
+            if key not in known:
+                name = f"{where}.{key}" if where else key
+                raise UserError(
+                    f"{name} is not a key of {where or 'this command'} (added with +); valid keys: {sorted(known)}"
+                )
+    for key in cfg:
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
+            check_schema_keys(node, f"{where}.{key}" if where else str(key))
+
+
 def _config_sentence(err: Exception) -> str:
-    """Hydra's multi-line report of a bad override as one sentence (the override or key is named)."""
+    """Hydra's multi-line report of a bad override as one sentence (the override or key is named).
+
+    Hydra's advice to append with `+` is dropped (an unknown key is refused either way); a key that another
+    option of the group has (`sae.k` with `sae=relu`) names the options that have it instead."""
     text = str(err).split("Config search path:")[0]
     lines = [
-        ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("See https://")
+        ln.strip()
+        for ln in text.splitlines()
+        if ln.strip() and not ln.strip().startswith(("See https://", "To append to your config use"))
     ]
+    other = re.search(r"To append to your config use \+(\w+)\.(\w+)=(.*)", text)
+    if other and (options := _options_with_key(*other.groups()[:2])):
+        group, key, value = other.groups()
+        return (
+            f"{group}.{key} is not a key of this {group} option but of "
+            f"{', '.join(f'{group}={o}' for o in options)}: pass {group}={options[0]} {group}.{key}={value.strip()}"
+        )
     if len(lines) > 1 and lines[1].startswith(
         "Available options"
     ):  # a config group option that does not exist
@@ -91,6 +125,20 @@ def _config_sentence(err: Exception) -> str:
     if cause is not None and str(cause).strip():
         lines.append(str(cause).strip().splitlines()[0])
     return " ".join(ln if ln.endswith((".", ":")) else ln + "." for ln in lines[:3]) or type(err).__name__
+
+
+def _options_with_key(group: str, key: str) -> list[str]:
+    """The options of a config group whose schema (registered as base_<option>) has `key`."""
+    from hydra.core.config_store import ConfigStore
+
+    repo = ConfigStore.instance().repo.get(group)
+    if not isinstance(repo, dict):
+        return []
+    return [
+        name.removeprefix("base_").removesuffix(".yaml")
+        for name, entry in repo.items()
+        if name.startswith("base_") and hasattr(entry, "node") and key in entry.node
+    ]
 
 
 def _io_sentence(err: Exception) -> str:

@@ -53,7 +53,8 @@ def fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _replace(tmp: Path, path: Path) -> None:
+def publish_file(tmp: Path, path: Path) -> None:
+    """Move a finished temporary file into place in one rename, fsynced first (removed if that fails)."""
     try:
         fsync_file(tmp)
         faults.point(f"write:{path.name}", tmp)  # tests/faults kill a write here (a no-op otherwise)
@@ -76,7 +77,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _replace(tmp, path)
+    publish_file(tmp, path)
 
 
 def write_json_atomic(path: Path, obj: Any, indent: int | None = 2) -> None:
@@ -93,7 +94,7 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _replace(tmp, path)
+    publish_file(tmp, path)
 
 
 def _umask() -> int:
@@ -107,15 +108,19 @@ def _umask() -> int:
     return 0o022
 
 
-def publish_dir(tmp: Path, final: Path) -> None:
-    """Move a finished temporary folder (a sibling of `final`) into place in one rename, its files
-    fsynced first; when another process published `final` meanwhile, theirs is kept and ours removed."""
+def publish_dir(tmp: Path, final: Path, replace: bool = False) -> None:
+    """Move a finished temporary folder (a sibling of `final`) into place in one rename, its files fsynced
+    first. With `replace` an existing `final` is an older version and is removed first (a checkpoint written
+    again, the final SAE of a resumed run); without, another process published the same `final` meanwhile
+    (a shared cache), so theirs is kept and ours removed."""
     for path in Path(tmp).rglob("*"):
         if path.is_file():
             fsync_file(path)
+    if replace and Path(final).exists():
+        shutil.rmtree(final)
     try:
         os.rename(tmp, final)
     except OSError:
-        if not Path(final).exists():
+        if replace or not Path(final).exists():
             raise
         shutil.rmtree(tmp, ignore_errors=True)

@@ -39,6 +39,16 @@ def part_dir(store: Path, part: int, parts: int) -> Path:
 
 
 # --- SAE run folders ------------------------------------------------------------------------
+
+
+def train_run_name(arch: str) -> str:
+    """<date>_<time>-<ns>_<arch>: a run folder under paths.train when train.run_dir is not given (the
+    nanoseconds keep two runs started in the same second apart)."""
+    import time
+
+    return f"{time.strftime('%Y-%m-%d_%H-%M-%S')}-{time.time_ns() % 10**9:09d}_{arch}"
+
+
 CONFIG = "config.json"  # <run>/config.json (how the run was trained) and <run>/sae/config.json (the SAE)
 CHECKPOINTS = "checkpoints"
 FINAL_SAE = "sae"

@@ -241,8 +241,7 @@ class FolderLock:
             os.ftruncate(fd, 0)
             try:
                 os.pwrite(fd, data, 0)
-            # a full disk: the flock holds without the record, which only names the holder
-            except OSError as err:
+            except OSError as err:  # full disk: the flock holds without the record (which only names it)
                 if err.errno != errno.ENOSPC:
                     os.close(fd)
                     raise OSError(err.errno, err.strerror, str(self.path)) from None

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rest = divmod(seconds, 3600)
     m, s = divmod(rest, 60)
@@ -43,10 +43,10 @@ class LogProgress:
         elapsed = self.clock() - self.start
         rate = (self.done - self.initial) / elapsed if elapsed > 0 else 0.0
         share = f" ({100 * self.done / self.total:.1f}%)" if self.total else ""
-        eta = _duration((self.total - self.done) / rate) if rate > 0 and self.total else "?"
+        eta = duration((self.total - self.done) / rate) if rate > 0 and self.total else "?"
         return (
             f"{self.desc}: {self.done:,}/{self.total:,} {self.unit}{share} | {rate:,.0f} {self.unit}/s | "
-            f"elapsed {_duration(elapsed)} | ETA {eta}"
+            f"elapsed {duration(elapsed)} | ETA {eta}"
         )
 
     def update(self, n: int = 1) -> None:

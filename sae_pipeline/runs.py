@@ -26,7 +26,7 @@ from sae_pipeline.model.hook_points import resolve_hook
 from sae_pipeline.model.loading import load_model
 from sae_pipeline.runtime import resolve_device
 from sae_pipeline.sae import SAE, load_sae
-from sae_pipeline.sae.formats import read_saelens_config, sae_format
+from sae_pipeline.sae.formats import RUN_META_KEYS, read_saelens_config, sae_format
 from sae_pipeline.schema.eval import eval_data_config
 
 
@@ -159,21 +159,18 @@ def _outside_spec(target: Target, source) -> Spec:
     return Spec({"sae": {}, "cfg_json": meta}, None, manifest, model_cfg, hook, text_cfg)
 
 
-BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text", ".csv": "csv", ".parquet": "parquet"}
-
-
 def _dataset_path(data_cfg: dict) -> str | None:
     """SAELens's dataset_path for our data config: a builder's (json, text...) own file, else the name."""
     files = data_cfg.get("data_files")
-    if data_cfg.get("name") in set(BUILDERS.values()) and files:
+    if data_cfg.get("name") in set(text.BUILDER_BY_SUFFIX.values()) and files:
         return str(files if isinstance(files, str) else list(files)[0])
     return data_cfg.get("name")
 
 
 def _data_from_path(path: str) -> dict:
     """Our data config for a cfg.json dataset_path: a local text file by its extension, else a streamed name."""
-    if Path(path).is_file() and Path(path).suffix in BUILDERS:
-        return {"name": BUILDERS[Path(path).suffix], "data_files": path}
+    if Path(path).is_file() and Path(path).suffix in text.BUILDER_BY_SUFFIX:
+        return {"name": text.BUILDER_BY_SUFFIX[Path(path).suffix], "data_files": path}
     return {"name": path, "streaming": not Path(path).exists() and not path.startswith("embedded:")}
 
 
@@ -256,16 +253,7 @@ def training_metadata(sae_path: str | Path) -> tuple[dict, Path]:
     if kind == "saelens":
         folder = p.parent if p.is_file() else p
         cfg = read_saelens_config(folder)
-        keys = (
-            "model_name",
-            "hook_name",
-            "hook_layer",
-            "context_size",
-            "prepend_bos",
-            "dataset_path",
-            "neuronpedia_id",
-        )
-        return {k: cfg[k] for k in keys if cfg.get(k) is not None}, folder
+        return {k: cfg[k] for k in RUN_META_KEYS if cfg.get(k) is not None}, folder
     if kind == "bare":
         return {}, p.parent
     target, _ = single_target_only(p)

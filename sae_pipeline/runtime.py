@@ -26,6 +26,12 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's parameters live (the CPU for a model without parameters)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 AUTOCAST_MODES = ("auto", "bf16", "off")
 
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from sae_pipeline.errors import UserError, report_config_errors, report_user_errors
+from sae_pipeline import layout
+from sae_pipeline.errors import report_config_errors, report_user_errors
 from sae_pipeline.schema import register_configs
 from sae_pipeline.training import distributed
 from sae_pipeline.training.trainer import StopRequested, train
@@ -45,18 +46,19 @@ def _hydra_info() -> dict:
 
 
 def _run_dir(cfg: DictConfig, hydra_info: dict) -> Path:
+    """train.run_dir, else a multirun job's own folder, else a new folder under paths.train."""
     if cfg.train.run_dir:
         return Path(cfg.train.run_dir).expanduser().resolve()
-    if hydra_info:
+    if hydra_info.get("sweep"):
         return Path(hydra_info["output_dir"]).resolve()
-    raise UserError("train.run_dir is not set and no Hydra output folder exists; pass train.run_dir=<folder>")
+    return (Path(cfg.paths.train) / layout.train_run_name(cfg.sae.arch)).expanduser().resolve()
 
 
 def run(cfg: DictConfig) -> Path:
     """Train the SAE(s) described by cfg; returns the run folder.
 
     Under torchrun (or srun with one task per GPU) every rank calls this with the same config and joins
-    one data-parallel job; rank 0's run folder wins (pass train.run_dir so no rank makes a stray one)."""
+    one data-parallel job; rank 0's run folder wins."""
     info = _hydra_info()
     dist = distributed.from_env(cfg.train.device)
     try:

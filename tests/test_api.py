@@ -103,8 +103,15 @@ def test_readme_example_runs(tmp_path, capsys):
         # the error term alone restores the clean model exactly; the SAE's own output is what was spliced
         with sae_pipeline.splice_sae(model, sae, error_term=True):
             torch.testing.assert_close(model(ids).logits, ns["clean"], rtol=1e-4, atol=1e-4)
+        # as sae-eval: ids start with BOS, whose position keeps its clean activation; every other is the SAE's
+        assert ids[0, 0] == model.config.bos_token_id and ids[0, 1] != model.config.bos_token_id
         with sae_pipeline.capture_activations(model, [hook]) as acts, sae_pipeline.splice_sae(model, sae):
             model(ids)
+        torch.testing.assert_close(acts[hook][:, 0], ns["x"][:, 0], rtol=0, atol=0)
+        torch.testing.assert_close(acts[hook][:, 1:], sae(ns["x"])[:, 1:], rtol=1e-5, atol=1e-5)
+        with sae_pipeline.capture_activations(model, [hook]) as acts:
+            with sae_pipeline.splice_sae(model, sae, skip_bos=False):
+                model(ids)
         torch.testing.assert_close(acts[hook], sae(ns["x"]), rtol=1e-5, atol=1e-5)
     sae.meta = {}
     with pytest.raises(UserError, match="pass hook="):

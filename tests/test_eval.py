@@ -12,7 +12,7 @@ from torch import nn
 
 from sae_pipeline import layout
 from sae_pipeline.errors import UserError
-from sae_pipeline.evaluation.splice import activation_metrics, evaluate_sae, spliced_metrics
+from sae_pipeline.evaluation.splice import SpliceEvaluator
 from sae_pipeline.evaluation.sweep import collect_rows, pareto_mask, write_sweep
 from sae_pipeline.model.hook_points import resolve_hook
 from sae_pipeline.model.hooks import capture, splice
@@ -80,7 +80,7 @@ def manual_spliced_ce(model, hook, ids, mask, replace):
 def test_clean_ce_matches_hand_computation(model, data):
     ids, mask = data
     hook = resolve_hook(model, HOOK)
-    out = spliced_metrics(model, hook, IdentitySAE(), ids, mask, batch_size=2)
+    out = SpliceEvaluator(model, hook, ids, mask, 2).evaluate(IdentitySAE(), activation=False)
     with torch.no_grad():
         logits = model(ids).logits
     assert out["ce_clean"] == pytest.approx(manual_ce(logits, ids, mask), rel=1e-5)
@@ -89,7 +89,7 @@ def test_clean_ce_matches_hand_computation(model, data):
 
 def test_perfect_sae_recovers_everything(model, data):
     ids, mask = data
-    out = evaluate_sae(model, resolve_hook(model, HOOK), IdentitySAE(), ids, mask, batch_size=2)
+    out = SpliceEvaluator(model, resolve_hook(model, HOOK), ids, mask, 2).evaluate(IdentitySAE())
     assert out["loss_recovered"] == pytest.approx(1.0, abs=1e-5)
     assert out["kl"] == pytest.approx(0.0, abs=1e-5)
     assert out["ce_increase"] == pytest.approx(0.0, abs=1e-5)
@@ -100,10 +100,12 @@ def test_perfect_sae_recovers_everything(model, data):
 
 def test_zero_sae_equals_zero_ablation(model, data):
     ids, mask = data
-    out = spliced_metrics(model, resolve_hook(model, HOOK), ZeroSAE(), ids, mask, batch_size=3)
+    out = SpliceEvaluator(model, resolve_hook(model, HOOK), ids, mask, 3).evaluate(
+        ZeroSAE(), activation=False
+    )
     assert out["ce_sae"] == pytest.approx(out["ce_zero"], abs=1e-6)
     assert out["loss_recovered"] == pytest.approx(0.0, abs=1e-4)
-    act = activation_metrics(model, resolve_hook(model, HOOK), ZeroSAE(), ids, mask)
+    act = SpliceEvaluator(model, resolve_hook(model, HOOK), ids, mask).evaluate(ZeroSAE())
     assert act["l0"] == 0 and act["latents"]["dead"] == D_MODEL and act["norm_ratio"] == 0
 
 
@@ -113,7 +115,7 @@ def test_mean_ablation_and_sae_splice_match_manual_splices(model, data):
     x = capture(model, ids, None, [hook])[HOOK]
     mean_D = x[mask].mean(0)
     sae = build_sae(CONFIG_CLASSES["relu"](expansion_factor=2.0, b_dec_init="zeros"), d_in=D_MODEL, seed=0)
-    out = spliced_metrics(model, hook, sae, ids, mask, batch_size=2)
+    out = SpliceEvaluator(model, hook, ids, mask, 2).evaluate(sae, activation=False)
     expected_mean = manual_spliced_ce(model, hook, ids, mask, lambda v: mean_D.expand_as(v))
     expected_zero = manual_spliced_ce(model, hook, ids, mask, torch.zeros_like)
     with torch.no_grad():
@@ -163,9 +165,9 @@ def test_prefix_replay_is_exact_and_skips_early_blocks(model, data, family, hook
     first_child = next(iter(find_blocks(model)[1][0].children()))  # runs only when block 0 computes
     handle = first_child.register_forward_hook(lambda *_: calls.append(1))
     try:
-        fast = spliced_metrics(model, hook, sae, ids, mask, batch_size=5, reuse_prefix=True)
+        fast = SpliceEvaluator(model, hook, ids, mask, 5, reuse_prefix=True).evaluate(sae, activation=False)
         n_fast = len(calls)
-        slow = spliced_metrics(model, hook, sae, ids, mask, batch_size=5, reuse_prefix=False)
+        slow = SpliceEvaluator(model, hook, ids, mask, 5, reuse_prefix=False).evaluate(sae, activation=False)
     finally:
         handle.remove()
     assert n_fast == 2  # the mean-activation capture and the clean forward; the 3 variants replay block 0
@@ -375,7 +377,6 @@ def test_sae_eval_run_folder_with_a_data_override_and_skip_existing(tiny_sweep, 
 
 
 def test_evaluator_reuses_baselines_across_saes(model, data):
-    from sae_pipeline.evaluation.splice import SpliceEvaluator
 
     ids, mask = data
     hook = resolve_hook(model, HOOK)
@@ -390,7 +391,7 @@ def test_evaluator_reuses_baselines_across_saes(model, data):
     finally:
         handle.remove()
     assert len(calls) == 2  # the clean and the SAE-spliced forward; zero/mean ablations were kept
-    fresh = evaluate_sae(model, hook, sae_b, ids, mask, batch_size=2)
+    fresh = SpliceEvaluator(model, hook, ids, mask, 2).evaluate(sae_b)
     for key, value in fresh.items():
         if isinstance(value, float):
             assert second[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key

@@ -15,7 +15,6 @@ from sae_pipeline.model.hook_points import (
     HookPoint,
     find_blocks,
     hook_name,
-    list_hooks,
     num_layers,
     resolve_hook,
 )
@@ -109,9 +108,8 @@ def test_structure(family_model):
     assert path == f"{base_attr}.{blocks_attr}"
     assert blocks is _blocks(model, family)
     assert num_layers(model) == N_LAYERS
-    names = list_hooks(model)
-    assert len(names) == N_LAYERS * len(POINTS)
-    assert set(names) == {hook_name(p, layer) for p in POINTS for layer in range(N_LAYERS)}
+    for layer in range(N_LAYERS):  # every named point of every block resolves to its block
+        assert {resolve_hook(model, hook_name(p, layer)).layer for p in POINTS} == {layer}
 
     assert resolve_hook(model, "blocks.2.hook_resid_pre") == HookPoint(
         "blocks.2.hook_resid_pre", f"{path}.2", "input", 2
@@ -477,12 +475,9 @@ def test_generic_fallback_and_no_blocks():
 
     net = Net().eval()
     assert find_blocks(net)[0] == "stack" and num_layers(net) == 3
-    # No recognisable MLP child: mlp_out is left out and asked for by name it is a UserError.
-    assert list_hooks(net)[:3] == [
-        "blocks.0.hook_resid_pre",
-        "blocks.0.hook_resid_post",
-        "blocks.0.hook_attn_out",
-    ]
+    # No recognisable MLP child: the other points resolve, and mlp_out asked for by name is a UserError.
+    for point in ("resid_pre", "resid_post", "attn_out"):
+        assert resolve_hook(net, f"blocks.0.hook_{point}").layer == 0
     with pytest.raises(UserError, match="no recognisable MLP"):
         resolve_hook(net, "blocks.1.hook_mlp_out")
     hp = resolve_hook(net, "blocks.1.hook_attn_out")

@@ -83,15 +83,10 @@ def test_streaming_stats_match_whole_tensor_functions():
     assert out["latents"]["dead"] == int(((acts > 0).sum(0) == 0).sum())
 
 
-def test_next_token_ce_scores_only_valid_pairs():
-    torch.manual_seed(0)
-    logits = torch.randn(1, 4, 5)
-    ids = torch.tensor([[1, 3, 4, 0]])
-    mask = torch.tensor([[False, True, True, False]])  # BOS, two tokens, padding
-    total, n = M.next_token_ce(logits, ids, mask)
-    # only the prediction at position 1 of token 4 has both ends valid
-    expected = -torch.log_softmax(logits[0, 1], -1)[4].item()
-    assert n == 1 and total == pytest.approx(expected, rel=1e-6)
+def test_only_pairs_of_valid_positions_are_scored():
+    mask = torch.tensor([[False, True, True, False], [True, True, True, True]])  # BOS, 2 tokens, padding
+    # the prediction at t of token t+1 counts only when both are valid: row 0 only at t=1, row 1 everywhere
+    assert M.scored_positions(mask).tolist() == [[False, True, False], [True, True, True]]
 
 
 def test_kl_and_loss_recovered():

@@ -1,7 +1,7 @@
 """Quantities a hand-mutation campaign found unchecked (issue 19, part 4), each checked against its definition.
 
 Every test here was seen to fail with its bug put back by hand: the KL direction of the splice scorer,
-BOS rows counted by `activation_metrics`, a transcoder's target shards read unverified, probe max-pooling
+BOS rows counted by the splice scorer's activation metrics, a transcoder's target shards read unverified, probe max-pooling
 over masked positions, dead-latent resampling in proportion to |error|, a shard path that leaves its store,
 TopK without its ReLU, a doubled input scale or a wrong target scale in training.
 """
@@ -21,7 +21,7 @@ from sae_pipeline.data.integrity import write_manifest
 from sae_pipeline.data.paired import PairedReader
 from sae_pipeline.data.store import ActivationStore, read_manifest
 from sae_pipeline.errors import UserError
-from sae_pipeline.evaluation.splice import activation_metrics, spliced_metrics
+from sae_pipeline.evaluation.splice import SpliceEvaluator
 from sae_pipeline.interpret.probing import sequence_features
 from sae_pipeline.model.hook_points import resolve_hook
 from sae_pipeline.model.hooks import capture, splice
@@ -90,7 +90,7 @@ def test_splice_kl_is_kl_of_the_clean_distribution_from_the_spliced_one(peaked_m
     forward = float((logp.exp() * (logp - logq)).sum(-1).mean())
     reverse = float((logq.exp() * (logq - logp)).sum(-1).mean())
     assert abs(forward - reverse) > 0.05 * forward > 0
-    out = spliced_metrics(model, hook, sae, ids, mask, batch_size=3)
+    out = SpliceEvaluator(model, hook, ids, mask, 3).evaluate(sae, activation=False)
     assert out["kl"] == pytest.approx(forward, rel=1e-3)
 
 
@@ -101,7 +101,7 @@ def test_activation_metrics_count_only_valid_rows(model, data):
     with torch.no_grad():
         x_ND = capture(model, ids, None, [hook])[HOOK][mask]
         acts_NF, x_hat_ND = sae.encode(x_ND), sae(x_ND)
-    out = activation_metrics(model, hook, sae, ids, mask, batch_size=3)
+    out = SpliceEvaluator(model, hook, ids, mask, 3).evaluate(sae)
     assert out["n_tokens"] == int(mask.sum()) < mask.numel()
     assert out["l0"] == pytest.approx(float((acts_NF > 0).sum(1).double().mean()), rel=1e-6)
     assert out["mse_per_token"] == pytest.approx(

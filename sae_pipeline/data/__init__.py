@@ -1,5 +1,21 @@
-"""The activation store (store.py), its shuffled streaming reader (reader.py) and how its rows reach the
-training device (transfer.py: pinned buffers, side-stream copies, the gather on the device), text packing (text.py)
-and harvest's shard buffers (shards.py). A store that grows or lives elsewhere: where shards come from
-(source.py; remote.py for fsspec URLs), following a manifest as a harvest writes it (follow.py), the
-one-pass reader over it (stream.py), and bounded disk's consumer records (consumers.py)."""
+"""The activation store and everything that reads or writes it.
+
+store.py           the store: safetensors shards + a manifest, written atomically, read back safely
+shards.py          harvest's side of the store: rows collected per shard, what identifies a store
+integrity.py       the store's checksums, checked wherever it is read
+verify.py          whole-store verification: the manifest's seal and keys, then every shard's sha256
+parts.py           a harvest split into parts (torchrun, SLURM arrays): who writes which shard, merging
+text.py            text in, packed token contexts out: datasets, the held-out split, tokenization
+labels.py          labelled text for probing (probe tasks), cut into contexts
+tensors.py         `data=tensors`: examples in a safetensors file, split into harvest and held-out parts
+tensor_harvest.py  sae-harvest for `model=torch_module data=tensors`: one store row per example
+reader.py          the shuffled, resumable streaming reader over a store
+transfer.py        how a window's rows reach the training device: pinned buffers, side-stream copies, the gather there
+paired.py          the shuffled reader over two stores at once (a transcoder's input and target rows)
+aligned.py         rows of two stores matched by (context id, position)
+source.py          where a store's manifest and shards come from, for readers that follow or fetch it
+remote.py          stores at fsspec URLs (s3://, gs://)
+follow.py          following a store that is still being harvested
+stream.py          one shuffled pass over a store that may still be harvested (`train.stream=true`)
+consumers.py       bounded disk (`harvest.keep_shards=N`): who reads a store and which shards may go
+"""

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from sae_pipeline.data.integrity import shard_problem
-from sae_pipeline.data.store import ActivationStore
+from sae_pipeline.data.store import ActivationStore, row_keys
 from sae_pipeline.errors import UserError
 
 
@@ -22,10 +22,6 @@ def _load(store: ActivationStore, index: int) -> dict[str, torch.Tensor]:
     if problem:
         raise UserError(problem)
     return load_file(str(shard.path))
-
-
-def _keys(t: dict[str, torch.Tensor], context_size: int) -> torch.Tensor:
-    return t["context_ids"].long() * context_size + t["positions"].long()
 
 
 def aligned_rows(
@@ -40,7 +36,7 @@ def aligned_rows(
     xs_a, xs_b, n = [], [], 0
     for i in range(min(len(a.shards), len(b.shards))):
         ta, tb = _load(a, i), _load(b, i)
-        ka, kb = _keys(ta, ctx), _keys(tb, ctx)
+        ka, kb = (row_keys(t["context_ids"], t["positions"], ctx) for t in (ta, tb))
         kb_sorted, order_b = kb.sort()
         ka_sorted, order_a = ka.sort()
         where = torch.searchsorted(kb_sorted, ka_sorted).clamp_max(max(0, len(kb_sorted) - 1))

@@ -23,7 +23,7 @@ import torch
 
 from sae_pipeline.data.integrity import ShardChecker
 from sae_pipeline.data.reader import _NP_DTYPES, _TORCH_VIEW, ShuffledReader, _Tensor, _tensor_index
-from sae_pipeline.data.store import ActivationStore
+from sae_pipeline.data.store import ActivationStore, row_keys
 from sae_pipeline.errors import UserError
 
 # manifest entries that two stores of one harvest share
@@ -62,7 +62,7 @@ def _keys(index: dict[str, _Tensor], path, context_size: int) -> torch.Tensor:
     if "context_ids" not in index or "positions" not in index:
         raise UserError(f"the shard {path} has no context_ids/positions, so its rows cannot be matched")
     ctx, pos = index["context_ids"], index["positions"]
-    return ctx.read_rows(0, ctx.shape[0]).long() * context_size + pos.read_rows(0, pos.shape[0]).long()
+    return row_keys(ctx.read_rows(0, ctx.shape[0]), pos.read_rows(0, pos.shape[0]), context_size)
 
 
 class PairedReader(ShuffledReader):

@@ -33,6 +33,11 @@ STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 SHARD_KEYS = ("activations", "token_ids", "context_ids", "positions")
 
 
+def row_keys(context_ids: torch.Tensor, positions: torch.Tensor, context_size: int) -> torch.Tensor:
+    """One int64 key per row for its (context, position): how a token's rows are matched across two stores."""
+    return context_ids.long() * context_size + positions.long()
+
+
 def store_dtype(name: str) -> torch.dtype:
     if name not in STORE_DTYPES:
         raise UserError(f"harvest.dtype={name!r} is not a store dtype; choose one of {sorted(STORE_DTYPES)}")

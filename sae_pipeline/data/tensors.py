@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sae_pipeline.config_access import cfg_value
 from sae_pipeline.errors import UserError
 
 NAMES = ("inputs", "labels")
@@ -25,10 +26,6 @@ class Examples:
     inputs: Tensor  # [N, ...]
     labels: Tensor | None  # [N] int64, or None
     index: Tensor  # [N] each example's index in its file (the store's context id for harvested ones)
-
-
-def _get(cfg: Any, key: str, default=None):
-    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
 
 
 def read_examples(path: str | Path, key: str) -> Examples:
@@ -70,11 +67,11 @@ def _subset(ex: Examples, idx: Tensor) -> Examples:
 
 def split(data_cfg: Any, seed: int) -> tuple[Examples, Examples, dict]:
     """(harvest examples, held-out examples, a description for the manifest)."""
-    path = _get(data_cfg, "path")
+    path = cfg_value(data_cfg, "path")
     if not path:
         raise UserError("data=tensors needs data.path=<file.safetensors> with 'inputs' (and 'labels')")
     train = read_examples(path, "data.path")
-    eval_path = _get(data_cfg, "eval_path")
+    eval_path = cfg_value(data_cfg, "eval_path")
     if eval_path:
         held = read_examples(eval_path, "data.eval_path")
         if held.inputs.shape[1:] != train.inputs.shape[1:] or (held.labels is None) != (train.labels is None):
@@ -84,7 +81,7 @@ def split(data_cfg: Any, seed: int) -> tuple[Examples, Examples, dict]:
             )
         desc = {"eval_path": str(eval_path), "n_eval": int(held.inputs.shape[0])}
         return train, held, desc
-    frac = float(_get(data_cfg, "eval_fraction", 0.2))
+    frac = float(cfg_value(data_cfg, "eval_fraction", 0.2))
     n = train.inputs.shape[0]
     n_eval = round(frac * n)
     if not 0.0 <= frac < 1.0 or n - n_eval < 1:
@@ -103,7 +100,7 @@ def heldout_examples(manifest: dict, n_max: int) -> Examples:
     _, held, _ = split(data, int(manifest.get("seed", 0)))
     if held.inputs.shape[0] == 0:
         raise UserError(
-            f"the store's data holds no held-out example (data.eval_fraction={_get(data, 'eval_fraction')}); "
+            f"the store's data holds no held-out example (data.eval_fraction={cfg_value(data, 'eval_fraction')}); "
             "harvest again with data.eval_fraction > 0 or data.eval_path"
         )
     return _subset(held, torch.arange(min(int(n_max), held.inputs.shape[0])))

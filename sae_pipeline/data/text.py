@@ -16,14 +16,11 @@ from typing import Any
 
 import torch
 
+from sae_pipeline.config_access import cfg_value
 from sae_pipeline.errors import UserError
 from sae_pipeline.model import assets
 
 BUILDER_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".txt": "text", ".parquet": "parquet", ".csv": "csv"}
-
-
-def _get(cfg: Any, key: str, default=None):
-    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
 
 
 FILE_BUILDERS = ("files", "json", "text", "csv", "parquet")  # data.name values that read data_files by suffix
@@ -72,8 +69,8 @@ def root_cause(err: BaseException) -> str:
 def _load_split(data_cfg: Any, split: str):
     import datasets
 
-    name = _get(data_cfg, "name")
-    data_files = _get(data_cfg, "data_files")
+    name = cfg_value(data_cfg, "name")
+    data_files = cfg_value(data_cfg, "data_files")
     if data_files is not None and not isinstance(data_files, (str, dict)):
         data_files = list(data_files)
     if data_files is not None and name in (*FILE_BUILDERS, assets.EMBEDDED_DATA, None):
@@ -84,22 +81,24 @@ def _load_split(data_cfg: Any, split: str):
         name, data_files = BUILDER_BY_SUFFIX[Path(str(name)).suffix], str(name)
     kwargs = {}
     if name == "text":
-        unit = _get(data_cfg, "txt_unit", "line")  # absent only from manifests written before the key: lines
+        unit = cfg_value(
+            data_cfg, "txt_unit", "line"
+        )  # absent only from manifests written before the key: lines
         if unit not in TXT_UNITS:
             raise UserError(f"data.txt_unit={unit!r} is not one of {', '.join(TXT_UNITS)}")
         kwargs["sample_by"] = TXT_UNITS[unit]
     try:
         return datasets.load_dataset(
             name,
-            _get(data_cfg, "config_name"),
+            cfg_value(data_cfg, "config_name"),
             data_files=data_files,
             split=split,
-            streaming=bool(_get(data_cfg, "streaming", False)),
+            streaming=bool(cfg_value(data_cfg, "streaming", False)),
             **kwargs,
         )
     except Exception as err:  # datasets raises many types (missing files, empty files, hub errors)
         files = _as_list(data_files) if data_files is not None else []
-        what = f"data.name={_get(data_cfg, 'name')!r}"
+        what = f"data.name={cfg_value(data_cfg, 'name')!r}"
         if files:
             what = f"data.data_files={files[0]!r}" + (
                 f" (and {len(files) - 1} more)" if len(files) > 1 else ""
@@ -113,7 +112,7 @@ def load_split(data_cfg: Any, split: str):
 
 
 def _check_column(ds, data_cfg: Any) -> str:
-    column = _get(data_cfg, "text_column", "text")
+    column = cfg_value(data_cfg, "text_column", "text")
     names = ds.column_names
     if names is not None and column not in names:
         raise UserError(f"data.text_column={column!r} is not a column of the dataset; it has {list(names)}")
@@ -122,22 +121,24 @@ def _check_column(ds, data_cfg: Any) -> str:
 
 def _source(data_cfg: Any) -> str:
     """What a user named as the text: the data file(s), or else the dataset."""
-    files = _as_list(_get(data_cfg, "data_files")) if _get(data_cfg, "data_files") is not None else []
+    files = (
+        _as_list(cfg_value(data_cfg, "data_files")) if cfg_value(data_cfg, "data_files") is not None else []
+    )
     if len(files) == 1:
         return f"the data file {files[0]}"
     if files:
         return f"the data files {', '.join(files)}"
-    return f"the dataset data.name={_get(data_cfg, 'name')!r}"
+    return f"the dataset data.name={cfg_value(data_cfg, 'name')!r}"
 
 
 def split_documents(data_cfg: Any, seed: int) -> tuple[Iterable[str], dict]:
     """Training documents (in a seeded order) and a record of the held-out evaluation documents."""
-    split = _get(data_cfg, "split", "train")
+    split = cfg_value(data_cfg, "split", "train")
     ds = _load_split(data_cfg, split)
     column = _check_column(ds, data_cfg)
-    eval_split = _get(data_cfg, "eval_split")
-    n_eval = 0 if eval_split else int(_get(data_cfg, "eval_documents", 0))
-    if _get(data_cfg, "streaming", False):
+    eval_split = cfg_value(data_cfg, "eval_split")
+    n_eval = 0 if eval_split else int(cfg_value(data_cfg, "eval_documents", 0))
+    if cfg_value(data_cfg, "streaming", False):
         # A stream has no length: hold out its first documents, train on the rest in stream order.
         record = {"eval_split": eval_split, "eval_indices": list(range(n_eval)), "eval_titles": []}
         texts = (row[column] for i, row in enumerate(ds) if i >= n_eval)
@@ -153,7 +154,7 @@ def split_documents(data_cfg: Any, seed: int) -> tuple[Iterable[str], dict]:
     order = list(range(n_docs))
     random.Random(seed).shuffle(order)
     eval_indices, train_indices = sorted(order[:n_eval]), order[n_eval:]
-    title_column = _get(data_cfg, "title_column")
+    title_column = cfg_value(data_cfg, "title_column")
     titles = []
     if title_column and title_column in ds.column_names:
         titles = [ds[i][title_column] for i in eval_indices]
@@ -172,9 +173,9 @@ def eval_documents(data_cfg: Any, record: dict) -> Iterator[str]:
         ds = _load_split(data_cfg, record["eval_split"])
         column = _check_column(ds, data_cfg)
         return (row[column] for row in ds)
-    ds = _load_split(data_cfg, _get(data_cfg, "split", "train"))
+    ds = _load_split(data_cfg, cfg_value(data_cfg, "split", "train"))
     column = _check_column(ds, data_cfg)
-    if _get(data_cfg, "streaming", False):
+    if cfg_value(data_cfg, "streaming", False):
         wanted = set(record["eval_indices"])
         return (row[column] for i, row in enumerate(ds) if i in wanted)
     return (ds[i][column] for i in record["eval_indices"])
@@ -249,5 +250,5 @@ def contexts_for_data(
     bos_id = bos_token_id(tokenizer, prepend_bos)
     contexts = pack_contexts(tokenizer, docs, context_size, bos_id)
     return _take(
-        contexts, n_tokens, context_size, bos_id is not None, f"data.name={_get(data_cfg, 'name')!r}"
+        contexts, n_tokens, context_size, bos_id is not None, f"data.name={cfg_value(data_cfg, 'name')!r}"
     )

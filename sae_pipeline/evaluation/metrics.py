@@ -236,17 +236,6 @@ def scored_positions(loss_mask_BT: Tensor) -> Tensor:
     return m[:, :-1] & m[:, 1:]
 
 
-def next_token_ce(logits_BTV: Tensor, input_ids_BT: Tensor, loss_mask_BT: Tensor) -> tuple[float, int]:
-    """Summed next-token cross-entropy (nats) over scored positions, and their number."""
-    sel = scored_positions(loss_mask_BT)
-    logits = logits_BTV[:, :-1][sel].float()
-    targets = input_ids_BT[:, 1:][sel]
-    if targets.numel() == 0:
-        return 0.0, 0
-    ce = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-    return ce.double().item(), int(targets.numel())
-
-
 def kl_divergence(logp_clean_NV: Tensor, logp_other_NV: Tensor) -> Tensor:
     """KL(p_clean || p_other) per row from log-probabilities, [N]."""
     return (logp_clean_NV.exp() * (logp_clean_NV - logp_other_NV)).sum(dim=-1)

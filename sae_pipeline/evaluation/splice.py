@@ -1,10 +1,8 @@
 """Score an SAE inside its model: activation-level metrics and spliced next-token metrics.
 
-    act = activation_metrics(model, hook, sae, input_ids_NT, loss_mask_NT)    # L0, FVU, dead/dense, ...
-    spl = spliced_metrics(model, hook, sae, input_ids_NT, loss_mask_NT)       # CE, loss recovered, KL
-    both = evaluate_sae(model, hook, sae, input_ids_NT, loss_mask_NT)         # both, sharing forwards
-    ev = SpliceEvaluator(model, hook, input_ids_NT, loss_mask_NT)            # many SAEs, same tokens:
-    ev.evaluate(sae_a); ev.evaluate(sae_b)                                    #   baselines measured once
+    ev = SpliceEvaluator(model, hook, input_ids_NT, loss_mask_NT)   # many SAEs, same tokens:
+    ev.evaluate(sae_a); ev.evaluate(sae_b)                           #   baselines measured once
+    ev.evaluate(sae, activation=False)                               # spliced metrics only
 
 Only valid positions (loss_mask True: not BOS, not padding) are measured *and* replaced: BOS and
 padding keep their clean activations in every variant, since the SAE never saw them in training.
@@ -15,8 +13,7 @@ Efficiency: the clean forward records the outputs of every decoder block before 
 the zero / mean / SAE forwards replay those outputs instead of recomputing them (exact, since a
 block's output depends only on earlier blocks), so each variant pays only for the layers after
 the hook. The SAE's input at the hook is the same in every variant, so it is encoded once per batch,
-and the activation metrics come from the clean forward. `activation_metrics` alone uses `capture`
-with early exit (no later block, no LM head).
+and the activation metrics come from the clean forward.
 
 Transcoders (`SpliceEvaluator(..., source_hook=input hook)`, `hook` the target): the clean forward
 records both hooks' activations; the transcoder's output from the input hook's replaces the target
@@ -38,15 +35,12 @@ from sae_pipeline.evaluation.masked import is_masked_lm, mask_tokens, masked_log
 from sae_pipeline.model.hook_points import HookPoint, find_blocks
 from sae_pipeline.model.hooks import capture, splice
 from sae_pipeline.progress import progress
+from sae_pipeline.runtime import model_device
 
 VARIANTS = ("zero", "mean", "sae")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _batches(input_ids_NT: Tensor, loss_mask_NT: Tensor, batch_size: int, device) -> Iterator:
@@ -156,33 +150,6 @@ class PrefixReplay:
                 del block.forward
 
 
-# ----------------------------------------------------------------------------- activation metrics
-
-
-def _activation_stats(model, hook, sae, input_ids_NT, loss_mask_NT, batch_size) -> M.ActivationStats:
-    device = _device(model)
-    sae = _prepare_sae(sae, device)
-    stats: M.ActivationStats | None = None
-    with torch.inference_mode():
-        for ids_BT, mask_BT in _batches(input_ids_NT, loss_mask_NT, batch_size, device):
-            x_BTD = capture(model, ids_BT, None, [hook], early_exit=True)[hook.name]
-            check_d_in(sae, x_BTD, hook)
-            x_ND = x_BTD[mask_BT].float()
-            p = _sae_param(sae)
-            x_hat_ND, acts_NF = reconstruct(sae, x_ND if p is None else x_ND.to(p.dtype))
-            if stats is None:
-                stats = M.ActivationStats(acts_NF.shape[-1])
-            stats.update(x_ND, x_hat_ND.float(), acts_NF)
-    if stats is None or stats.n_tokens == 0:
-        raise UserError("the evaluation text has no valid token (every loss_mask position is False).")
-    return stats
-
-
-def activation_metrics(model, hook: HookPoint, sae, input_ids_NT, loss_mask_NT, batch_size: int = 8) -> dict:
-    """L0 (mean and distribution), MSE, FVU, explained variance, cosine, norm ratio, dead/dense latents."""
-    return _activation_stats(model, hook, sae, input_ids_NT, loss_mask_NT, batch_size).compute()
-
-
 # ----------------------------------------------------------------------------- spliced metrics
 
 
@@ -197,7 +164,7 @@ def _forward_logits(model, ids_BT) -> Tensor:
 
 def mean_activation(model, hook: HookPoint, input_ids_NT, loss_mask_NT, batch_size: int = 8) -> Tensor:
     """Mean hook activation over the valid positions (the mean-ablation value; cache it across calls)."""
-    device = _device(model)
+    device = model_device(model)
     moments = M._Moments()
     with torch.inference_mode():
         for ids_BT, mask_BT in _batches(input_ids_NT, loss_mask_NT, batch_size, device):
@@ -245,7 +212,7 @@ class SpliceEvaluator:
     def evaluate(self, sae, activation: bool = True) -> dict:
         """Spliced metrics (and, with `activation`, the activation metrics) of one SAE."""
         model, hook = self.model, self.hook
-        device = _device(model)
+        device = model_device(model)
         sae = _prepare_sae(sae, device)
         p = _sae_param(sae)
         sae_dtype = torch.float32 if p is None else p.dtype
@@ -349,29 +316,3 @@ class SpliceEvaluator:
             kl_mean=b["kl_mean"],
         )
         return out
-
-
-def spliced_metrics(
-    model,
-    hook: HookPoint,
-    sae,
-    input_ids_NT: Tensor,
-    loss_mask_NT: Tensor,
-    batch_size: int = 8,
-    mean_act_D: Tensor | None = None,
-    reuse_prefix: bool = True,
-) -> dict:
-    """Next-token CE clean / zero-ablated / mean-ablated / SAE-spliced, loss recovered and KL.
-
-    `mean_act_D` (the mean-ablation value) is computed from the same tokens when not given. To score
-    several SAEs (or one SAE repeatedly) on the same tokens, keep a `SpliceEvaluator` instead.
-    """
-    ev = SpliceEvaluator(model, hook, input_ids_NT, loss_mask_NT, batch_size, reuse_prefix, mean_act_D)
-    return ev.evaluate(sae, activation=False)
-
-
-def evaluate_sae(
-    model, hook: HookPoint, sae, input_ids_NT: Tensor, loss_mask_NT: Tensor, batch_size: int = 8
-) -> dict:
-    """Activation metrics and spliced metrics of one SAE on the same tokens."""
-    return SpliceEvaluator(model, hook, input_ids_NT, loss_mask_NT, batch_size).evaluate(sae)

@@ -24,13 +24,9 @@ from sae_pipeline.errors import UserError
 from sae_pipeline.evaluation import metrics as M
 from sae_pipeline.model.hook_points import HookPoint
 from sae_pipeline.model.hooks import splice
+from sae_pipeline.runtime import model_device
 
 VARIANTS = ("zero", "mean", "sae")
-
-
-def _device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 class TaskEvaluator:
@@ -44,7 +40,7 @@ class TaskEvaluator:
         self.source = None  # no transcoders here (the SpliceEvaluator's input hook)
 
     def _batches(self):
-        ex, device = self.examples, _device(self.model)
+        ex, device = self.examples, model_device(self.model)
         for i in range(0, ex.inputs.shape[0], self.batch_size):
             y = None if ex.labels is None else ex.labels[i : i + self.batch_size].to(device)
             yield ex.inputs[i : i + self.batch_size].to(device), y
@@ -77,7 +73,7 @@ class TaskEvaluator:
 
     def evaluate(self, sae, activation: bool = True) -> dict:
         """Activation metrics (with `activation`) and the task metrics of one SAE spliced at the hook."""
-        device = _device(self.model)
+        device = model_device(self.model)
         if isinstance(sae, nn.Module):
             sae = sae.to(device).eval()
         if self.mean_act_D is None:

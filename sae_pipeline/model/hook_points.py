@@ -171,12 +171,6 @@ def _available_points(model: nn.Module) -> tuple[str, ...]:
     return tuple(p for p in POINTS if p not in parts or parts[p] is not None)
 
 
-def list_hooks(model: nn.Module) -> list[str]:
-    """All named hook points of this model, layer by layer."""
-    points = _available_points(model)
-    return [hook_name(p, layer) for layer in range(num_layers(model)) for p in points]
-
-
 def _layer_of(module_path: str, blocks_path: str) -> int | None:
     prefix = blocks_path + "." if blocks_path else ""
     if not module_path.startswith(prefix):

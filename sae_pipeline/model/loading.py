@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from sae_pipeline.config_access import cfg_value
 from sae_pipeline.errors import UserError
 from sae_pipeline.model import assets, gguf_cache
 from sae_pipeline.runtime import resolve_device
@@ -38,10 +39,6 @@ def resolve_name(name: str) -> str:
     return name
 
 
-def _get(cfg: Any, key: str, default=None):
-    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-
-
 def load_model(model_cfg: Any, device: str | torch.device = "auto"):
     """Return (model, tokenizer), the model in eval mode on `device` (tokenizer None for model.kind=torch_module).
 
@@ -52,30 +49,30 @@ def load_model(model_cfg: Any, device: str | torch.device = "auto"):
     hf_logging.disable_progress_bar()  # our own progress bars are the ones that matter
 
     device = device if isinstance(device, torch.device) else resolve_device(device)
-    if _get(model_cfg, "kind") == "torch_module":  # any nn.Module from a factory; no tokenizer
+    if cfg_value(model_cfg, "kind") == "torch_module":  # any nn.Module from a factory; no tokenizer
         from sae_pipeline.model.torch_module import load_torch_module
 
         return load_torch_module(model_cfg, device), None
-    name = _get(model_cfg, "name")
+    name = cfg_value(model_cfg, "name")
     if not name:
         raise UserError("model.name is empty; give a hub id, a local folder or embedded:smollm2")
     source = resolve_name(name)
-    gguf_file = _get(model_cfg, "gguf_file")
+    gguf_file = cfg_value(model_cfg, "gguf_file")
     # A hub id is `name` or `org/name`; a path starts with / . ~ or has more parts.
     looks_local = source.startswith((os.path.sep, ".", "~")) or source.count("/") > 1 or Path(source).exists()
     if looks_local and not Path(source).exists():
         raise UserError(f"model.name={name!r}: no such folder")
     kwargs = dict(
-        revision=_get(model_cfg, "revision"),
-        trust_remote_code=bool(_get(model_cfg, "trust_remote_code", False)),
+        revision=cfg_value(model_cfg, "revision"),
+        trust_remote_code=bool(cfg_value(model_cfg, "trust_remote_code", False)),
     )
     if gguf_file:  # de-quantized once into a cached float32 folder (model/gguf_cache.py)
         source = str(gguf_cache.cached_dir(gguf_cache.gguf_path(source, gguf_file, kwargs["revision"])))
         kwargs["revision"] = None
-    dtype = resolve_dtype(_get(model_cfg, "dtype", "float32") or "float32", device)
+    dtype = resolve_dtype(cfg_value(model_cfg, "dtype", "float32") or "float32", device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        auto_cls = _auto_class(_get(model_cfg, "kind", "auto") or "auto", source, kwargs)
+        auto_cls = _auto_class(cfg_value(model_cfg, "kind", "auto") or "auto", source, kwargs)
         model = auto_cls.from_pretrained(source, dtype=dtype, **kwargs)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -24,19 +24,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sae_pipeline.config_access import cfg_value
 from sae_pipeline.errors import UserError
 from sae_pipeline.model.hook_points import HookPoint
 
 KIND = "torch_module"
 
 
-def _get(cfg: Any, key: str, default=None):
-    return cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-
-
 def is_torch_module(model_cfg: Any) -> bool:
     """Whether a model config (schema, DictConfig or a manifest's dict) names a plain torch module."""
-    return _get(model_cfg, "kind") == KIND
+    return cfg_value(model_cfg, "kind") == KIND
 
 
 def _import_factory(spec: str, extra_path: str | None):
@@ -88,14 +85,14 @@ def check_state_dict(model: nn.Module, state: dict[str, Tensor], file: str) -> N
 
 def load_torch_module(model_cfg: Any, device: torch.device) -> nn.Module:
     """The module the config's factory builds, with its weights, in eval mode on `device` (float32)."""
-    spec = _get(model_cfg, "factory")
+    spec = cfg_value(model_cfg, "factory")
     if not spec:
         raise UserError("model=torch_module needs model.factory=package.module:function")
-    fn = _import_factory(spec, _get(model_cfg, "factory_path"))
+    fn = _import_factory(spec, cfg_value(model_cfg, "factory_path"))
     model = fn()
     if not isinstance(model, nn.Module):
         raise UserError(f"model.factory={spec!r} returned a {type(model).__name__}, not a torch.nn.Module")
-    weights = _get(model_cfg, "weights")
+    weights = cfg_value(model_cfg, "weights")
     if weights:
         from safetensors.torch import load_file
 

@@ -4,8 +4,11 @@
     sae = build_sae(CONFIG_CLASSES["topk"](k=32), d_in=576, seed=0)
 
 base.py      config base, module base, init from data, decoder-norm constraint, input-scale folding
+relu.py  topk.py  batchtopk.py  jumprelu.py  gated.py  matryoshka.py  tied.py   one per architecture
 kernels.py   sparse autograd kernels (gathered encode, embedding-bag decode) for the K-sparse archs
 registry.py  arch name -> class (`@register`), build_sae
+sharded.py   one latent shard of an SAE: its training step when the latents are split over ranks
+batch_reduce.py  batch-wide quantities of a step whose batch is split over data-parallel ranks
 saving.py    our SAE folder on disk (sae.safetensors + config.json): save_sae / load_native
 formats.py   other formats: SAELens folders (write_saelens / read_saelens), bare safetensors files;
              load_sae(path) reads any of them (our run folder, our sae/ folder, SAELens, bare file)

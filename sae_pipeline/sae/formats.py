@@ -5,7 +5,7 @@
     write_saelens(sae, "out/", {"model_name": "gpt2", "hook_name": "blocks.8.hook_resid_pre"})
 
 Target format: the `cfg.json` + `sae_weights.safetensors` folder that sae_lens 5.x `SAE.save_model` writes
-and `SAE.load_from_disk` loads (flat cfg keys, `SAELENS_FORMAT`). sae_lens 6.x loads such a folder through
+and `SAE.load_from_disk` loads (flat cfg keys). sae_lens 6.x loads such a folder through
 its pre-6.0 config conversion (a cfg.json without `sae_lens_version` is treated as pre-6.0). On reading we
 also accept 6.x configs (run metadata nested under `metadata`/`meta`, `k` at the top level). Both
 directions are checked against sae_lens 6.54.12 itself in tests/test_saelens_roundtrip.py.
@@ -48,7 +48,6 @@ from .relu import ReLUConfig
 from .saving import load_sae as load_native
 from .topk import TopKConfig
 
-SAELENS_FORMAT = "sae_lens 5.x cfg.json (flat keys), also loaded by sae_lens 6.x"
 EXPORT_ARCH = {
     "relu": "standard",
     "topk": "topk",

@@ -2,6 +2,9 @@
 
     common.py    paths, model, data, hook, logger (shared by several stages)
     harvest.py  train.py  eval.py  features.py  explain.py  steer.py  probe.py  export.py  verify.py  connect.py
+    source.py    the `source` group: what an SAE not trained here reads (sae-eval, sae-features, sae-steer)
+    ids.py       the default model.id / data.id, a filesystem-safe name derived from `name`
+    help.py      `sae-<stage> --help`: the stage's docstring, its own groups, the composed config
 
 `register_configs()` puts every schema in Hydra's ConfigStore; each stage calls it before
 `@hydra.main` composes, and `compose()` calls it for notebooks and tests. A typo in a key or a

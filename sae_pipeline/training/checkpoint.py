@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from sae_pipeline import faults, layout
 from sae_pipeline.errors import UserError
-from sae_pipeline.files import json_sha256, save_tensors, sha256_file
+from sae_pipeline.files import json_sha256, publish_dir, save_tensors, sha256_file
 
 SEAL = "state_sha256"  # state.json's checksum of itself
 FAULT = "checkpoint"  # tests/faults pause a save here (see sae_pipeline.faults)
@@ -100,16 +100,11 @@ def save(
         state = {**meta, "step": step, "optimizer": opt_meta, "sha256": checksums}
         state[SEAL] = json_sha256(state, SEAL)
         (tmp / layout.TRAIN_META).write_text(json.dumps(state, indent=1))
-        for file in tmp.iterdir():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
         faults.point(FAULT)
+        publish_dir(tmp, final, replace=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # frees the space a full disk needs back
         raise
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
     return final
 
 

@@ -11,6 +11,7 @@ from sae_pipeline import faults, layout, locks
 from sae_pipeline.data.remote import is_url
 from sae_pipeline.data.store import ActivationStore
 from sae_pipeline.errors import UserError
+from sae_pipeline.files import publish_dir
 from sae_pipeline.sae import save_sae
 
 
@@ -83,6 +84,5 @@ def save_final(member, store: ActivationStore) -> Path:
         },
     )
     faults.point("final")  # tests/faults kill the final save here (a no-op otherwise)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    publish_dir(tmp, out, replace=True)
     return out

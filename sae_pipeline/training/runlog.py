@@ -22,7 +22,9 @@ class RunLogger:
         group: str | None,
         wandb_id: str | None,
         resume_step: int | None = None,
+        member: str = "",
     ):
+        self.prefix = f"[{member}] " if member else ""  # a sweep group's printed lines name their member
         self.path = Path(run_dir) / layout.TRAIN_LOG
         if resume_step is not None and self.path.exists():  # drop lines logged after the checkpoint
             keep = [ln for ln in self.path.read_text().splitlines() if _step(ln) <= resume_step]
@@ -39,14 +41,20 @@ class RunLogger:
         if self.run is not None:
             self.run.log(metrics, step=step)
 
+    def show(self, step: int, metrics: dict) -> None:
+        """Measurements taken during training (validation, loss recovered): logged, and printed in one line."""
+        self.log(step, metrics)
+        print(f"{self.prefix}step {step} {measured_line(metrics)}", flush=True)
+
     def log_sae(self, sae_dir: Path, metadata: dict) -> None:
         """The final SAE as a W&B artifact `sae-<run id>` (unless `logger.log_artifact=false`)."""
         if self.run is not None and self.log_artifact:
             log_sae_artifact(self.run, sae_dir, f"sae-{self.run.id}", metadata)
 
-    def event(self, step: int, message: str) -> None:
-        """A notable event (new pass over the store, skipped evaluation...): printed and logged."""
-        print(f"[step {step}] {message}", flush=True)
+    def event(self, step: int, message: str, run_wide: bool = False) -> None:
+        """A notable event (new pass over the store, skipped evaluation...): printed and logged. The line names
+        the member of a sweep group unless the event is the whole run's (logged in the first member's log)."""
+        print(f"{'' if run_wide else self.prefix}[step {step}] {message}", flush=True)
         self.file.write(json.dumps({"step": step, "event": message}) + "\n")
         self.file.flush()
 
@@ -55,6 +63,23 @@ class RunLogger:
             self.run.finish(exit_code=exit_code)
             self.run = None
         self.file.close()
+
+
+def measured_line(metrics: dict) -> str:
+    """val/* and eval/* records as the printed line: `val mse 1.2e+04 fvu 0.183 l0 32.0`, `eval loss recovered
+    0.979 ce +0.122 nats kl 0.310`."""
+    parts = []
+    if "val/fvu" in metrics:
+        parts.append(
+            f"val mse {metrics['val/mse']:.4g} fvu {metrics['val/fvu']:.4f} l0 {metrics['val/l0']:.1f}"
+        )
+    if "eval/loss_recovered" in metrics:
+        parts.append(f"eval loss recovered {metrics['eval/loss_recovered']:.4f}")
+    if "eval/ce_increase" in metrics:
+        parts.append(f"ce {metrics['eval/ce_increase']:+.4f} nats")
+    if "eval/kl" in metrics:
+        parts.append(f"kl {metrics['eval/kl']:.4f}")
+    return " ".join(parts)
 
 
 def _step(line: str) -> int:
@@ -70,7 +95,10 @@ class NullLogger:
     def log(self, step: int, metrics: dict) -> None:
         pass
 
-    def event(self, step: int, message: str) -> None:
+    def event(self, step: int, message: str, run_wide: bool = False) -> None:
+        pass
+
+    def show(self, step: int, metrics: dict) -> None:
         pass
 
     def log_sae(self, sae_dir: Path, metadata: dict) -> None:

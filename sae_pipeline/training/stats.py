@@ -6,15 +6,15 @@ import time
 
 import torch
 
+from sae_pipeline.evaluation.metrics import DENSE_THRESHOLD
+
 
 class LatentStats:
     """Running training statistics of one SAE.
 
     `since_fired_F` counts tokens since each latent last fired (dead = >= dead_tokens; it is part
     of the checkpoint so resumed runs mark the same latents dead). The window sums are reset at
-    every log line; dense latents fire on more than 10% of the window's tokens."""
-
-    DENSE = 0.1
+    every log line; dense latents fire on more than DENSE_THRESHOLD (10%) of the window's tokens, as in sae-eval."""
 
     def __init__(self, d_sae: int, dead_tokens: int, device: torch.device, dist=None):
         self.dead_tokens, self.dist = dead_tokens, dist  # dist: sums over data-parallel ranks (or None)
@@ -76,7 +76,7 @@ class LatentStats:
         out = {k: float(v) / self.n_steps for k, v in self.sums.items()}
         out["dead_latents"] = int(self.dead_mask_F().sum())
         if self.fired_F is not None:
-            out["dense_latents"] = int((self.fired_F.float() / self.n_tokens > self.DENSE).sum())
+            out["dense_latents"] = int((self.fired_F.float() / self.n_tokens > DENSE_THRESHOLD).sum())
         out["tokens_per_s"] = self.n_tokens / max(time.perf_counter() - self.t0, 1e-9)
         self.reset_window()
         return out

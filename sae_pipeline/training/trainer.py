@@ -23,6 +23,7 @@ from sae_pipeline import layout
 from sae_pipeline.data.store import ActivationStore
 from sae_pipeline.errors import UserError
 from sae_pipeline.files import write_json_atomic
+from sae_pipeline.progress import duration
 from sae_pipeline.runtime import (
     autocast_dtype,
     compute_change,
@@ -220,7 +221,7 @@ def _train(cfg, run_dir, hydra_info, dist, store, target, specs, amp_dtype, resu
                         "d_in": store.d_in, "d_sae": m.sae.d_sae}  # fmt: skip
         m.logger = RunLogger(
             m.run_dir, wandb_config, cfg.logger, name=record["wandb_name"], group=record["wandb_group"],
-            wandb_id=record["wandb_id"], resume_step=start_step if resuming else None,
+            wandb_id=record["wandb_id"], resume_step=start_step if resuming else None, member=m.name,
         )  # fmt: skip
     if reader_state is not None:
         reader.close()
@@ -244,7 +245,9 @@ def _train_loop(
     total_steps = planned_steps(tcfg, reader)
     log0 = members[0].logger
     if resuming:
-        log0.event(step, f"resuming at step {step}/{total_steps} (pass {reader.epoch + 1} over the store)")
+        log0.event(
+            step, f"resuming at step {step}/{total_steps} (pass {reader.epoch + 1} over the store)", True
+        )
     for m in members:
         why = (
             "train.lr"
@@ -257,11 +260,13 @@ def _train_loop(
         log0.event(
             0,
             f"train.total_tokens={tcfg.total_tokens} is {passes:.2f} passes over the store's {reader.epoch_rows} training rows",
+            True,
         )
     main = dist.is_main  # rank 0 alone validates, evaluates, prints and writes
     val_x = reader.validation_rows() if tcfg.val_every > 0 and main else None
     loss_rec = LossRecovered(store, tcfg, device, log0, target) if tcfg.eval_every > 0 and main else None
     epoch, last_ckpt, rows = reader.epoch, step, dist.rows(tcfg.batch_size)
+    clock = Clock(step, total_steps)
     if getattr(
         reader, "bounded", False
     ):  # caught up with a bounded harvest: checkpoint so it may free shards
@@ -277,7 +282,9 @@ def _train_loop(
     while step < total_steps:
         x_BD = reader.next_batch()
         if x_BD is None:  # a streamed store that ended (its data ran out) before the planned steps
-            log0.event(step, f"the store is complete and read: stopping at step {step} of {total_steps}")
+            log0.event(
+                step, f"the store is complete and read: stopping at step {step} of {total_steps}", True
+            )
             if dist.saves_checkpoints:
                 _save_checkpoints(members, step, reader, tcfg, dist.world_size, compute)
             break
@@ -292,7 +299,7 @@ def _train_loop(
         step += 1
         if reader.epoch != epoch:
             epoch = reader.epoch
-            log0.event(step, f"starting pass {epoch + 1} over the store")
+            log0.event(step, f"starting pass {epoch + 1} over the store", True)
         last = step == total_steps
         if step % tcfg.log_every == 0 or last:
             _check_finite(members)  # the one host sync of the finiteness checks (per log line)
@@ -307,7 +314,7 @@ def _train_loop(
                     rec["epoch"] = step * tcfg.batch_size / reader.epoch_rows
                 m.logger.log(step, rec)
                 if main:
-                    print(_progress(m, step, total_steps, rec), flush=True)
+                    print(f"{_progress(m, step, total_steps, rec)} | {clock.line(step)}", flush=True)
         t_side = time.perf_counter()  # validation, evaluation and checkpoints do not count in tokens/s
         due_val = tcfg.val_every > 0 and (step % tcfg.val_every == 0 or last)
         due_eval = tcfg.eval_every > 0 and (step % tcfg.eval_every == 0 or last)
@@ -315,7 +322,7 @@ def _train_loop(
         views = [m.for_evaluation() for m in members] if due_val or due_eval else []
         if val_x is not None and val_x.numel() and due_val:
             for v in views:
-                v.logger.log(step, validate(v, val_x, tcfg.batch_size, device))
+                v.logger.show(step, validate(v, val_x, tcfg.batch_size, device))
         if loss_rec is not None and due_eval:
             for v in views:
                 loss_rec(v, step)
@@ -363,6 +370,19 @@ def _save_checkpoints(members, step: int, reader, tcfg, world_size: int, compute
         checkpoint.prune(m.checkpoint_root, max(tcfg.keep_checkpoints, m.min_keep))
     if tcfg.stream:
         reader.checkpointed()  # a bounded store may now delete the shards before this checkpoint's window
+
+
+class Clock:
+    """Elapsed time since this process started training and the ETA at the rate of its steps so far."""
+
+    def __init__(self, first_step: int, total_steps: int):
+        self.first, self.total, self.start = first_step, total_steps, time.perf_counter()
+
+    def line(self, step: int) -> str:
+        elapsed = time.perf_counter() - self.start
+        done = step - self.first
+        eta = duration(elapsed / done * (self.total - step)) if done > 0 else "?"
+        return f"elapsed {duration(elapsed)} | ETA {eta}"
 
 
 def _progress(m: Member, step: int, total: int, rec: dict) -> str:

@@ -83,7 +83,9 @@ class LossRecovered:
             )
         except (UserError, OSError, ImportError, KeyError, ValueError) as err:
             self.disabled = True
-            self.logger.event(step, f"loss recovered is skipped: the store's model cannot be loaded ({err})")
+            self.logger.event(
+                step, f"loss recovered is skipped: the store's model cannot be loaded ({err})", True
+            )
         return not self.disabled
 
     def __call__(self, member, step: int) -> None:
@@ -93,4 +95,4 @@ class LossRecovered:
         out = self.evaluator.evaluate(member.folded(), activation=False)
         torch.set_rng_state(rng)
         keys = ("ce_clean", "ce_zero", "ce_mean", "ce_sae", "loss_recovered", "ce_increase", "kl")
-        member.logger.log(step, {f"eval/{k}": float(out[k]) for k in keys if k in out})
+        member.logger.show(step, {f"eval/{k}": float(out[k]) for k in keys if k in out})
