@@ -19,7 +19,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sae_pipeline import layout
+from sae_pipeline import layout, locks
 from sae_pipeline.data.aligned import aligned_rows
 from sae_pipeline.errors import UserError, report_config_errors, report_user_errors
 from sae_pipeline.files import save_tensors_atomic, write_json_atomic, write_text_atomic
@@ -73,29 +73,29 @@ def run(cfg: DictConfig) -> Path:
     )
     alive_O = (f2_NO > 0).any(0)
     lines = format_connections(conn.W_IO, n_outputs=20, alive_O=alive_O)
-    out.mkdir(parents=True, exist_ok=True)
-    save_tensors_atomic(
-        out / layout.CONNECTOR_WEIGHTS, {"W_IO": conn.W_IO.detach().cpu(), "b_O": conn.b_O.detach().cpu()}
-    )
-    metrics = {
-        "train": {k: v for k, v in train_metrics.items() if k != "config"},
-        "val": val_metrics,
-        "n_rows": {"train": len(tr), "val": n_val},
-        "alive_outputs": int(alive_O.sum()),
-    }
-    write_json_atomic(out / layout.METRICS, metrics)
-    write_json_atomic(
-        out / layout.CONFIG,
-        {
-            "sae_in": str(t_in.sae_dir),
-            "sae_out": str(t_out.sae_dir),
-            "store_in": str(store_in),
-            "store_out": str(store_out),
-            "connect": OmegaConf.to_container(c, resolve=True),
-        },
-    )
-    write_text_atomic(out / layout.CONNECTIONS, "\n".join(lines) + "\n")
-    plot_connector(conn.W_IO, out / layout.CONNECTOR_PLOT, title=f"W2: {t_in.name} -> {t_out.name}")
+    with locks.hold(out, "the connector folder", "rerun it when that one has ended"):
+        save_tensors_atomic(
+            out / layout.CONNECTOR_WEIGHTS, {"W_IO": conn.W_IO.detach().cpu(), "b_O": conn.b_O.detach().cpu()}
+        )
+        metrics = {
+            "train": {k: v for k, v in train_metrics.items() if k != "config"},
+            "val": val_metrics,
+            "n_rows": {"train": len(tr), "val": n_val},
+            "alive_outputs": int(alive_O.sum()),
+        }
+        write_json_atomic(out / layout.METRICS, metrics)
+        write_json_atomic(
+            out / layout.CONFIG,
+            {
+                "sae_in": str(t_in.sae_dir),
+                "sae_out": str(t_out.sae_dir),
+                "store_in": str(store_in),
+                "store_out": str(store_out),
+                "connect": OmegaConf.to_container(c, resolve=True),
+            },
+        )
+        write_text_atomic(out / layout.CONNECTIONS, "\n".join(lines) + "\n")
+        plot_connector(conn.W_IO, out / layout.CONNECTOR_PLOT, title=f"W2: {t_in.name} -> {t_out.name}")
     print(
         f"wrote {out}: held-out FVU of F2 {val_metrics['fvu']:.3f}, of the later hook's activations "
         f"{val_metrics['fvu_out_activations']:.3f} (its SAE alone {val_metrics['fvu_out_sae_alone']:.3f}), "

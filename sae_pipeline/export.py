@@ -18,7 +18,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from sae_pipeline import layout
+from sae_pipeline import layout, locks
 from sae_pipeline.errors import UserError, report_config_errors, report_user_errors
 from sae_pipeline.runs import training_metadata
 from sae_pipeline.sae import load_sae, write_saelens
@@ -37,12 +37,13 @@ def run(cfg: DictConfig) -> Path:
     if e.neuronpedia_id:
         meta["neuronpedia_id"] = e.neuronpedia_id
     out = Path(e.out) if e.out else home / layout.EXPORT / e.format
-    existing = [out / n for n in (layout.SAELENS_CONFIG, layout.SAELENS_WEIGHTS) if (out / n).exists()]
-    if existing and not e.overwrite:
-        raise UserError(
-            f"export.out={out} already holds {existing[0].name}; pass export.overwrite=true to replace it."
-        )
-    write_saelens(sae, out, meta)
+    with locks.hold(out, "the export folder", "rerun it when that one has ended"):
+        existing = [out / n for n in (layout.SAELENS_CONFIG, layout.SAELENS_WEIGHTS) if (out / n).exists()]
+        if existing and not e.overwrite:
+            raise UserError(
+                f"export.out={out} already holds {existing[0].name}; pass export.overwrite=true to replace it."
+            )
+        write_saelens(sae, out, meta)
     if str(meta.get("model_name", "")).startswith("embedded:") and not e.model_name:
         print(
             f"note: cfg.json names model_name={meta['model_name']!r}, which only this pipeline can load; "

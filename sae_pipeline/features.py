@@ -22,7 +22,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from sae_pipeline import layout
+from sae_pipeline import layout, locks
 from sae_pipeline.errors import report_config_errors, report_user_errors
 from sae_pipeline.interpret import browser, explanations
 from sae_pipeline.interpret.feature_report import build_latents, select_latents
@@ -72,9 +72,9 @@ def run(cfg: DictConfig) -> Path:
         "latents": records,
     }
     out_dir = Path(f.out_dir) if f.out_dir else target.run_dir / layout.FEATURES
-    out_dir.mkdir(parents=True, exist_ok=True)
     explanations.attach(report, explanations.read_for_browser(target.run_dir))  # from sae-explain, if run
-    browser.write_browser(out_dir, report)
+    with locks.hold(out_dir, "the feature browser folder", "rerun it when that one has ended"):
+        browser.write_browser(out_dir, report)
     print(
         f"{len(records)} latents ({report['n_dead']} dead) over {stats.n_tokens} held-out tokens in {wall:.1f}s: "
         f"{out_dir / layout.FEATURES_HTML}",

@@ -23,7 +23,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from sae_pipeline import layout
+from sae_pipeline import layout, locks
 from sae_pipeline.errors import UserError, report_config_errors, report_user_errors
 from sae_pipeline.interpret.probe_report import log_wandb, prepare_task, probe_sae, write_report
 from sae_pipeline.model.hook_points import resolve_hook
@@ -67,8 +67,9 @@ def run(cfg: DictConfig) -> dict[str, dict]:
         report.update(run=str(t.run_dir), sae={"arch": sae.cfg.arch, "d_in": sae.d_in, "d_sae": sae.d_sae},
                       hook=spec.hook_name, store=str(spec.store))  # fmt: skip
         out_dir = Path(p.out_dir) / t.name if p.out_dir else layout.probe_dir(t.run_dir, p.task)
-        write_report(report, out_dir, f"{t.name}: {p.task} ({spec.hook_name})")
-        log_wandb(cfg.logger, out_dir, t.name, report, group)
+        with locks.hold(out_dir, "the probe folder", "rerun it when that one has ended"):
+            write_report(report, out_dir, f"{t.name}: {p.task} ({spec.hook_name})")
+            log_wandb(cfg.logger, out_dir, t.name, report, group)
         reports[t.name] = report
         print(_summary(t.name, report, out_dir), file=sys.stderr, flush=True)
     return reports

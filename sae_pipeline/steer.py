@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from sae_pipeline import layout
+from sae_pipeline import layout, locks
 from sae_pipeline.errors import UserError, report_config_errors, report_user_errors
 from sae_pipeline.files import write_json_atomic
 from sae_pipeline.interpret.logit_lens import top_logit_tokens
@@ -131,8 +131,8 @@ def run(cfg: DictConfig) -> Path:
         "results": results,
     }
     out_dir = Path(s.out_dir) if s.out_dir else target.run_dir / layout.STEER
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / layout.STEER_JSON, report)
+    with locks.hold(out_dir, "the steering folder", "rerun it when that one has ended"):
+        write_json_atomic(out_dir / layout.STEER_JSON, report)
     print_report(report)
     print(f"wrote {out_dir / layout.STEER_JSON}", file=sys.stderr)
     return out_dir / layout.STEER_JSON

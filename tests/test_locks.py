@@ -287,3 +287,32 @@ def test_records_that_cannot_be_checked_are_refused_and_reused_pids_are_stale(tm
     with locks.hold(folder) as lock:
         assert lock.taken_over["start"] == "-1"
         assert json.loads((folder / layout.LOCK).read_text())["token"] == lock.record["token"]
+
+
+# ---- the stages that write one folder at the end: sae-features, sae-steer, sae-export ------------
+@pytest.mark.parametrize(
+    "stage, args, folder",
+    [
+        ("features", ["features.n_tokens=300", "features.max_latents=4", "features.device=cpu"], layout.FEATURES),
+        ("steer", ["steer.device=cpu", "steer.max_new_tokens=2", "steer.prompts=[the king]", "steer.latents=[0]"],
+         layout.STEER),
+        ("export", [], f"{layout.EXPORT}/saelens"),
+    ],
+)  # fmt: skip
+def test_a_stage_writing_a_folder_another_process_holds_is_refused(tmp_path, stage, args, folder):
+    """The folder's lock held on its own open file (as another process would hold it): the stage refuses in
+    one sentence naming the folder, writes nothing there, and runs once the lock is released."""
+    import importlib
+
+    from tests.helpers import compose_config
+
+    run_dir = make_sae_run(tmp_path)
+    out = run_dir / folder
+    cfg = compose_config(stage, [f"sae_path={run_dir}", f"paths.root={tmp_path / 'runs'}", *args])
+    module = importlib.import_module(f"sae_pipeline.{stage}")
+    with locks.hold(out):
+        with pytest.raises(locks.FolderBusy, match=rf"{out} is being written by .*pid {os.getpid()}"):
+            module.run(cfg)
+        assert [p.name for p in out.iterdir()] == [layout.LOCK]
+    module.run(cfg)
+    assert any(p.name != layout.LOCK for p in out.iterdir()) and not (out / layout.LOCK).exists()
