@@ -70,6 +70,24 @@ class StreamReader:
         self.on_wait = None  # called (once per window) when next_batch must wait for the harvest
         self.follower = StoreFollower(source, wait_s)
         self.d_in = int(self.follower.manifest["d_in"])
+        # a bounded store (harvest.keep_shards): register as a consumer, refused if a needed shard is gone
+        # (before shard 0 is read for the validation rows: its file may be one of them)
+        self.bounded = bool(self.follower.manifest.get("bounded")) and consumer is not None
+        self.consumer = consumer
+        keep = int((self.follower.manifest.get("bounded") or {}).get("keep_shards", 0))
+        if self.bounded and keep < 2 * self.k + 1:
+            raise UserError(
+                f"the store {source} keeps at most {keep} shards on disk (harvest.keep_shards), too few for "
+                f"train.stream_window_shards={self.k}: it needs at least {2 * self.k + 1} (two windows and shard 0)"
+            )
+        if self.bounded:
+            consumers.register(
+                source.place,
+                self.follower.manifest,
+                consumer[0],
+                consumer[1],
+                int((state or {}).get("window", 0)) * self.k,
+            )
         first = self.follower.shards_upto(1)
         if not first:
             raise UserError(f"the store {source} is complete but holds no shards")
@@ -88,24 +106,6 @@ class StreamReader:
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
-        # a bounded store (harvest.keep_shards): register as a consumer, refused if a needed shard is gone
-        self.bounded = bool(self.follower.manifest.get("bounded")) and consumer is not None
-        self.consumer = consumer
-        keep = int((self.follower.manifest.get("bounded") or {}).get("keep_shards", 0))
-        if self.bounded and keep < 2 * self.k + 1:
-            raise UserError(
-                f"the store {source} keeps at most {keep} shards on disk (harvest.keep_shards), too few for "
-                f"train.stream_window_shards={self.k}: it needs at least {2 * self.k + 1} (two windows and shard 0)"
-            )
-        if self.bounded:
-            consumers.register(
-                source.place,
-                self.follower.manifest,
-                consumer[0],
-                consumer[1],
-                self.state()["window"] * self.k,
-            )
-
     # ---- consumer progress (bounded stores) ---------------------------------------------------------
     def checkpointed(self) -> None:
         """A checkpoint holding `state()` is on disk: shards before its window may be deleted."""
