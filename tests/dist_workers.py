@@ -8,6 +8,14 @@ from pathlib import Path
 import torch
 
 
+def leave(tdist) -> None:
+    """Both ranks pass a barrier before either tears its group down: a rank that destroyed its gloo pairs while
+    the other still finished its last collective aborted the other (SIGABRT, seen once on a loaded CI machine)."""
+    if tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
 def collectives_worker(rank: int, world: int, port: int) -> None:
     """Joins the job as srun would start it (SLURM variables, no torchrun), then checks each collective."""
     import torch.distributed as tdist
@@ -46,8 +54,10 @@ def collectives_worker(rank: int, world: int, port: int) -> None:
         a, b = one.summary(), many.summary()
         for k in ("mse", "fvu", "l0", "loss", "dead_latents", "dense_latents"):
             assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]) + 1e-7, (k, a[k], b[k])
-    finally:
-        tdist.destroy_process_group()
+    except BaseException:
+        tdist.destroy_process_group()  # no barrier: the other rank may never reach it
+        raise
+    leave(tdist)
 
 
 def member_grads_worker(rank: int, world: int, port: int, arch: str) -> None:
@@ -83,8 +93,10 @@ def member_grads_worker(rank: int, world: int, port: int, arch: str) -> None:
         for name, g in g_one.items():
             err = float((g_many[name] - g).norm() / g.norm().clamp_min(1e-30))
             assert err <= 1e-5, (name, err)  # float reduction order only; a sum over ranks is off by 1
-    finally:
-        tdist.destroy_process_group()
+    except BaseException:
+        tdist.destroy_process_group()  # no barrier: the other rank may never reach it
+        raise
+    leave(tdist)
 
 
 def state_bytes(member) -> dict[str, int]:
@@ -125,5 +137,7 @@ def latent_memory_worker(rank: int, world: int, port: int, shards: int, out_dir:
         member.train_step(x_BD[job.rows(8)], 0, 1e-3, 1.0, tcfg, contextlib.nullcontext)
         record = {"bytes": state_bytes(member), "counters": member.stats.since_fired_F.numel()}
         (Path(out_dir) / f"{rank}.json").write_text(json.dumps(record))
-    finally:
-        tdist.destroy_process_group()
+    except BaseException:
+        tdist.destroy_process_group()  # no barrier: the other rank may never reach it
+        raise
+    leave(tdist)
