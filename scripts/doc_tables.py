@@ -1,7 +1,7 @@
 """The README's tables that can be generated, generated: the package map and the config groups.
 
     python scripts/doc_tables.py           # rewrite them in README.md
-    python scripts/doc_tables.py --check   # exit 1 naming a stale table (tests/test_docs.py runs this)
+    python scripts/doc_tables.py --check   # exit 1 naming a stale table (tests/project/test_docs.py runs this)
 
 The package map is the docstring of sae_pipeline/__init__.py (its one home); the config table lists each
 group under sae_pipeline/conf/, its options and the stages whose defaults list names it. Each table sits
