@@ -27,8 +27,8 @@ from sae_pipeline.interpret.explain_run import run_explain
 from sae_pipeline.interpret.explain_scores import balanced_accuracy, examples, scorable
 from sae_pipeline.locks import FolderBusy, hold
 from sae_pipeline.schema.explain import ExplainConfig, check_explain_config
-from tests.support.chat_server import ChatServer, rule_answer
 from tests.helpers import features_cfg, make_sae_run, run_cli, save_tiny_model
+from tests.support.chat_server import ChatServer, rule_answer
 
 WORDS = ["the", "night", "day", "sword", "art", "thou", "king", "queen", "love"]
 PLANTED = {0: "king", 1: "queen", 2: "love"}  # latent -> the one word it fires on
