@@ -137,9 +137,8 @@ def test_trained_sae_recovers_planted_directions_in_raw_units(tmp_path):
     and the saved SAE takes raw inputs (its input scale folded in), so its FVU on raw data is small."""
     from sae_pipeline.api import load_sae
     from sae_pipeline.train import run
-
-    from .helpers import cfg_for
-    from .synthetic import SyntheticFeatures, recovered_fraction, write_store
+    from tests.helpers import cfg_for
+    from tests.support.synthetic import SyntheticFeatures, recovered_fraction, write_store
 
     gen = SyntheticFeatures(32, 16, mean_active=3.0, seed=0)
     x = gen.sample(4096) * 40.0 + 3.0  # raw units: training must scale in and fold back out
