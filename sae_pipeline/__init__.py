@@ -2,7 +2,7 @@
 
 The package's folders are its architecture. Stage modules (one `sae-*` command each) hold `run(cfg)`
 and `main` only; they import the library below them and never each other
-(`python scripts/check_imports.py` checks it, and so does tests/test_layout.py).
+(`python scripts/check_imports.py` checks it, and so does tests/project/test_import_rules.py).
 
     harvest.py train.py eval.py features.py explain.py steer.py probe.py export.py verify.py connect.py   the stages
     api.py        the Python API for notebooks (load_sae, tokenize, splice_sae, ...), re-exported here

@@ -38,7 +38,7 @@ from bench_sae import bench_arch, matmul_flops  # noqa: E402
 from sae_pipeline.runtime import keep_freed_memory  # noqa: E402
 from sae_pipeline.sae import CONFIG_CLASSES  # noqa: E402
 from sae_pipeline.schema import compose  # noqa: E402
-from tests.synthetic import write_store  # noqa: E402
+from tests.support.synthetic import write_store  # noqa: E402
 
 
 def make_store(folder: Path, rows: int, d_in: int, context_size: int = 128) -> Path:

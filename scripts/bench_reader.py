@@ -40,7 +40,7 @@ from sae_pipeline.data.reader import ShuffledReader  # noqa: E402
 from sae_pipeline.data.store import ActivationStore  # noqa: E402
 from sae_pipeline.runtime import keep_freed_memory  # noqa: E402
 from sae_pipeline.schema.train import TrainConfig  # noqa: E402
-from tests.synthetic import write_store  # noqa: E402
+from tests.support.synthetic import write_store  # noqa: E402
 
 SHARD_ROWS, BATCH = 16_384, 4096
 

@@ -32,7 +32,7 @@ from sae_pipeline.data.reader import ShuffledReader  # noqa: E402
 from sae_pipeline.data.source import open_source  # noqa: E402
 from sae_pipeline.data.store import ActivationStore, read_manifest  # noqa: E402
 from sae_pipeline.data.stream import StreamReader  # noqa: E402
-from tests.synthetic import SyntheticFeatures, write_store  # noqa: E402
+from tests.support.synthetic import SyntheticFeatures, write_store  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
 

@@ -18,8 +18,8 @@ from sae_pipeline import layout
 from sae_pipeline.data.store import read_manifest
 from sae_pipeline.sae import CONFIG_CLASSES, build_sae, save_sae
 from sae_pipeline.schema import compose
-from tests.synthetic import SyntheticFeatures, write_store
-from tests.tiny_models import TINY_MODELS
+from tests.support.synthetic import SyntheticFeatures, write_store
+from tests.support.tiny_models import TINY_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'\n"

@@ -8,7 +8,7 @@ Target format: the `cfg.json` + `sae_weights.safetensors` folder that sae_lens 5
 and `SAE.load_from_disk` loads (flat cfg keys). sae_lens 6.x loads such a folder through
 its pre-6.0 config conversion (a cfg.json without `sae_lens_version` is treated as pre-6.0). On reading we
 also accept 6.x configs (run metadata nested under `metadata`/`meta`, `k` at the top level). Both
-directions are checked against sae_lens 6.54.12 itself in tests/test_saelens_roundtrip.py.
+directions are checked against sae_lens 6.54.12 itself in tests/unit/sae/test_saelens_roundtrip.py.
 
 SAELens's inference maths, which every export reproduces exactly (apply_b_dec_to_input=True,
 normalize_activations="none", no finetuning scaling factor; x in raw activation units like ours):
