@@ -24,7 +24,8 @@ and `main` only; they import the library below them and never each other
     runs.py       finding an SAE run on disk and what trained it
     layout.py     every file and folder name, defined once
     files.py      atomic writes (temporary name, fsync, rename) and checksums
-    integrity.py  checking those checksums over a folder; faults.py: pause points for tests/faults
+    integrity/    every checksum: seals of JSON records, store manifests and shards, checkpoints, and
+                  whole folders (sae-verify); faults.py: pause points for tests/faults
     locks.py      one writer per folder: the exclusive lock a stage holds on every folder it writes
     progress.py   progress bars on a terminal, plain lines in a log ($SAE_PIPELINE_PROGRESS_S apart)
     tracking.py   Weights & Biases start-up shared by the stages

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from sae_pipeline import layout
-from sae_pipeline.data.integrity import write_manifest
 from sae_pipeline.data.paired import PairedReader
 from sae_pipeline.data.store import ActivationStore, read_manifest
 from sae_pipeline.errors import UserError
 from sae_pipeline.evaluation.splice import SpliceEvaluator
+from sae_pipeline.integrity.manifest import write_manifest
 from sae_pipeline.interpret.probing import sequence_features
 from sae_pipeline.model.hook_points import resolve_hook
 from sae_pipeline.model.hooks import capture, splice

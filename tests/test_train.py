@@ -53,7 +53,7 @@ def test_cli_single_run_writes_the_run_layout_and_wandb_offline(store, tmp_path)
     assert run_dir.name.endswith("_relu")
     cfg = json.loads((run_dir / layout.CONFIG).read_text())
     assert cfg["store"] == str(store.resolve()) and cfg["arch"] == "relu" and cfg["d_in"] == 16
-    assert cfg["store_manifest_sha256"] == ActivationStore(store).manifest_hash()
+    assert cfg["store_sha256"] == ActivationStore(store).sha256()
     saved = json.loads((run_dir / layout.FINAL_SAE / "config.json").read_text())
     assert saved["hook"] == "blocks.0.hook_resid_post" and saved["input_scale_folded"] > 0
     lines = [json.loads(ln) for ln in (run_dir / layout.TRAIN_LOG).read_text().splitlines()]

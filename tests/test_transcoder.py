@@ -20,11 +20,11 @@ from torch import Tensor
 from sae_pipeline import layout
 from sae_pipeline.api import splice_sae
 from sae_pipeline.data.aligned import aligned_rows
-from sae_pipeline.data.integrity import write_manifest
 from sae_pipeline.data.paired import PairedReader
 from sae_pipeline.data.store import ActivationStore, read_manifest
 from sae_pipeline.errors import UserError
 from sae_pipeline.files import sha256_file
+from sae_pipeline.integrity.manifest import write_manifest
 from sae_pipeline.sae import CONFIG_CLASSES, build_sae, input_scale_factor, load_sae, save_sae
 from sae_pipeline.sae.formats import saelens_tensors
 from sae_pipeline.train import StopRequested, run
@@ -308,7 +308,7 @@ def test_cli_trains_a_transcoder_and_records_its_target(tmp_path):
     record = json.loads((run_dir / layout.CONFIG).read_text())
     assert record["target_store"] == str(b.resolve()) and record["d_out"] == D_OUT and record["d_in"] == D_IN
     assert record["config"]["train"]["target_store"] == str(b)
-    assert record["target_store_manifest_sha256"] == ActivationStore(b).manifest_hash()
+    assert record["target_store_sha256"] == ActivationStore(b).sha256()
     final = json.loads((run_dir / layout.FINAL_SAE / layout.CONFIG).read_text())
     assert (
         final["transcoder"] and final["d_out"] == D_OUT and final["target_hook"] == "blocks.0.hook_resid_post"

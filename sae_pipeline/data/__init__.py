@@ -2,8 +2,6 @@
 
 store.py           the store: safetensors shards + a manifest, written atomically, read back safely
 shards.py          harvest's side of the store: rows collected per shard, what identifies a store
-integrity.py       the store's checksums, checked wherever it is read
-verify.py          whole-store verification: the manifest's seal and keys, then every shard's sha256
 parts.py           a harvest split into parts (torchrun, SLURM arrays): who writes which shard, merging
 text.py            text in, packed token contexts out: datasets, the held-out split, tokenization
 labels.py          labelled text for probing (probe tasks), cut into contexts
