@@ -22,9 +22,9 @@ from sae_pipeline.evaluation import card as C
 from sae_pipeline.evaluation import metrics as M
 from sae_pipeline.evaluation import task
 from sae_pipeline.evaluation.benchmarks import Benchmarks
+from sae_pipeline.evaluation.scorer import store_scorer
 from sae_pipeline.evaluation.splice import SpliceEvaluator
 from sae_pipeline.files import sha256_file, write_json_atomic
-from sae_pipeline.model.hook_points import resolve_hook
 from sae_pipeline.runs import Spec, Target, check_matches_store, heldout_text, load_target_sae
 from sae_pipeline.schema.eval import eval_data_config
 from sae_pipeline.tracking import start_wandb, training_wandb
@@ -247,24 +247,18 @@ def evaluator_for(
             f"{target.sae_dir} is a transcoder on a model=torch_module store; sae-eval scores only SAEs there"
         )
     if (tkey, hooks) not in evaluators:
-        hook, source = resolve_hook(model, spec.hook_name), None
-        if tokenizer is None:
-            evaluators[tkey, hooks], token_cache[tkey] = task.task_evaluator(model, hook, m, cfg.eval)
-        else:
+
+        def heldout():
+            if tokenizer is None:  # a torch module's examples, loaded again for each hook pair
+                examples, token_cache[tkey] = task.heldout_task_examples(m, cfg.eval)
+                return examples
             if tkey not in token_cache:
                 token_cache[tkey] = eval_tokens(cfg, spec, tokenizer)
-            ids, mask, _ = token_cache[tkey]
-            if hooks[1]:  # the transcoder's output replaces the target hook's activations
-                hook, source = resolve_hook(model, hooks[1]), hook
-            evaluators[tkey, hooks] = SpliceEvaluator(
-                model,
-                hook,
-                ids,
-                mask,
-                cfg.eval.batch_size,
-                reuse_prefix=cfg.eval.reuse_prefix,
-                source_hook=source,
-            )
+            return token_cache[tkey][:2]
+
+        evaluators[tkey, hooks] = store_scorer(
+            model, tokenizer, *hooks, cfg.eval.batch_size, heldout, reuse_prefix=cfg.eval.reuse_prefix
+        )
     desc = token_cache[tkey] if tokenizer is None else token_cache[tkey][2]
     return evaluators[tkey, hooks], desc
 
