@@ -6,6 +6,7 @@ parts.py           a harvest split into parts (torchrun, SLURM arrays): who writ
 text.py            text in, packed token contexts out: datasets, the held-out split, tokenization
 labels.py          labelled text for probing (probe tasks), cut into contexts
 tensors.py         `data=tensors`: examples in a safetensors file, split into harvest and held-out parts
+lm_harvest.py      sae-harvest for a language model: packed contexts through the model, rows per hook
 tensor_harvest.py  sae-harvest for `model=torch_module data=tensors`: one store row per example
 reader.py          the shuffled, resumable streaming reader over a store
 transfer.py        how a window's rows reach the training device: pinned buffers, side-stream copies, the gather there
