@@ -14,8 +14,8 @@ from sae_pipeline import layout
 from sae_pipeline.errors import UserError
 from sae_pipeline.evaluation.splice import SpliceEvaluator
 from sae_pipeline.evaluation.sweep import collect_rows, pareto_mask, write_sweep
+from sae_pipeline.model.activations import capture, splice
 from sae_pipeline.model.hook_points import resolve_hook
-from sae_pipeline.model.hooks import capture, splice
 from sae_pipeline.sae import CONFIG_CLASSES, build_sae, save_sae
 from tests.helpers import compose_config, run_cli, save_tiny_model, tiny_overrides, write_corpus
 from tests.tiny_models import D_MODEL, random_tokens, tiny_llama

@@ -31,7 +31,7 @@ def test_regular_install_finds_configs(tmp_path):
     assert build.returncode == 0, build.stderr
     assert (site / "sae_pipeline" / "conf" / "harvest.yaml").exists()
     assert (site / "sae_pipeline" / "conf" / "probe_task" / "genre.yaml").exists()
-    assert (site / "sae_pipeline" / "data" / "first_folio_genres.json").exists()  # the genre task's data
+    assert (site / "sae_pipeline" / "interpret" / "first_folio_genres.json").exists()  # the genre task's data
     env = {**os.environ, "PYTHONPATH": str(site)}
     required = {
         "harvest": [],

@@ -23,7 +23,7 @@ import pytest
 
 from sae_pipeline import layout, locks
 from sae_pipeline.data import store as store_mod
-from sae_pipeline.sae import load_sae
+from sae_pipeline.sae import read_sae
 from tests.helpers import make_sae_run, make_store, save_tiny_model, tiny_overrides, write_corpus
 
 ENV = {
@@ -114,7 +114,7 @@ def test_a_second_train_on_a_run_folder_being_written_is_refused(store, tmp_path
     rc, err = first.go()
     assert rc == 0, err[-2000:]
     assert _logged_steps(run_dir) == [8 * i for i in range(1, 9)]  # 64 steps, one line per 8, once each
-    assert load_sae(run_dir / layout.FINAL_SAE).d_in == 16
+    assert read_sae(run_dir / layout.FINAL_SAE).d_in == 16
     assert not (run_dir / layout.LOCK).exists()  # released at the end
 
 

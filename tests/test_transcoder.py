@@ -25,7 +25,7 @@ from sae_pipeline.data.store import ActivationStore, read_manifest
 from sae_pipeline.errors import UserError
 from sae_pipeline.files import sha256_file
 from sae_pipeline.integrity.manifest import write_manifest
-from sae_pipeline.sae import CONFIG_CLASSES, build_sae, input_scale_factor, load_sae, save_sae
+from sae_pipeline.sae import CONFIG_CLASSES, build_sae, input_scale_factor, read_sae, save_sae
 from sae_pipeline.sae.formats import saelens_tensors
 from sae_pipeline.train import StopRequested, run
 from sae_pipeline.training import checkpoint
@@ -192,7 +192,7 @@ def test_fold_of_input_and_target_scales(arch, skip, tmp_path):
     act_scale = 1 / s_out if arch != "tied" else 1 / (s_in * s_out) ** 0.5
     torch.testing.assert_close(got_acts, want_acts * act_scale, rtol=1e-4, atol=1e-5)
     save_sae(sae, tmp_path / "sae", extra={"target_hook": "blocks.0.hook_mlp_out"})
-    back = load_sae(tmp_path / "sae")
+    back = read_sae(tmp_path / "sae")
     assert back.transcoder and back.d_out == d_out and (back.W_skip_DO is not None) == skip
     with torch.no_grad():
         torch.testing.assert_close(back(x), got_y)
@@ -313,7 +313,7 @@ def test_cli_trains_a_transcoder_and_records_its_target(tmp_path):
     assert (
         final["transcoder"] and final["d_out"] == D_OUT and final["target_hook"] == "blocks.0.hook_resid_post"
     )
-    sae = load_sae(run_dir)
+    sae = read_sae(run_dir)
     x, y = aligned_rows(a, b)  # matched by (context, position) independently of the reader
     with torch.no_grad():
         assert fvu(y, sae(x)) < 0.15
@@ -444,7 +444,7 @@ def test_tiny_model_harvest_train_eval_through_the_cli(tmp_path):
     ids, mask = text.heldout_contexts(
         read_manifest(stores[source]), AutoTokenizer.from_pretrained(model_dir), 600
     )
-    sae = load_sae(run_dir).eval()
+    sae = read_sae(run_dir).eval()
     mlp = model.model.layers[1].mlp
     seen = {}
 

@@ -4,7 +4,6 @@ store.py           the store: safetensors shards + a manifest, written atomicall
 shards.py          harvest's side of the store: rows collected per shard, what identifies a store
 parts.py           a harvest split into parts (torchrun, SLURM arrays): who writes which shard, merging
 text.py            text in, packed token contexts out: datasets, the held-out split, tokenization
-labels.py          labelled text for probing (probe tasks), cut into contexts
 tensors.py         `data=tensors`: examples in a safetensors file, split into harvest and held-out parts
 lm_harvest.py      sae-harvest for a language model: packed contexts through the model, rows per hook
 tensor_harvest.py  sae-harvest for `model=torch_module data=tensors`: one store row per example

@@ -23,7 +23,7 @@ from sae_pipeline.data import parts, remote, store, text
 from sae_pipeline.data.consumers import ShardKeeper
 from sae_pipeline.data.shards import ShardBuffer, store_fingerprint, write_shard_job
 from sae_pipeline.errors import UserError
-from sae_pipeline.model import hook_points, hooks
+from sae_pipeline.model import activations, hook_points
 from sae_pipeline.model.hook_points import requested_hook_names
 from sae_pipeline.model.loading import load_model, max_context
 from sae_pipeline.progress import progress
@@ -67,7 +67,7 @@ def harvest_text(cfg: DictConfig, held: contextlib.ExitStack) -> list[Path]:
 
     train_docs, heldout = text.split_documents(cfg.data, h.seed)
     probe = torch.full((1, min(h.context_size, 4)), tokenizer.eos_token_id or 0, device=device)
-    d_in = {name: t.shape[-1] for name, t in hooks.capture(model, probe, None, points).items()}
+    d_in = {name: t.shape[-1] for name, t in activations.capture(model, probe, None, points).items()}
     writers, fingerprints = {}, {}
     for hp in points:
         header = {
@@ -141,7 +141,7 @@ def harvest_text(cfg: DictConfig, held: contextlib.ExitStack) -> list[Path]:
             n_ctx = 0
             for ids_NT in cursor.batches(span, h.batch_size):
                 tick = time.perf_counter()
-                acts = hooks.capture(model, ids_NT.to(device), None, points, early_exit=h.early_exit)
+                acts = activations.capture(model, ids_NT.to(device), None, points, early_exit=h.early_exit)
                 forward_s += time.perf_counter() - tick
                 for name, acts_NTD in acts.items():
                     buffers[name].add(acts_NTD, ids_NT, span.first_context + n_ctx, start_pos, dtype)

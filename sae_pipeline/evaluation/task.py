@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from sae_pipeline.data.tensors import Examples
 from sae_pipeline.errors import UserError
 from sae_pipeline.evaluation import metrics as M
+from sae_pipeline.model.activations import splice
 from sae_pipeline.model.hook_points import HookPoint
-from sae_pipeline.model.hooks import splice
 from sae_pipeline.runtime import model_device
 
 VARIANTS = ("zero", "mean", "sae")

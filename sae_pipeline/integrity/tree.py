@@ -16,7 +16,7 @@ from sae_pipeline import layout
 from sae_pipeline.data.remote import RemoteStore, is_url
 from sae_pipeline.data.store import read_manifest
 from sae_pipeline.errors import UserError
-from sae_pipeline.sae import load_sae
+from sae_pipeline.sae import read_sae
 from sae_pipeline.training.checkpoint import list_checkpoints
 
 from .checkpoint import checkpoint_problem
@@ -58,7 +58,7 @@ def verify_tree(path: Path) -> tuple[int, list[str]]:
     for weights in sorted(path.rglob(f"{layout.FINAL_SAE}/{layout.SAE_WEIGHTS}")):
         checked += 1
         try:
-            load_sae(weights.parent)
+            read_sae(weights.parent)
         except UserError as err:
             problems.append(str(err))
     if checked == 0:

@@ -37,7 +37,7 @@ def save_sae(sae: SAE, folder: Path | str, extra: dict[str, Any] | None = None) 
     write_json_atomic(folder / layout.CONFIG, meta)
 
 
-def load_sae(folder: Path | str, map_location: str | torch.device = "cpu") -> SAE:
+def load_sae_folder(folder: Path | str, map_location: str | torch.device = "cpu") -> SAE:
     """Rebuild an SAE from `config.json` and `sae.safetensors` in folder."""
     folder = Path(folder)
     cfg_path, weights_path = folder / layout.CONFIG, folder / layout.SAE_WEIGHTS

@@ -40,7 +40,7 @@ def open_reader(store: ActivationStore, target: ActivationStore | None, batch_si
 
 
 @dataclass
-class Target:
+class TranscoderTarget:
     """One member's target: the store and the factor its rows are trained at (y * scale)."""
 
     store: ActivationStore
@@ -66,7 +66,7 @@ class Target:
         }
 
 
-def check_target_resumable(member_dir: Path, target: Target | None) -> None:
+def check_target_resumable(member_dir: Path, target: TranscoderTarget | None) -> None:
     """A resume trains toward the same target store it started with (or none, as it started)."""
     old = json.loads((member_dir / layout.CONFIG).read_text())
     store = target.store if target is not None else None
