@@ -4,7 +4,7 @@ The package's folders are its architecture. Stage modules (one `sae-*` command e
 and `main` only; they import the library below them and never each other
 (`python scripts/check_imports.py` checks it, and so does tests/test_layout.py).
 
-    harvest.py train.py eval.py features.py explain.py steer.py probe.py export.py verify.py connect.py   the stages
+    harvest.py train.py evaluate.py features.py explain.py steer.py probe.py export.py verify.py connect.py   the stages
     api.py        the Python API for notebooks (load_sae, tokenize, splice_sae, ...), re-exported here
     schema/       every config group's dataclass (one module per stage + common groups) and checks
     conf/         the Hydra YAML files (only values that differ from the schema), shipped in the wheel

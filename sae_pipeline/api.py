@@ -208,7 +208,7 @@ def train_sae(overrides: Overrides = None) -> Path:
 
 def evaluate_sae(sae_path: str | Path, overrides: Overrides = None) -> dict:
     """sae-eval as a function: the metrics of the SAE at sae_path (for a folder of many runs, {run: metrics})."""
-    from sae_pipeline import eval as stage
+    from sae_pipeline import evaluate as stage
 
     results = stage.run(_compose("eval", overrides, sae_path=sae_path))["metrics"]
     return next(iter(results.values())) if len(results) == 1 else results

@@ -324,7 +324,7 @@ def test_sae_eval_cli_on_a_multirun_folder(tiny_sweep):
 
 def test_sae_eval_errors_are_one_sentence(tiny_sweep, tmp_path):
     from sae_pipeline.errors import UserError
-    from sae_pipeline.eval import run
+    from sae_pipeline.evaluate import run
 
     tmp, store, _ = tiny_sweep
     result = run_cli("eval", [f"sae_path={tmp / 'nope'}", "logger=none"], cwd=tmp_path)
@@ -346,7 +346,7 @@ def test_sae_eval_errors_are_one_sentence(tiny_sweep, tmp_path):
 
 
 def test_sae_eval_run_folder_with_a_data_override_and_skip_existing(tiny_sweep, capsys):
-    from sae_pipeline.eval import run
+    from sae_pipeline.evaluate import run
 
     tmp, _store, sweep = tiny_sweep
     run_dir = tmp / "single_run"

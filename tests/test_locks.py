@@ -24,6 +24,7 @@ import pytest
 from sae_pipeline import layout, locks
 from sae_pipeline.data import store as store_mod
 from sae_pipeline.sae import read_sae
+from sae_pipeline.schema.help import stage_module
 from tests.helpers import make_sae_run, make_store, save_tiny_model, tiny_overrides, write_corpus
 
 ENV = {
@@ -34,7 +35,7 @@ MODES = ["flock", "file"]  # file: the fallback where flock is unavailable
 
 
 def _cmd(module: str, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", f"sae_pipeline.{module}", *args]
+    return [sys.executable, "-m", stage_module(module), *args]
 
 
 class Paused:
@@ -309,7 +310,7 @@ def test_a_stage_writing_a_folder_another_process_holds_is_refused(tmp_path, sta
     run_dir = make_sae_run(tmp_path)
     out = run_dir / folder
     cfg = compose_config(stage, [f"sae_path={run_dir}", f"paths.root={tmp_path / 'runs'}", *args])
-    module = importlib.import_module(f"sae_pipeline.{stage}")
+    module = importlib.import_module(stage_module(stage))
     with locks.hold(out):
         with pytest.raises(locks.FolderBusy, match=rf"{out} is being written by .*pid {os.getpid()}"):
             module.run(cfg)

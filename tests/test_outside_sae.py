@@ -8,7 +8,7 @@ import json
 import pytest
 from safetensors.torch import load_file, save_file
 
-from sae_pipeline import eval as eval_stage
+from sae_pipeline import evaluate as eval_stage
 from sae_pipeline import features as features_stage
 from sae_pipeline import layout
 from sae_pipeline.errors import UserError

@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sae_pipeline import eval as sae_eval
+from sae_pipeline import evaluate as sae_eval
 from sae_pipeline import harvest, train
 from sae_pipeline.interpret.connectors import (
     ConnectorConfig,
