@@ -78,7 +78,7 @@ def bench_reads(tmp: Path) -> dict:
 
 
 def bench_train(tmp: Path) -> dict:
-    from sae_pipeline.sae import load_sae
+    from sae_pipeline.sae import read_sae
     from sae_pipeline.schema import compose
     from sae_pipeline.train import run
 
@@ -100,7 +100,7 @@ def bench_train(tmp: Path) -> dict:
         wall = time.perf_counter() - start
         log = [json.loads(ln) for ln in (run_dir / "train_log.jsonl").read_text().splitlines()]
         tps = sorted(r["tokens_per_s"] for r in log if "tokens_per_s" in r)
-        sae = load_sae(run_dir / "sae")
+        sae = read_sae(run_dir / "sae")
         with torch.no_grad():
             recon = sae(test_x)
         fvu = float((recon - test_x).square().sum() / (test_x - test_x.mean(0)).square().sum())

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from sae_pipeline import layout, locks
-from sae_pipeline.data.integrity import write_manifest
 from sae_pipeline.data.store import StoreWriter, norm_summary, read_manifest
 from sae_pipeline.errors import UserError
+from sae_pipeline.integrity.manifest import write_manifest
 
 
 def resolve_part(h) -> tuple[int, int]:

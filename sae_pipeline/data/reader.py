@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae_pipeline.data.integrity import ShardChecker
 from sae_pipeline.data.store import ActivationStore
 from sae_pipeline.data.transfer import DeviceWindow, host_buffer
 from sae_pipeline.errors import UserError
+from sae_pipeline.integrity.shard import ShardChecker
 
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32, "I64": np.int64}
 _TORCH_VIEW = {"BF16": torch.bfloat16}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sae_pipeline.model.hooks import capture
+from sae_pipeline.model.activations import capture
 from sae_pipeline.progress import progress
 from sae_pipeline.sae import SAE
 

@@ -16,8 +16,13 @@ from omegaconf import OmegaConf
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
+def stage_module(stage: str) -> str:
+    """The module of `sae-<stage>`: sae_pipeline.<stage>, but sae-eval's is evaluate.py (eval is a builtin)."""
+    return f"sae_pipeline.{'evaluate' if stage == 'eval' else stage}"
+
+
 def _docstring(stage: str) -> str:
-    spec = importlib.util.find_spec(f"sae_pipeline.{stage}")
+    spec = importlib.util.find_spec(stage_module(stage))
     if spec is None or spec.origin is None:
         return f"sae-{stage}"
     return ast.get_docstring(ast.parse(Path(spec.origin).read_text())) or f"sae-{stage}"

@@ -32,7 +32,7 @@ class Member:
         target=None,
     ):  # fmt: skip
         self.name, self.run_dir, self.sae_cfg, self.input_scale = name, run_dir, sae_cfg, input_scale
-        # a transcoder's target (training/transcoder.py's Target: d_out, scale, what to record), else None
+        # a transcoder's target (training/transcoder.py's TranscoderTarget: d_out, scale, what to record), else None
         self.target = target
         check_resample(tcfg, sae_cfg.arch, transcoder=target is not None)
         torch.manual_seed(tcfg.seed)  # every member starts from the RNG state a separate run has

@@ -15,13 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-from sae_pipeline.data.integrity import write_manifest
 from sae_pipeline.data.remote import RemoteStore, is_url, local_path
 from sae_pipeline.data.source import open_source
 from sae_pipeline.data.store import ActivationStore
 from sae_pipeline.data.stream import StreamReader
 from sae_pipeline.errors import UserError
 from sae_pipeline.files import sha256_file
+from sae_pipeline.integrity.manifest import write_manifest
 from sae_pipeline.layout import cache_root
 
 POLL_S = 0.2

@@ -49,7 +49,12 @@ from sae_pipeline.training.runlog import NullLogger, RunLogger
 from sae_pipeline.training.schedule import lr_at, sparsity_scale_at
 from sae_pipeline.training.settings import change_history, check_train_config, resume_changes
 from sae_pipeline.training.streaming import open_store, planned_steps, stream_reader
-from sae_pipeline.training.transcoder import Target, check_target_resumable, open_reader, open_target
+from sae_pipeline.training.transcoder import (
+    TranscoderTarget,
+    check_target_resumable,
+    open_reader,
+    open_target,
+)
 from sae_pipeline.training.validation import LossRecovered, validate
 
 
@@ -147,7 +152,7 @@ def _train(cfg, run_dir, hydra_info, dist, store, target, specs, amp_dtype, resu
         scale = dist.broadcast_object(input_scale(sae_cfg, store, sample))
         out = None
         if target is not None:  # a transcoder: its target rows get their own scale
-            out = Target(target, dist.broadcast_object(input_scale(sae_cfg, target, sample_y)))
+            out = TranscoderTarget(target, dist.broadcast_object(input_scale(sae_cfg, target, sample_y)))
         members.append(member_class(name, mdir, sae_cfg, store.d_in, tcfg, device, scale, dist, out))
 
     # fresh start or resume

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from sae_pipeline import layout
-from sae_pipeline.sae import load_sae
+from sae_pipeline.sae import read_sae
 from tests.helpers import compose_config, run_cli, save_tiny_model, tiny_overrides, write_corpus
 
 
@@ -36,11 +36,11 @@ def test_matryoshka_and_tied_train_and_eval_from_the_cli(tmp_path):
     runs = {arch: p for p in sweep.iterdir() for arch in ("matryoshka", "tied") if f"sae={arch}," in p.name}
     assert sorted(runs) == ["matryoshka", "tied"], list(sweep.iterdir())
     d_in = json.loads((store / layout.MANIFEST).read_text())["d_in"]
-    matryoshka = load_sae(runs["matryoshka"] / layout.FINAL_SAE)
+    matryoshka = read_sae(runs["matryoshka"] / layout.FINAL_SAE)
     assert matryoshka.cfg.arch == "matryoshka" and matryoshka.d_sae == 4 * d_in
     assert matryoshka.prefix_ends == [d_in // 4, d_in // 2, d_in, 2 * d_in, 4 * d_in]  # default 1/16 .. 1/2
     assert matryoshka.threshold > 0  # the inference threshold was learned and saved
-    tied = load_sae(runs["tied"] / layout.FINAL_SAE)
+    tied = read_sae(runs["tied"] / layout.FINAL_SAE)
     assert tied.cfg.arch == "tied" and "W_dec_FD" not in tied.state_dict()
 
     evaluated = run_cli(

@@ -14,8 +14,8 @@ from sae_pipeline import layout
 from sae_pipeline.errors import UserError
 from sae_pipeline.evaluation.splice import SpliceEvaluator
 from sae_pipeline.evaluation.sweep import collect_rows, pareto_mask, write_sweep
+from sae_pipeline.model.activations import capture, splice
 from sae_pipeline.model.hook_points import resolve_hook
-from sae_pipeline.model.hooks import capture, splice
 from sae_pipeline.sae import CONFIG_CLASSES, build_sae, save_sae
 from tests.helpers import compose_config, run_cli, save_tiny_model, tiny_overrides, write_corpus
 from tests.support.tiny_models import D_MODEL, random_tokens, tiny_llama
@@ -324,7 +324,7 @@ def test_sae_eval_cli_on_a_multirun_folder(tiny_sweep):
 
 def test_sae_eval_errors_are_one_sentence(tiny_sweep, tmp_path):
     from sae_pipeline.errors import UserError
-    from sae_pipeline.eval import run
+    from sae_pipeline.evaluate import run
 
     tmp, store, _ = tiny_sweep
     result = run_cli("eval", [f"sae_path={tmp / 'nope'}", "logger=none"], cwd=tmp_path)
@@ -346,7 +346,7 @@ def test_sae_eval_errors_are_one_sentence(tiny_sweep, tmp_path):
 
 
 def test_sae_eval_run_folder_with_a_data_override_and_skip_existing(tiny_sweep, capsys):
-    from sae_pipeline.eval import run
+    from sae_pipeline.evaluate import run
 
     tmp, _store, sweep = tiny_sweep
     run_dir = tmp / "single_run"

@@ -6,6 +6,7 @@ import importlib
 
 import pytest
 
+from sae_pipeline.schema.help import stage_module
 from tests.helpers import run_cli
 
 OWN_GROUPS = {  # from each stage's conf/<stage>.yaml defaults list, written out by hand
@@ -23,7 +24,7 @@ def test_help_says_what_the_stage_does_and_lists_only_its_groups(stage, tmp_path
     res = run_cli(stage, ["--help"], tmp_path)
     assert res.returncode == 0, res.stderr
     out = res.stdout
-    doc = importlib.import_module(f"sae_pipeline.{stage}").__doc__
+    doc = importlib.import_module(stage_module(stage)).__doc__
     assert out.startswith(doc.strip().splitlines()[0])
     section = out.split("== Config groups")[1].split("== Config (")[0]
     listed = {

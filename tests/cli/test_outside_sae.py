@@ -8,12 +8,12 @@ import json
 import pytest
 from safetensors.torch import load_file, save_file
 
-from sae_pipeline import eval as eval_stage
+from sae_pipeline import evaluate as eval_stage
 from sae_pipeline import features as features_stage
 from sae_pipeline import layout
 from sae_pipeline.errors import UserError
 from sae_pipeline.interpret.browser import read_report
-from sae_pipeline.sae import load_sae, write_saelens
+from sae_pipeline.sae import read_sae, write_saelens
 from tests import helpers
 
 
@@ -27,7 +27,7 @@ def outside(tmp_path_factory):
     manifest = json.loads((tmp / store / layout.MANIFEST).read_text())
     meta = {"model_name": str(tmp / "model"), "hook_name": manifest["hook"]["name"],
             "context_size": manifest["context_size"], "prepend_bos": True}  # fmt: skip
-    write_saelens(load_sae(run_dir), tmp / "saelens", meta)
+    write_saelens(read_sae(run_dir), tmp / "saelens", meta)
     t = load_file(str(tmp / "saelens" / layout.SAELENS_WEIGHTS))
     save_file(t, str(tmp / "bare.safetensors"))
     corpus = tmp / "corpus.jsonl"  # the corpus harvest read (written by make_sae_run)

@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from sae_pipeline import layout
-from sae_pipeline.data.labels import IGNORE, speaker_char_labels, token_labels
+from sae_pipeline.interpret.probe_tasks import IGNORE, speaker_char_labels, token_labels
 from sae_pipeline.interpret.probing import auroc
+from sae_pipeline.model.activations import capture
 from sae_pipeline.model.hook_points import resolve_hook
-from sae_pipeline.model.hooks import capture
 from sae_pipeline.model.loading import load_model
 from sae_pipeline.runs import single_target
-from sae_pipeline.sae import load_sae, save_sae
+from sae_pipeline.sae import read_sae, save_sae
 from tests.helpers import compose_config, make_sae_run, run_cli, tiny_tokenizer
 
 WORDS = ["the", "king", "queen", "crown", "love", "night", "day", "hath"]
@@ -49,7 +49,7 @@ def planted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("probe")
     run_dir = make_sae_run(tmp)
     target, spec = single_target(str(run_dir))
-    sae = load_sae(target.sae_dir)
+    sae = read_sae(target.sae_dir)
     model, tok = load_model(spec.model_cfg, "cpu")
     hook = resolve_hook(model, spec.hook_name)
 

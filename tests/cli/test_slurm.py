@@ -18,6 +18,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_module
 
 from sae_pipeline.schema import register_configs
+from sae_pipeline.schema.help import stage_module
 from tests.helpers import REPO
 
 STAND_IN_SBATCH = """#!/bin/sh
@@ -39,7 +40,7 @@ def _submit(tmp_path: Path, stage: str, args: list[str]) -> tuple[dict[str, str]
         (bin_dir / name).write_text(script)
         (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SBATCH_RECORD": str(record)}
-    cmd = [sys.executable, "-m", f"sae_pipeline.{stage}", "-m", f"paths.root={tmp_path / 'runs'}"]
+    cmd = [sys.executable, "-m", stage_module(stage), "-m", f"paths.root={tmp_path / 'runs'}"]
     cmd += [f"hydra.sweep.dir={sweep}", *args]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0 and "no SLURM cluster on this machine" in res.stderr, res.stderr[-3000:]

@@ -13,7 +13,7 @@ from sae_pipeline import layout
 from sae_pipeline.errors import UserError
 from sae_pipeline.interpret.logit_lens import top_logit_tokens
 from sae_pipeline.interpret.steering import FromPosition, generate, intervention, prompt_ids
-from sae_pipeline.model.hooks import capture, splice
+from sae_pipeline.model.activations import capture, splice
 from sae_pipeline.runs import load_all
 from sae_pipeline.steer import run
 from tests import helpers

@@ -18,7 +18,7 @@ from sae_pipeline import layout
 from sae_pipeline.data.reader import ShuffledReader
 from sae_pipeline.data.store import ActivationStore
 from sae_pipeline.errors import UserError
-from sae_pipeline.sae import ARCHITECTURES, build_sae, load_sae
+from sae_pipeline.sae import ARCHITECTURES, build_sae, read_sae
 from sae_pipeline.schema.train import TrainConfig
 from sae_pipeline.train import StopRequested, run
 from sae_pipeline.training import checkpoint
@@ -53,7 +53,7 @@ def test_cli_single_run_writes_the_run_layout_and_wandb_offline(store, tmp_path)
     assert run_dir.name.endswith("_relu")
     cfg = json.loads((run_dir / layout.CONFIG).read_text())
     assert cfg["store"] == str(store.resolve()) and cfg["arch"] == "relu" and cfg["d_in"] == 16
-    assert cfg["store_manifest_sha256"] == ActivationStore(store).manifest_hash()
+    assert cfg["store_sha256"] == ActivationStore(store).sha256()
     saved = json.loads((run_dir / layout.FINAL_SAE / "config.json").read_text())
     assert saved["hook"] == "blocks.0.hook_resid_post" and saved["input_scale_folded"] > 0
     lines = [json.loads(ln) for ln in (run_dir / layout.TRAIN_LOG).read_text().splitlines()]
@@ -77,7 +77,7 @@ def test_cli_multirun_gives_each_job_its_folder(store, tmp_path):
         "1_sae.l1_coefficient=3,sae=relu,train=tiny",
     ]
     for job in jobs:
-        assert load_sae(sweep / job / layout.FINAL_SAE).cfg.l1_coefficient in (1.0, 3.0)
+        assert read_sae(sweep / job / layout.FINAL_SAE).cfg.l1_coefficient in (1.0, 3.0)
 
 
 def test_cli_reports_user_errors_in_one_line(tmp_path):
@@ -257,7 +257,7 @@ def test_sweep_group_equals_separate_runs(store, tmp_path, arch, key, values):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_every_arch_trains_and_saved_sae_takes_raw_activations(store, tmp_path, arch):
     run_dir = run(cfg_for(store, tmp_path / "r", f"sae={arch}"))
-    saved = load_sae(run_dir / layout.FINAL_SAE)
+    saved = read_sae(run_dir / layout.FINAL_SAE)
     meta = json.loads((run_dir / layout.CONFIG).read_text())
     scale = meta["input_scale"]
     assert scale != 1.0

@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from sae_pipeline import layout
 from sae_pipeline.errors import UserError
-from sae_pipeline.integrity import verify_tree
+from sae_pipeline.integrity.checkpoint import STATE_SEAL
+from sae_pipeline.integrity.tree import verify_tree
 from sae_pipeline.train import StopRequested, run
 from sae_pipeline.training import checkpoint
 from tests.faults import harness
@@ -100,7 +101,7 @@ def test_nan_after_resume_names_the_resume_point(store, stopped, tmp_path):
     run_dir = _copy(stopped, tmp_path)
     latest = run_dir / layout.CHECKPOINTS / STEPS[1]
     state = json.loads((latest / layout.TRAIN_META).read_text())
-    del state["sha256"], state[checkpoint.SEAL]
+    del state["sha256"], state[STATE_SEAL]
     (latest / layout.TRAIN_META).write_text(json.dumps(state))
     sae = load_file(str(latest / layout.SAE_WEIGHTS))
     sae["W_enc_DF"] = torch.full_like(sae["W_enc_DF"], 1e30)

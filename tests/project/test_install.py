@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+from sae_pipeline.schema.help import stage_module
 from tests.helpers import REPO
 
 
@@ -31,7 +32,7 @@ def test_regular_install_finds_configs(tmp_path):
     assert build.returncode == 0, build.stderr
     assert (site / "sae_pipeline" / "conf" / "harvest.yaml").exists()
     assert (site / "sae_pipeline" / "conf" / "probe_task" / "genre.yaml").exists()
-    assert (site / "sae_pipeline" / "data" / "first_folio_genres.json").exists()  # the genre task's data
+    assert (site / "sae_pipeline" / "interpret" / "first_folio_genres.json").exists()  # the genre task's data
     env = {**os.environ, "PYTHONPATH": str(site)}
     required = {
         "harvest": [],
@@ -41,7 +42,7 @@ def test_regular_install_finds_configs(tmp_path):
     }
     for stage, args in required.items():
         proc = subprocess.run(
-            [sys.executable, "-m", f"sae_pipeline.{stage}", "--cfg", "job", *args],
+            [sys.executable, "-m", stage_module(stage), "--cfg", "job", *args],
             cwd=tmp_path,
             env=env,
             capture_output=True,

@@ -23,7 +23,8 @@ import pytest
 
 from sae_pipeline import layout, locks
 from sae_pipeline.data import store as store_mod
-from sae_pipeline.sae import load_sae
+from sae_pipeline.sae import read_sae
+from sae_pipeline.schema.help import stage_module
 from tests.helpers import make_sae_run, make_store, save_tiny_model, tiny_overrides, write_corpus
 
 ENV = {
@@ -34,7 +35,7 @@ MODES = ["flock", "file"]  # file: the fallback where flock is unavailable
 
 
 def _cmd(module: str, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", f"sae_pipeline.{module}", *args]
+    return [sys.executable, "-m", stage_module(module), *args]
 
 
 class Paused:
@@ -114,7 +115,7 @@ def test_a_second_train_on_a_run_folder_being_written_is_refused(store, tmp_path
     rc, err = first.go()
     assert rc == 0, err[-2000:]
     assert _logged_steps(run_dir) == [8 * i for i in range(1, 9)]  # 64 steps, one line per 8, once each
-    assert load_sae(run_dir / layout.FINAL_SAE).d_in == 16
+    assert read_sae(run_dir / layout.FINAL_SAE).d_in == 16
     assert not (run_dir / layout.LOCK).exists()  # released at the end
 
 
@@ -309,7 +310,7 @@ def test_a_stage_writing_a_folder_another_process_holds_is_refused(tmp_path, sta
     run_dir = make_sae_run(tmp_path)
     out = run_dir / folder
     cfg = compose_config(stage, [f"sae_path={run_dir}", f"paths.root={tmp_path / 'runs'}", *args])
-    module = importlib.import_module(f"sae_pipeline.{stage}")
+    module = importlib.import_module(stage_module(stage))
     with locks.hold(out):
         with pytest.raises(locks.FolderBusy, match=rf"{out} is being written by .*pid {os.getpid()}"):
             module.run(cfg)

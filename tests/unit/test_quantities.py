@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from sae_pipeline import layout
-from sae_pipeline.data.integrity import write_manifest
 from sae_pipeline.data.paired import PairedReader
 from sae_pipeline.data.store import ActivationStore, read_manifest
 from sae_pipeline.errors import UserError
 from sae_pipeline.evaluation.splice import SpliceEvaluator
+from sae_pipeline.integrity.manifest import write_manifest
 from sae_pipeline.interpret.probing import sequence_features
+from sae_pipeline.model.activations import capture, splice
 from sae_pipeline.model.hook_points import resolve_hook
-from sae_pipeline.model.hooks import capture, splice
 from sae_pipeline.sae import CONFIG_CLASSES, build_sae
 from sae_pipeline.train import run
 from sae_pipeline.training.member import Member

@@ -17,6 +17,7 @@ import pytest
 
 from sae_pipeline import harvest, layout
 from sae_pipeline.data.store import read_manifest
+from sae_pipeline.schema.help import stage_module
 from tests.helpers import (
     assert_same,
     cfg_for,
@@ -64,7 +65,7 @@ def assets(tmp_path_factory):
 def cli(module: str, args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     full = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", **env}
     return subprocess.run(
-        [sys.executable, "-m", f"sae_pipeline.{module}", *args], cwd=cwd, env=full, capture_output=True,
+        [sys.executable, "-m", stage_module(module), *args], cwd=cwd, env=full, capture_output=True,
         text=True, timeout=300,
     )  # fmt: skip
 

@@ -23,6 +23,7 @@ from sae_pipeline.data.source import open_source
 from sae_pipeline.data.store import StoreWriter, read_manifest
 from sae_pipeline.data.stream import StreamReader
 from sae_pipeline.errors import UserError
+from sae_pipeline.schema.help import stage_module
 from sae_pipeline.train import run
 from sae_pipeline.training import checkpoint
 from tests.helpers import (
@@ -51,7 +52,7 @@ TRAIN = ["train=tiny", "logger=none", "train.stream=true", "train.stream_window_
 
 def _popen(module: str, args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", f"sae_pipeline.{module}", *args],
+        [sys.executable, "-m", stage_module(module), *args],
         cwd=cwd, env=ENV, stdout=open(log, "w"), stderr=subprocess.STDOUT,
     )  # fmt: skip
 

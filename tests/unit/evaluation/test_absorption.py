@@ -12,7 +12,7 @@ import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from sae_pipeline import eval as sae_eval
+from sae_pipeline import evaluate as sae_eval
 from sae_pipeline import harvest, layout
 from sae_pipeline.data.store import read_manifest
 from sae_pipeline.errors import UserError

@@ -17,8 +17,8 @@ import torch
 import transformers
 
 from sae_pipeline.errors import UserError
+from sae_pipeline.model.activations import capture
 from sae_pipeline.model.hook_points import hook_name, resolve_hook
-from sae_pipeline.model.hooks import capture
 
 VOCAB = 128
 LAYER = 1  # of 2: a block with a block before it

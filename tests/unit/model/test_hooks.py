@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from sae_pipeline.errors import UserError
+from sae_pipeline.model.activations import capture, splice
 from sae_pipeline.model.hook_points import (
     POINTS,
     HookPoint,
@@ -18,13 +19,12 @@ from sae_pipeline.model.hook_points import (
     num_layers,
     resolve_hook,
 )
-from sae_pipeline.model.hooks import capture, splice
 from tests.support.tiny_models import N_LAYERS, TINY_MODELS, random_tokens
 
 FAMILIES = list(TINY_MODELS)
 LAYERS = (0, 1, N_LAYERS - 1)
 
-# Written out by hand per family, independently of hooks.py's discovery.
+# Written out by hand per family, independently of hook_points.py's discovery.
 STRUCTURE = {
     # family: (base attr, blocks attr on base, attention child, mlp child, final norm on base)
     "llama": ("model", "layers", "self_attn", "mlp", "norm"),

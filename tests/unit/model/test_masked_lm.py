@@ -17,8 +17,8 @@ from transformers import EsmConfig, EsmForMaskedLM, EsmTokenizer
 
 from sae_pipeline import harvest, layout, probe, train
 from sae_pipeline.data.store import read_manifest
+from sae_pipeline.model.activations import capture
 from sae_pipeline.model.hook_points import resolve_hook
-from sae_pipeline.model.hooks import capture
 from sae_pipeline.model.loading import load_model
 from tests.helpers import compose_config
 

@@ -140,7 +140,7 @@ def test_adam_steps_keep_float32_state_and_track_float32(arch, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_encode_decode_forward_and_save_under_autocast(arch, device, tmp_path):
-    from sae_pipeline.sae import load_sae, save_sae
+    from sae_pipeline.sae import read_sae, save_sae
 
     sae, xs = start(arch, device)
     train_steps(sae, xs[:2], device, True)
@@ -155,7 +155,7 @@ def test_encode_decode_forward_and_save_under_autocast(arch, device, tmp_path):
         assert got.shape == want.shape and torch.isfinite(got).all()
         assert rel(got, want) <= RTOL, rel(got, want)
     save_sae(sae, tmp_path / "sae")
-    loaded = load_sae(tmp_path / "sae")
+    loaded = read_sae(tmp_path / "sae")
     for name, t in loaded.state_dict().items():
         assert t.dtype == sae.state_dict()[name].dtype, name
         assert torch.equal(t, sae.state_dict()[name].cpu()), name

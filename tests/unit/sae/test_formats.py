@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from sae_pipeline import layout
 from sae_pipeline.errors import UserError
-from sae_pipeline.sae import CONFIG_CLASSES, build_sae, load_sae, save_sae, write_saelens
+from sae_pipeline.sae import CONFIG_CLASSES, build_sae, read_sae, save_sae, write_saelens
 from sae_pipeline.sae.formats import saelens_config
 from tests import helpers
 
@@ -196,7 +196,7 @@ def test_import_hand_built_saelens_folder(name, tmp_path):
     if "threshold" in t:  # some thresholds <= 0 (SAELens's ReLU makes them act as 0), most positive
         t["threshold"] = torch.linspace(-0.5, 2.0, F_)
     folder = write_folder(tmp_path / name, cfg, t)
-    sae = load_sae(folder).eval()
+    sae = read_sae(folder).eval()
     assert (sae.d_in, sae.d_sae) == (D, F_)
     assert_same_function(sae, cfg, t)
 
@@ -206,7 +206,7 @@ def test_import_saelens_6_config(tmp_path):
            "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
            "metadata": {"model_name": "gpt2", "hook_name": "blocks.2.hook_resid_post", "sae_lens_version": "6.5.0"}}  # fmt: skip
     t = random_tensors(EXPECTED_TENSORS["topk"])
-    sae = load_sae(write_folder(tmp_path / "v6", cfg, t)).eval()
+    sae = read_sae(write_folder(tmp_path / "v6", cfg, t)).eval()
     assert sae.cfg.arch == "topk" and sae.cfg.k == 2
     assert_same_function(sae, cfg, t)
 
@@ -216,20 +216,20 @@ def test_import_saelens_6_topk_rescaled_by_decoder_norm(tmp_path):
            "apply_b_dec_to_input": True, "normalize_activations": "none", "metadata": {"hook_name": "blocks.2.hook_resid_post"}}  # fmt: skip
     t = random_tensors(EXPECTED_TENSORS["topk"])
     t["W_dec"] = t["W_dec"] * torch.linspace(0.2, 3.0, F_).unsqueeze(-1)  # unequal decoder norms matter
-    sae = load_sae(write_folder(tmp_path / "v6", cfg, t)).eval()
+    sae = read_sae(write_folder(tmp_path / "v6", cfg, t)).eval()
     assert_same_function(sae, cfg, t)
     bad = write_folder(
         tmp_path / "gated", {**cfg, "architecture": "gated"}, random_tensors(EXPECTED_TENSORS["gated"])
     )
     with pytest.raises(UserError, match="rescale_acts_by_decoder_norm is only supported for topk"):
-        load_sae(bad)
+        read_sae(bad)
 
 
 @pytest.mark.parametrize("arch", sorted(EXPECTED_TENSORS))
 def test_export_then_import_round_trip(arch, tmp_path):
     sae = random_sae(arch)
     write_saelens(sae, tmp_path / "out", META)
-    back = load_sae(tmp_path / "out").eval()
+    back = read_sae(tmp_path / "out").eval()
     assert back.cfg.arch == ("jumprelu" if arch == "batchtopk" else arch)
     x = x_input(9)
     with torch.no_grad():
@@ -240,17 +240,17 @@ def test_export_then_import_round_trip(arch, tmp_path):
 def test_bare_safetensors_file(tmp_path):
     t = random_tensors(EXPECTED_TENSORS["relu"])
     save_file(t, str(tmp_path / "relu.safetensors"))
-    assert_same_function(load_sae(tmp_path / "relu.safetensors").eval(), {"architecture": "standard"}, t)
+    assert_same_function(read_sae(tmp_path / "relu.safetensors").eval(), {"architecture": "standard"}, t)
     t["threshold"] = torch.linspace(0.0, 1.5, F_)
     save_file(t, str(tmp_path / "jump.safetensors"))
-    sae = load_sae(tmp_path / "jump.safetensors").eval()
+    sae = read_sae(tmp_path / "jump.safetensors").eval()
     assert sae.cfg.arch == "jumprelu"
     assert_same_function(sae, {"architecture": "jumprelu"}, t)
     del t["threshold"]
     save_file(t, str(tmp_path / "gemma_scope_style.safetensors"))  # x @ W_enc + b_enc, b_dec only added back
-    sae = load_sae(tmp_path / "gemma_scope_style.safetensors", apply_b_dec_to_input=False).eval()
+    sae = read_sae(tmp_path / "gemma_scope_style.safetensors", apply_b_dec_to_input=False).eval()
     assert_same_function(sae, {"architecture": "standard", "apply_b_dec_to_input": False}, t)
-    sae = load_sae(tmp_path / "gemma_scope_style.safetensors", k=2).eval()
+    sae = read_sae(tmp_path / "gemma_scope_style.safetensors", k=2).eval()
     assert_same_function(sae, {"architecture": "topk", "k": 2}, t)
 
 
@@ -260,7 +260,7 @@ def test_load_sae_takes_run_folder_sae_folder_and_weights_file(tmp_path):
     x = x_input()
     for p in (tmp_path / "run", tmp_path / "run" / "sae", tmp_path / "run" / "sae" / "sae.safetensors"):
         with torch.no_grad():
-            assert torch.equal(load_sae(p).eval()(x), sae(x)), p
+            assert torch.equal(read_sae(p).eval()(x), sae(x)), p
 
 
 @pytest.mark.parametrize(
@@ -283,18 +283,18 @@ def test_unsupported_saelens_folders_are_user_errors(change, match, tmp_path):
     }
     folder = write_folder(tmp_path / "x", cfg, random_tensors(EXPECTED_TENSORS["relu"]))
     with pytest.raises(UserError, match=match):
-        load_sae(folder)
+        read_sae(folder)
 
 
 def test_bad_tensors_are_user_errors_naming_the_file(tmp_path):
     t = random_tensors(EXPECTED_TENSORS["relu"])
     save_file({**t, "b_enc": torch.zeros(F_ + 1)}, str(tmp_path / "shape.safetensors"))
     with pytest.raises(UserError, match=r"shape.safetensors: tensor b_enc has shape \[11\]"):
-        load_sae(tmp_path / "shape.safetensors")
+        read_sae(tmp_path / "shape.safetensors")
     del t["b_dec"]
     save_file(t, str(tmp_path / "missing.safetensors"))
     with pytest.raises(UserError, match=r"missing.safetensors lacks tensors \['b_dec'\]"):
-        load_sae(tmp_path / "missing.safetensors")
+        read_sae(tmp_path / "missing.safetensors")
 
 
 # ----------------------------------------------------------------------------- the command and SAELens itself
@@ -311,7 +311,7 @@ def test_sae_export_cli(tmp_path):
     assert cfg["model_name"] == str(tmp_path / "model") and cfg["hook_name"] == "blocks.1.hook_resid_post"
     assert (cfg["hook_layer"], cfg["context_size"]) == (1, manifest["context_size"])
     assert cfg["dataset_path"] == str(tmp_path / "corpus.jsonl") and cfg["architecture"] == "standard"
-    ours = load_sae(run_dir).eval()
+    ours = read_sae(run_dir).eval()
     x = load_file(str(store / layout.shard_name(0)))["activations"].float()[:64]  # the SAE's own inputs
     with torch.no_grad():
         acts = saelens_encode(cfg, t, x)
@@ -335,6 +335,6 @@ def test_round_trip_through_sae_lens_itself(tmp_path):
             torch.testing.assert_close(theirs.encode(x), ours.encode(x), rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(theirs(x), ours(x), rtol=1e-5, atol=1e-4)
         theirs.save_model(str(tmp_path / f"{arch}-saved"))
-        back = load_sae(tmp_path / f"{arch}-saved").eval()
+        back = read_sae(tmp_path / f"{arch}-saved").eval()
         with torch.no_grad():
             torch.testing.assert_close(back(x), ours(x), rtol=1e-5, atol=1e-4)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from sae_pipeline import layout
 from sae_pipeline.data.store import read_manifest
-from sae_pipeline.sae import CONFIG_CLASSES, build_sae, load_sae, save_sae
+from sae_pipeline.sae import CONFIG_CLASSES, build_sae, read_sae, save_sae
 from tests import helpers
 
 sae_lens = pytest.importorskip("sae_lens", reason="sae-lens is an optional extra: pip install '.[saelens]'")
@@ -105,7 +105,7 @@ def test_export_of_a_run_carries_model_hook_and_context_into_sae_lens(tmp_path):
     assert (meta.hook_name, meta.model_name) == ("blocks.1.hook_resid_post", str(tmp_path / "model"))
     assert meta.context_size == read_manifest(store)["context_size"]
     x = load_file(str(store / layout.shard_name(0)))["activations"].float()[:64]  # the SAE's own inputs
-    _assert_same(load_sae(run_dir).eval(), theirs, x)
+    _assert_same(read_sae(run_dir).eval(), theirs, x)
 
 
 # ----------------------------------------------------------------------------- SAELens -> us
@@ -148,7 +148,7 @@ def test_sae_saved_by_sae_lens_loads_with_load_sae(name, tmp_path):
     theirs = SAVED_BY_SAELENS[name]()
     _randomise(theirs, seed=3)
     theirs.save_model(tmp_path / name)
-    ours = load_sae(tmp_path / name).eval()
+    ours = read_sae(tmp_path / name).eval()
     _assert_same(ours, theirs.eval(), _x())
     reloaded = sae_lens.SAE.load_from_disk(str(tmp_path / name), device="cpu").eval()
     _assert_same(ours, reloaded, _x(seed=8))
@@ -162,5 +162,5 @@ def test_sae_lens_training_sae_inference_form_loads_with_load_sae(name, tmp_path
         trained.topk_threshold = torch.tensor(0.8, dtype=torch.double)
     trained.save_inference_model(tmp_path / name)
     theirs = sae_lens.SAE.load_from_disk(str(tmp_path / name), device="cpu").eval()
-    ours = load_sae(tmp_path / name).eval()
+    ours = read_sae(tmp_path / name).eval()
     _assert_same(ours, theirs, _x())

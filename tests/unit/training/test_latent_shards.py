@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from sae_pipeline import layout
 from sae_pipeline.errors import UserError
-from sae_pipeline.sae import load_sae
+from sae_pipeline.sae import read_sae
 from sae_pipeline.train import run
 from tests.helpers import make_store
 
@@ -126,7 +126,7 @@ def test_latent_shards_train_the_same_saes_as_one_process(store, one, sharded, t
     record = json.loads((grid / "topk" / layout.CONFIG).read_text())
     assert (record["latent_shards"], record["processes"], record["d_sae"]) == (2, 4, 128)
     # the final SAE is one ordinary SAE that the other stages load unchanged
-    sae = load_sae(grid / "topk")
+    sae = read_sae(grid / "topk")
     assert sae.d_sae == 128 and sae.W_enc_DF.shape == (16, 128)
     assert sae(torch.randn(3, 16)).shape == (3, 16)
 

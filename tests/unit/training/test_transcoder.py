@@ -20,12 +20,12 @@ from torch import Tensor
 from sae_pipeline import layout
 from sae_pipeline.api import splice_sae
 from sae_pipeline.data.aligned import aligned_rows
-from sae_pipeline.data.integrity import write_manifest
 from sae_pipeline.data.paired import PairedReader
 from sae_pipeline.data.store import ActivationStore, read_manifest
 from sae_pipeline.errors import UserError
 from sae_pipeline.files import sha256_file
-from sae_pipeline.sae import CONFIG_CLASSES, build_sae, input_scale_factor, load_sae, save_sae
+from sae_pipeline.integrity.manifest import write_manifest
+from sae_pipeline.sae import CONFIG_CLASSES, build_sae, input_scale_factor, read_sae, save_sae
 from sae_pipeline.sae.formats import saelens_tensors
 from sae_pipeline.train import StopRequested, run
 from sae_pipeline.training import checkpoint
@@ -192,7 +192,7 @@ def test_fold_of_input_and_target_scales(arch, skip, tmp_path):
     act_scale = 1 / s_out if arch != "tied" else 1 / (s_in * s_out) ** 0.5
     torch.testing.assert_close(got_acts, want_acts * act_scale, rtol=1e-4, atol=1e-5)
     save_sae(sae, tmp_path / "sae", extra={"target_hook": "blocks.0.hook_mlp_out"})
-    back = load_sae(tmp_path / "sae")
+    back = read_sae(tmp_path / "sae")
     assert back.transcoder and back.d_out == d_out and (back.W_skip_DO is not None) == skip
     with torch.no_grad():
         torch.testing.assert_close(back(x), got_y)
@@ -308,12 +308,12 @@ def test_cli_trains_a_transcoder_and_records_its_target(tmp_path):
     record = json.loads((run_dir / layout.CONFIG).read_text())
     assert record["target_store"] == str(b.resolve()) and record["d_out"] == D_OUT and record["d_in"] == D_IN
     assert record["config"]["train"]["target_store"] == str(b)
-    assert record["target_store_manifest_sha256"] == ActivationStore(b).manifest_hash()
+    assert record["target_store_sha256"] == ActivationStore(b).sha256()
     final = json.loads((run_dir / layout.FINAL_SAE / layout.CONFIG).read_text())
     assert (
         final["transcoder"] and final["d_out"] == D_OUT and final["target_hook"] == "blocks.0.hook_resid_post"
     )
-    sae = load_sae(run_dir)
+    sae = read_sae(run_dir)
     x, y = aligned_rows(a, b)  # matched by (context, position) independently of the reader
     with torch.no_grad():
         assert fvu(y, sae(x)) < 0.15
@@ -444,7 +444,7 @@ def test_tiny_model_harvest_train_eval_through_the_cli(tmp_path):
     ids, mask = text.heldout_contexts(
         read_manifest(stores[source]), AutoTokenizer.from_pretrained(model_dir), 600
     )
-    sae = load_sae(run_dir).eval()
+    sae = read_sae(run_dir).eval()
     mlp = model.model.layers[1].mlp
     seen = {}
 
