@@ -21,7 +21,7 @@ from sae_pipeline.evaluation.report import _benchmark_scalars
 from sae_pipeline.sae import CONFIG_CLASSES, build_sae, save_sae
 from sae_pipeline.schema.eval import check_eval_config
 from tests.helpers import CHARS, SPECIALS, compose_config, save_tiny_model, tiny_overrides
-from tests.unit.data.test_labels import PLAYS, WORDS, _play
+from tests.unit.interpret.test_probe_tasks import PLAYS, WORDS, _play
 
 # Planted activations: letters a, b, c are the unit directions e0, e1, e2. A word w of letter a in FULL,
 # PARTIAL or WEAK also carries its own token direction t_w (one dimension each, 0.5 long). The hand-built

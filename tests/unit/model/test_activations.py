@@ -1,6 +1,6 @@
 """Hook points on tiny random Llama / GPT-2 / GPT-NeoX: capture, early exit, splice, errors.
 
-.venv/bin/python -m pytest tests/unit/model/test_hooks.py -q
+.venv/bin/python -m pytest tests/unit/model/test_activations.py -q
 """
 
 from __future__ import annotations
