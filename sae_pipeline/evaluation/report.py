@@ -262,7 +262,7 @@ def evaluator_for(
                 ids,
                 mask,
                 cfg.eval.batch_size,
-                reuse_prefix=cfg.eval.reuse_prefix,
+                reuse_prefix=cfg.eval.advanced.reuse_prefix,
                 source_hook=source,
             )
     desc = token_cache[tkey] if tokenizer is None else token_cache[tkey][2]
