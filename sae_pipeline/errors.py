@@ -147,7 +147,10 @@ def _moved_key_sentence(text: str) -> str | None:
     if full is None:
         return None
     value = re.search(r"To append to your config use \+[\w.]+=(.*)", text)
-    return moved_sentence(full.group(1), value.group(1).strip() if value else None)
+    where = re.search(r"^In '([^']+)':", text)  # a key written in a config file (an experiment preset)
+    return moved_sentence(
+        full.group(1), value.group(1).strip() if value else None, where.group(1) + ".yaml" if where else None
+    )
 
 
 def _options_with_key(group: str, key: str) -> list[str]:

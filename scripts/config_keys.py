@@ -13,7 +13,18 @@ from omegaconf import DictConfig
 
 from sae_pipeline.schema import compose
 
-COMMANDS = ("harvest", "train", "eval", "features", "explain", "steer", "probe", "export", "verify", "connect")
+COMMANDS = (
+    "harvest",
+    "train",
+    "eval",
+    "features",
+    "explain",
+    "steer",
+    "probe",
+    "export",
+    "verify",
+    "connect",
+)
 # a stage's mandatory keys, so that composing succeeds without a command line
 NEEDED = {"train": ["store=x"], "verify": ["path=x"], "connect": ["sae_in=x", "sae_out=x"]}
 
@@ -39,12 +50,12 @@ def counts(command: str) -> tuple[int, int]:
 
 def main() -> None:
     total_shown = total_all = 0
-    print(f"{'command':<10} {'shown':>6} {'all':>6}")
+    print(f"{'command':<13} {'shown':>6} {'all':>6}")
     for command in COMMANDS:
         shown, every = counts(command)
         total_shown, total_all = total_shown + shown, total_all + every
-        print(f"sae-{command:<6} {shown:>6} {every:>6}")
-    print(f"{'total':<10} {total_shown:>6} {total_all:>6}")
+        print(f"sae-{command:<9} {shown:>6} {every:>6}")
+    print(f"{'total':<13} {total_shown:>6} {total_all:>6}")
 
 
 if __name__ == "__main__":

@@ -41,13 +41,15 @@ class TrainAdvanced:
 class HarvestAdvanced:
     early_exit: bool = True  # stop the forward after the deepest hook (false: the whole model, same rows)
     writer_queue: int = 2  # shards buffered for the background writer
-    shard_delay_s: float = 0.0  # debug: sleep this long after each shard (a slow harvest, for streaming tests)
+    # debug: sleep this long after each shard (a slow harvest, for streaming tests)
+    shard_delay_s: float = 0.0
     stop_after_shards: Optional[int] = None  # debug: the process kills itself after writing this many shards
 
 
 @dataclass
 class EvalAdvanced:
-    reuse_prefix: bool = True  # replay the clean pass's early blocks in the ablated/spliced passes (same numbers)
+    # replay the clean pass's early blocks in the ablated/spliced passes (the same numbers, faster)
+    reuse_prefix: bool = True
 
 
 @dataclass
@@ -55,7 +57,12 @@ class FeaturesAdvanced:
     reservoir: int = 64  # size of the uniform sample of firing positions per latent (the weak examples)
 
 
-ADVANCED = {"train": TrainAdvanced, "harvest": HarvestAdvanced, "eval": EvalAdvanced, "features": FeaturesAdvanced}
+ADVANCED = {
+    "train": TrainAdvanced,
+    "harvest": HarvestAdvanced,
+    "eval": EvalAdvanced,
+    "features": FeaturesAdvanced,
+}
 
 
 def advanced_keys(group: str) -> tuple[str, ...]:
@@ -69,16 +76,20 @@ def moved_key(key: str) -> str | None:
     return f"{group}.advanced.{leaf}" if leaf in advanced_keys(group) else None
 
 
-def moved_sentence(key: str, value: str | None = None) -> str | None:
-    """The one sentence that refuses the old spelling of a moved key, or None."""
+def moved_sentence(key: str, value: str | None = None, config_file: str | None = None) -> str | None:
+    """The one sentence that refuses the old spelling of a moved key (an override, or a key of the YAML
+    `config_file`), or None."""
     new = moved_key(key)
     if new is None:
         return None
     old = key.lstrip("+~")
-    return (
-        f"{old} moved to {new} (settings most runs never change, folded away by --help): "
-        f"pass {new}={value if value is not None else '<value>'}"
+    group, leaf = new.split(".advanced.")
+    advice = (
+        f"write it in {config_file} as `advanced: {{{leaf}: ...}}`"
+        if config_file
+        else f"pass {new}={value if value is not None else '<value>'}"
     )
+    return f"{old} moved to {new} (settings most runs never change, folded away by --help): {advice}"
 
 
 def nest_advanced(group: str, record: dict) -> dict:

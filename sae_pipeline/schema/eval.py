@@ -42,7 +42,8 @@ class EvalConfig:
     # Sparse probing (sae-probe's tasks: genre, play, speaker, files) run inside the evaluation
     probe_tasks: list[str] = field(default_factory=list)
     probe: Optional[Any] = None  # sae-probe settings for every task, e.g. eval.probe={n_bootstrap:100}
-    advanced: EvalAdvanced = field(default_factory=EvalAdvanced)  # schema/advanced.py; --help folds it
+    # reuse_prefix, a speed-up that leaves the numbers unchanged (schema/advanced.py; --help folds it)
+    advanced: EvalAdvanced = field(default_factory=EvalAdvanced)
 
 
 @dataclass

@@ -21,7 +21,6 @@ class FeaturesConfig:
     window_before: int = 12  # tokens shown before the peak token
     window_after: int = 4  # tokens shown after the peak token
     n_weak: int = 8  # weaker examples per latent, one per quantile band of a uniform sample of its firings
-    # (advanced.reservoir: the size of that sample)
     n_silent: int = 8  # contexts where the latent never fires, sampled per latent (sae-explain's negatives)
     n_logit_tokens: int = 10  # promoted and suppressed output tokens per latent
     n_bins: int = 32  # activation histogram bins (linear, exact counts; range <= 2x the max)
@@ -32,7 +31,8 @@ class FeaturesConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # seeds the uniform sample behind the weak examples
     out_dir: Optional[str] = None  # null: <run>/features
-    advanced: FeaturesAdvanced = field(default_factory=FeaturesAdvanced)  # schema/advanced.py; --help folds it
+    # the size of the weak examples' sample (schema/advanced.py; --help folds it)
+    advanced: FeaturesAdvanced = field(default_factory=FeaturesAdvanced)
 
 
 @dataclass

@@ -23,9 +23,16 @@ FREE_TO_CHANGE = {
     "latent_shards",  # the same SAE up to float order; a resume must keep it (training/latent_shards.py)
 }  # fmt: skip
 
-_POSITIVE = ("batch_size", "advanced.buffer_rows", "advanced.chunk_rows", "advanced.prefetch", "advanced.init_tokens")
-_POSITIVE += ("dead_tokens", "log_every", "eval_tokens", "eval_batch_size", "keep_checkpoints")
-_POSITIVE += ("advanced.stream_window_shards", "advanced.read_threads")
+_POSITIVE = ("batch_size", "dead_tokens", "log_every", "eval_tokens", "eval_batch_size", "keep_checkpoints")
+_ADVANCED_POSITIVE = (
+    "buffer_rows",
+    "chunk_rows",
+    "prefetch",
+    "read_threads",
+    "init_tokens",
+    "stream_window_shards",
+)
+_POSITIVE += tuple(f"advanced.{key}" for key in _ADVANCED_POSITIVE)
 _NON_NEGATIVE = ("val_tokens", "lr_warmup_steps", "sparsity_warmup_steps", "val_every", "eval_every")
 _NON_NEGATIVE += ("checkpoint_every_tokens", "resample_every")
 
@@ -64,7 +71,9 @@ def check_train_config(t) -> None:
         raise UserError(f"train.max_grad_norm={t.max_grad_norm} must be a finite number >= 0 (0 = off)")
     a = t.advanced
     if not a.stream_wait_s > 0:
-        raise UserError(f"train.advanced.stream_wait_s={a.stream_wait_s} must be a positive number of seconds")
+        raise UserError(
+            f"train.advanced.stream_wait_s={a.stream_wait_s} must be a positive number of seconds"
+        )
     if a.stop_after_steps is not None and a.stop_after_steps < 1:
         raise UserError(
             f"train.advanced.stop_after_steps={a.stop_after_steps} must be a positive integer or null"
