@@ -25,8 +25,6 @@ COMMANDS = (
     "verify",
     "connect",
 )
-# a stage's mandatory keys, so that composing succeeds without a command line
-NEEDED = {"train": ["store=x"], "verify": ["path=x"], "connect": ["sae_in=x", "sae_out=x"]}
 
 
 def leaves(node: DictConfig, prefix: str = "") -> list[str]:
@@ -42,8 +40,7 @@ def leaves(node: DictConfig, prefix: str = "") -> list[str]:
 
 
 def counts(command: str) -> tuple[int, int]:
-    needed = NEEDED.get(command, ["sae_path=x"] if command not in ("harvest",) else [])
-    keys = leaves(compose(command, needed))
+    keys = leaves(compose(command))
     shown = [k for k in keys if ".advanced." not in f".{k}"]
     return len(shown), len(keys)
 
