@@ -61,8 +61,8 @@ GRID: dict[str, list[str]] = {
     "b_dec_mean": ["sae.b_dec_init=mean"],
     "b_dec_zeros": ["sae.b_dec_init=zeros"],
     "no_input_norm": ["sae.normalize_input=false"],
-    "beta2_0.99": ["train.adam_beta2=0.99"],
-    "beta1_0.8": ["train.adam_beta1=0.8"],
+    "beta2_0.99": ["train.advanced.adam_beta2=0.99"],
+    "beta1_0.8": ["train.advanced.adam_beta1=0.8"],
 }
 
 

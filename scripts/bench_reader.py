@@ -82,7 +82,14 @@ def plain_read(store: ActivationStore) -> float:
 
 def _open(cls, store: ActivationStore):
     cfg = TrainConfig()
-    return cls(store, BATCH, seed=0, val_tokens=0, buffer_rows=cfg.buffer_rows, chunk_rows=cfg.chunk_rows)
+    return cls(
+        store,
+        BATCH,
+        seed=0,
+        val_tokens=0,
+        buffer_rows=cfg.advanced.buffer_rows,
+        chunk_rows=cfg.advanced.chunk_rows,
+    )
 
 
 def reader_pass(cls, store: ActivationStore) -> float:

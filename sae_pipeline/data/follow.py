@@ -75,7 +75,7 @@ class StoreFollower:
                 last_report = now
             if now - waited_since > self.wait_s:
                 raise UserError(
-                    f"no new shard arrived in the store {self.source} for {self.wait_s:g} s (train.stream_wait_s) "
+                    f"no new shard arrived in the store {self.source} for {self.wait_s:g} s (train.advanced.stream_wait_s) "
                     f"after {len(listed)} shards and the store is not complete; is its sae-harvest still running?"
                 )
             self._nap()

@@ -127,7 +127,7 @@ def harvest_text(cfg: DictConfig, held: contextlib.ExitStack) -> list[Path]:
     elif first_shard:
         print(f"resuming after {first_shard} complete shards ({skipped} contexts)", file=sys.stderr)
 
-    writer_thread = store.BackgroundWriter(h.writer_queue)
+    writer_thread = store.BackgroundWriter(h.advanced.writer_queue)
     keeper = ShardKeeper(h.keep_shards, h.consumers) if h.keep_shards else None
     buffers = {name: ShardBuffer() for name in writers}
     forward_s, started, harvested_contexts, written = 0.0, time.perf_counter(), 0, 0
@@ -141,7 +141,7 @@ def harvest_text(cfg: DictConfig, held: contextlib.ExitStack) -> list[Path]:
             n_ctx = 0
             for ids_NT in cursor.batches(span, h.batch_size):
                 tick = time.perf_counter()
-                acts = activations.capture(model, ids_NT.to(device), None, points, early_exit=h.early_exit)
+                acts = activations.capture(model, ids_NT.to(device), None, points, early_exit=h.advanced.early_exit)
                 forward_s += time.perf_counter() - tick
                 for name, acts_NTD in acts.items():
                     buffers[name].add(acts_NTD, ids_NT, span.first_context + n_ctx, start_pos, dtype)
@@ -164,9 +164,9 @@ def harvest_text(cfg: DictConfig, held: contextlib.ExitStack) -> list[Path]:
                     writer_thread.submit(job)
                 buffers[name] = ShardBuffer()
             harvested_contexts, written = harvested_contexts + n_ctx, written + 1
-            if h.shard_delay_s > 0:
-                time.sleep(h.shard_delay_s)
-            if written == h.stop_after_shards:
+            if h.advanced.shard_delay_s > 0:
+                time.sleep(h.advanced.shard_delay_s)
+            if written == h.advanced.stop_after_shards:
                 writer_thread.submit(parts.kill_self)
             if n_ctx < span.n_contexts:
                 break
@@ -191,7 +191,7 @@ def harvest_text(cfg: DictConfig, held: contextlib.ExitStack) -> list[Path]:
         "forward_fraction": round(forward_s / wall_s, 4) if wall_s > 0 else None,
         "writer_busy_s": round(writer_thread.busy_s, 3),
         "device": str(device),
-        "early_exit": bool(h.early_exit),
+        "early_exit": bool(h.advanced.early_exit),
     }
     for name, w in writers.items():
         w.finish({"throughput": throughput, "data_exhausted": exhausted})

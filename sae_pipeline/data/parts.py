@@ -106,8 +106,8 @@ class ContextCursor:
 
 
 def kill_self() -> None:
-    """What `harvest.stop_after_shards` does: die like a killed process (no clean-up, no finally)."""
-    print("harvest.stop_after_shards reached: killing this process", file=sys.stderr, flush=True)
+    """What `harvest.advanced.stop_after_shards` does: die like a killed process (no clean-up, no finally)."""
+    print("harvest.advanced.stop_after_shards reached: killing this process", file=sys.stderr, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 
 

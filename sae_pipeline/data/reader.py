@@ -161,7 +161,8 @@ class ShuffledReader:
     ):
         if batch_size <= 0 or buffer_rows <= 0 or chunk_rows <= 0 or read_threads <= 0:
             raise UserError(
-                "train.batch_size, train.buffer_rows, train.chunk_rows and train.read_threads must be positive"
+                "train.batch_size, train.advanced.buffer_rows, train.advanced.chunk_rows and "
+                "train.advanced.read_threads must be positive"
             )
         self.store, self.batch_size, self.seed = store, int(batch_size), int(seed)
         self.device, self.read_threads = torch.device(device), int(read_threads)

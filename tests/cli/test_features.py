@@ -92,7 +92,7 @@ def test_streaming_stats_match_brute_force(sae_run):
 
 def test_small_uniform_sample_and_top_k_stay_consistent(sae_run):
     """Sizes below a batch's firings exercise the in-batch ranking as well as the cross-batch merge."""
-    cfg = features_cfg(sae_run, "features.reservoir=4", "features.top_k=2", "features.batch_size=7")
+    cfg = features_cfg(sae_run, "features.advanced.reservoir=4", "features.top_k=2", "features.batch_size=7")
     acts_NTF, mask_NT, ids_NT, model, sae = brute_force(sae_run, 600)
     _, _, _, _, _, hook = load_all(str(sae_run), "cpu")
     stats = collect(model, hook, sae, ids_NT, mask_NT, torch.arange(D_SAE), cfg.features)

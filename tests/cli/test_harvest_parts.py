@@ -120,7 +120,9 @@ def test_two_parts_as_separate_processes_equal_one_process(setup, capsys):
 
 def test_killed_part_resumes_alone_and_merge_names_missing_parts(setup, capsys):
     folder = _store(setup["root"] / "killed")
-    killed = _harvest(setup, "killed", "harvest.parts=2", "harvest.part=0", "harvest.stop_after_shards=1")
+    killed = _harvest(
+        setup, "killed", "harvest.parts=2", "harvest.part=0", "harvest.advanced.stop_after_shards=1"
+    )
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL: no clean-up ran
     part0 = layout.part_dir(folder, 0, 2)
     m0 = store.read_manifest(part0)

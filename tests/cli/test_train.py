@@ -119,7 +119,7 @@ def test_sigkilled_cli_run_resumes_to_the_same_weights(store, tmp_path):
 def test_stopped_run_resumes_bit_exact(store, tmp_path, arch):
     run(cfg_for(store, tmp_path / "a", f"sae={arch}"))
     with pytest.raises(StopRequested):
-        run(cfg_for(store, tmp_path / "b", f"sae={arch}", "train.stop_after_steps=41"))
+        run(cfg_for(store, tmp_path / "b", f"sae={arch}", "train.advanced.stop_after_steps=41"))
     assert not (tmp_path / "b" / layout.FINAL_SAE).exists()
     (tmp_path / "b" / layout.CHECKPOINTS / "step-000000099.tmp").mkdir()  # a save killed halfway
     with pytest.raises(UserError, match="already holds a run"):
@@ -139,7 +139,7 @@ def test_resume_under_another_thread_count_is_allowed_and_says_so(store, tmp_pat
     and a resume under another thread count continues with one line saying what changed."""
     n, run_dir = torch.get_num_threads(), tmp_path / "r"
     with pytest.raises(StopRequested):
-        run(cfg_for(store, run_dir, "train.stop_after_steps=20"))
+        run(cfg_for(store, run_dir, "train.advanced.stop_after_steps=20"))
     state = json.loads((checkpoint.latest(run_dir) / layout.TRAIN_META).read_text())
     first = {"torch": torch.__version__, "device": "cpu", "threads": n}
     assert state["compute"] == first == json.loads((run_dir / layout.CONFIG).read_text())["compute"]
@@ -209,7 +209,7 @@ def test_d_in_mismatch_is_one_sentence(store, tmp_path):
         run(_with_d_in(store, tmp_path))
     other = make_store(tmp_path / "wide", n_contexts=8, d_in=24, contexts_per_shard=4, tag_rows=False)
     with pytest.raises(StopRequested):
-        run(cfg_for(store, tmp_path / "r", "train.stop_after_steps=20"))
+        run(cfg_for(store, tmp_path / "r", "train.advanced.stop_after_steps=20"))
     with pytest.raises(UserError, match="d_in=16 but the store .* has d_in=24"):
         run(cfg_for(other, tmp_path / "r", "train.resume=true"))
 
@@ -240,7 +240,11 @@ def test_sweep_group_equals_separate_runs(store, tmp_path, arch, key, values):
         with pytest.raises(StopRequested):
             run(
                 cfg_for(
-                    store, tmp_path / "g", f"sae={arch}", f"train.group={group}", "train.stop_after_steps=37"
+                    store,
+                    tmp_path / "g",
+                    f"sae={arch}",
+                    f"train.group={group}",
+                    "train.advanced.stop_after_steps=37",
                 )
             )
         run(cfg_for(store, tmp_path / "g", f"sae={arch}", f"train.group={group}", "train.resume=true"))

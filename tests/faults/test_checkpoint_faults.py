@@ -42,7 +42,7 @@ def stopped(store, tmp_path_factory) -> Path:
     """A run stopped after step 41: checkpoints at steps 16 and 32."""
     run_dir = tmp_path_factory.mktemp("stopped") / "run"
     with pytest.raises(StopRequested):
-        run(cfg_for(store, run_dir, "train.stop_after_steps=41"))
+        run(cfg_for(store, run_dir, "train.advanced.stop_after_steps=41"))
     assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == list(STEPS)
     return run_dir
 
@@ -117,7 +117,11 @@ def test_resume_that_changes_training_is_refused_or_recorded(store, stopped, tmp
         run(cfg_for(store, run_dir, "train.resume=true", "train.lr=0.001"))
     assert (run_dir / layout.CONFIG).read_text() == before  # the record is kept
     with pytest.raises(StopRequested):  # logging, evaluation and checkpoint keys may change
-        run(cfg_for(store, run_dir, "train.resume=true", "train.log_every=3", "train.stop_after_steps=35"))
+        run(
+            cfg_for(
+                store, run_dir, "train.resume=true", "train.log_every=3", "train.advanced.stop_after_steps=35"
+            )
+        )
     run(cfg_for(store, run_dir, "train.resume=true", "train.lr=0.001", "train.allow_changes=true"))
     saved = json.loads((run_dir / layout.CONFIG).read_text())
     assert saved["changes"] == [{"step": 32, "train.lr": [0.01, 0.001]}]

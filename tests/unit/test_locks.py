@@ -121,7 +121,7 @@ def test_a_second_train_on_a_run_folder_being_written_is_refused(store, tmp_path
 
 def test_two_resumes_at_once_one_refused_and_the_log_has_no_duplicate(store, tmp_path):
     run_dir = tmp_path / "run"
-    stop = _run("train", _train_args(store, run_dir, "train.stop_after_steps=20"), tmp_path)
+    stop = _run("train", _train_args(store, run_dir, "train.advanced.stop_after_steps=20"), tmp_path)
     assert stop.returncode == 0 and "stopped after step 20" in stop.stdout, stop.stderr[-2000:]
     first = Paused("train", _train_args(store, run_dir, "train.resume=true"), tmp_path, "checkpoint:1")
     before = _files(run_dir)

@@ -77,7 +77,9 @@ def test_harvest_train_eval_verify_on_s3_equal_local(server, assets, tmp_path):
     url = "s3://bucket/stores/a"
     store_url = f"{url}/{HOOK}"
     # killed after 3 shards, then rerun: the bucket never lists a shard that is not complete
-    res = cli("harvest", [*args, f"harvest.out_dir={url}", "harvest.stop_after_shards=3"], tmp_path, env)
+    res = cli(
+        "harvest", [*args, f"harvest.out_dir={url}", "harvest.advanced.stop_after_shards=3"], tmp_path, env
+    )
     assert res.returncode == -signal.SIGKILL, res.stderr
     partial = read_manifest(store_url)
     assert len(partial["shards"]) == 3 and not partial["complete"]
@@ -106,7 +108,7 @@ def test_harvest_train_eval_verify_on_s3_equal_local(server, assets, tmp_path):
     assert res.returncode == 0, res.stderr
     assert_same(weights(tmp_path / "s3"), weights(tmp_path / "ref"))
     stream = [f"store={store_url}", *TRAIN, "train.stream=true", f"train.run_dir={tmp_path}/s3-stream"]
-    res = cli("train", [*stream, "train.stop_after_steps=12"], tmp_path, env)
+    res = cli("train", [*stream, "train.advanced.stop_after_steps=12"], tmp_path, env)
     assert res.returncode == 0 and "stopped after step 12" in res.stdout, res.stderr
     res = cli("train", [*stream, "train.resume=true"], tmp_path, env)
     assert res.returncode == 0, res.stderr

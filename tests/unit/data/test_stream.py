@@ -46,8 +46,8 @@ DEADLINE_S = 600  # a process pair that has not finished by then is stuck: kill 
 STORE = ("tiny", "corpus", "blocks.1.hook_resid_post")
 # 97 contexts of 31 rows, 4 contexts (124 rows) per shard: 25 shards
 HARVEST = ["harvest.n_tokens=3000", "harvest.shard_size=100"]
-TRAIN = ["train=tiny", "logger=none", "train.stream=true", "train.stream_window_shards=3",
-         "train.total_tokens=100000", "train.checkpoint_every_tokens=256", "train.stream_wait_s=300"]  # fmt: skip
+TRAIN = ["train=tiny", "logger=none", "train.stream=true", "train.advanced.stream_window_shards=3",
+         "train.total_tokens=100000", "train.checkpoint_every_tokens=256", "train.advanced.stream_wait_s=300"]  # fmt: skip
 
 
 def _popen(module: str, args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
@@ -104,7 +104,10 @@ def test_streamed_runs_equal_the_finished_store_whatever_the_timing(assets, refe
     # 1. the harvest is slower than training (a pause after every shard): training waits for each window
     slow = tmp_path / "slow"
     harvest_p = _popen(
-        "harvest", _harvest_args(slow, assets, "harvest.shard_delay_s=0.3"), tmp_path, slow.with_suffix(".h")
+        "harvest",
+        _harvest_args(slow, assets, "harvest.advanced.shard_delay_s=0.3"),
+        tmp_path,
+        slow.with_suffix(".h"),
     )
     train = _popen(
         "train",
@@ -121,7 +124,9 @@ def test_streamed_runs_equal_the_finished_store_whatever_the_timing(assets, refe
     #    (the harvest at full speed, ahead of training) give the same SAE
     fast = tmp_path / "fast"
     hlog, tlog = fast.with_suffix(".h"), fast.with_suffix(".t")
-    harvest_p = _popen("harvest", _harvest_args(fast, assets, "harvest.stop_after_shards=6"), tmp_path, hlog)
+    harvest_p = _popen(
+        "harvest", _harvest_args(fast, assets, "harvest.advanced.stop_after_shards=6"), tmp_path, hlog
+    )
     train_args = [f"store={_store(fast)}", *TRAIN, f"train.run_dir={fast}/run"]
     train = _popen("train", train_args, tmp_path, tlog)
     _wait(harvest_p, hlog, ok=(-signal.SIGKILL,))
@@ -197,7 +202,9 @@ def test_streaming_refusals_are_one_sentence(tmp_path):
     store = make_store(tmp_path / "s", n_contexts=16, d_in=8, contexts_per_shard=8)
     with pytest.raises(UserError, match="first shard"):
         StreamReader(open_source(store), 16, val_tokens=10_000)
-    cfg = cfg_for(tmp_path / "nowhere", tmp_path / "r", "train.stream=true", "train.stream_wait_s=0.3")
+    cfg = cfg_for(
+        tmp_path / "nowhere", tmp_path / "r", "train.stream=true", "train.advanced.stream_wait_s=0.3"
+    )
     with pytest.raises(UserError, match="no activation store appeared at .*nowhere"):
         run(cfg)
 

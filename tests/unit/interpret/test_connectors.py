@@ -144,7 +144,7 @@ def test_trained_sae_recovers_planted_directions_in_raw_units(tmp_path):
     x = gen.sample(4096) * 40.0 + 3.0  # raw units: training must scale in and fold back out
     store = write_store(tmp_path / "store", [x[:2048], x[2048:]], context_size=16)
     settings = ("sae.d_sae=64", "sae.l1_coefficient=2.0", "train.total_tokens=384000", "train.batch_size=256",
-                "train.lr=3e-3", "train.buffer_rows=4096", "train.log_every=500", "train.val_every=0")  # fmt: skip
+                "train.lr=3e-3", "train.advanced.buffer_rows=4096", "train.log_every=500", "train.val_every=0")  # fmt: skip
     sae = load_sae(run(cfg_for(store, tmp_path / "run", *settings)))
     assert recovered_fraction(gen.dirs_FD, sae.W_dec_FD, threshold=0.9) >= 0.75
     with torch.no_grad():

@@ -103,7 +103,7 @@ def test_two_ranks_train_the_same_saes_as_one_process(store, two_ranks, tmp_path
 
 def test_two_ranks_stopped_and_resumed_equal_an_uninterrupted_run(store, two_ranks, tmp_path):
     run_dir = tmp_path / "run"
-    res = torchrun(store, run_dir, "train.stop_after_steps=41")  # checkpoints every 16 steps: 16, 32
+    res = torchrun(store, run_dir, "train.advanced.stop_after_steps=41")  # checkpoints every 16 steps: 16, 32
     assert res.returncode == 0, res.stderr[-3000:]
     assert "stopped after step 41" in res.stdout
     assert not (run_dir / "topk" / layout.FINAL_SAE).exists()
@@ -123,7 +123,7 @@ def test_two_ranks_stopped_and_resumed_equal_an_uninterrupted_run(store, two_ran
 def test_one_process_run_is_not_resumed_by_two(store, tmp_path):
     run_dir = tmp_path / "run"
     with pytest.raises(StopRequested):
-        run(cfg_for(store, run_dir, "train.stop_after_steps=20", "train.total_tokens=1536"))
+        run(cfg_for(store, run_dir, "train.advanced.stop_after_steps=20", "train.total_tokens=1536"))
     res = torchrun(store, run_dir, "train.resume=true", "train.total_tokens=1536")
     assert res.returncode != 0  # torchrun exits 1 when a rank exits 2
     assert "written by 1 processes and this resume has 2" in res.stdout + res.stderr

@@ -133,7 +133,9 @@ def test_latent_shards_train_the_same_saes_as_one_process(store, one, sharded, t
 
 def test_sharded_run_stopped_and_resumed_equals_an_uninterrupted_run(store, sharded, tmp_path):
     run_dir = tmp_path / "run"
-    res = torchrun(store, run_dir, "train.latent_shards=2", "train.stop_after_steps=41")  # ckpts at 16, 32
+    res = torchrun(
+        store, run_dir, "train.latent_shards=2", "train.advanced.stop_after_steps=41"
+    )  # ckpts at 16, 32
     assert res.returncode == 0, res.stderr[-3000:]
     assert "stopped after step 41" in res.stdout
     for s in range(2):  # each shard's own checkpoints, holding its half of the latents

@@ -111,7 +111,7 @@ def test_dead_latents_and_their_counters_survive_a_resume(tmp_path):
     ]
     run(cfg_for(store, tmp_path / "a", *sae))
     with pytest.raises(StopRequested):
-        run(cfg_for(store, tmp_path / "b", *sae, "train.stop_after_steps=41"))
+        run(cfg_for(store, tmp_path / "b", *sae, "train.advanced.stop_after_steps=41"))
     run(cfg_for(store, tmp_path / "b", *sae, "train.resume=true"))
     log = [json.loads(ln) for ln in (tmp_path / "a" / layout.TRAIN_LOG).read_text().splitlines()]
     assert all(r["dead_latents"] > 0 for r in log if "dead_latents" in r and r["step"] >= 8)

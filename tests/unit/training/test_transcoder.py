@@ -326,7 +326,7 @@ def test_stopped_transcoder_run_resumes_bit_exact(tmp_path):
     args = [*train_args(a, b, "sae.skip=true", "train.total_tokens=4096")]
     run(cfg_for(a, tmp_path / "ref", *args))
     with pytest.raises(StopRequested):
-        run(cfg_for(a, tmp_path / "r", *args, "train.stop_after_steps=13"))
+        run(cfg_for(a, tmp_path / "r", *args, "train.advanced.stop_after_steps=13"))
     assert checkpoint.latest(tmp_path / "r") is not None
     _, other, _, _ = two_stores(tmp_path / "o", n=1024, seed=1)  # another target store, same shape
     with pytest.raises(UserError, match="resume it with the same train.target_store"):
@@ -487,7 +487,7 @@ def test_smollm2_layer9_mlp_transcoder_end_to_end(tmp_path):
     args = [
         f"store={stores[source]}", f"train.target_store={stores[target]}", "sae=topk", "sae.k=32",
         "sae.d_sae=1152", "sae.skip=true", "train=tiny", "train.batch_size=256", "train.total_tokens=16384",
-        "train.buffer_rows=2048", "train.chunk_rows=256", "train.val_tokens=256", "train.lr=1e-3",
+        "train.advanced.buffer_rows=2048", "train.advanced.chunk_rows=256", "train.val_tokens=256", "train.lr=1e-3",
         f"train.run_dir={run_dir}", "logger=none",
     ]  # fmt: skip
     res = run_cli("train", args, cwd=tmp_path, env=env)
