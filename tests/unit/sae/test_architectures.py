@@ -21,7 +21,7 @@ from sae_pipeline.sae import (
     TopKConfig,
     build_sae,
     geometric_median,
-    load_sae,
+    read_sae,
     save_sae,
 )
 from sae_pipeline.sae.kernels import sparse_decode
@@ -319,7 +319,7 @@ def test_save_load_round_trip(name, tmp_path):
     meta = json.loads((tmp_path / "sae" / "config.json").read_text())
     assert meta["arch"] == sae.cfg.arch and meta["d_in"] == D and meta["d_sae"] == F_
     assert meta["store"] == "somewhere" and meta["sae"] == dataclasses.asdict(sae.cfg)
-    loaded = load_sae(tmp_path / "sae")
+    loaded = read_sae(tmp_path / "sae")
     assert type(loaded) is type(sae) and loaded.cfg == sae.cfg
     a, b = sae.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys()
@@ -331,25 +331,25 @@ def test_save_load_round_trip(name, tmp_path):
 
 def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(UserError, match="config.json"):
-        load_sae(tmp_path)
+        read_sae(tmp_path)
     sae = make("topk")
     save_sae(sae, tmp_path / "a", extra={})
     (tmp_path / "a" / "sae.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="sae.safetensors"):
-        load_sae(tmp_path / "a")
+        read_sae(tmp_path / "a")
     save_sae(sae, tmp_path / "b", extra={})
     save_sae(build_sae(TopKConfig(d_sae=F_ + 1, k=4), D), tmp_path / "c", extra={})
     (tmp_path / "c" / "config.json").replace(tmp_path / "b" / "config.json")
     with pytest.raises(UserError, match="sae.safetensors is damaged"):  # the recorded checksum disagrees
-        load_sae(tmp_path / "b")
+        read_sae(tmp_path / "b")
     meta = json.loads((tmp_path / "b" / "config.json").read_text())
     del meta["sha256"]  # a config without a recorded checksum (written elsewhere): the shapes are checked
     (tmp_path / "b" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="sae.safetensors.*shape"):
-        load_sae(tmp_path / "b")
+        read_sae(tmp_path / "b")
     (tmp_path / "c" / "config.json").write_text("{broken")
     with pytest.raises(UserError, match="config.json"):
-        load_sae(tmp_path / "c")
+        read_sae(tmp_path / "c")
 
 
 @pytest.mark.parametrize(
