@@ -31,6 +31,8 @@ _NON_NEGATIVE += ("checkpoint_every_tokens", "resample_every")
 def check_train_config(t) -> None:
     """Raise a UserError naming the first bad key of `train`."""
     for key in _POSITIVE:
+        if key == "dead_tokens" and t[key] is None:  # the default that follows the SAE (sae.default_dead_tokens)
+            continue
         if t[key] < 1:
             raise UserError(f"train.{key}={t[key]} must be a positive integer")
     for key in _NON_NEGATIVE:
