@@ -1,6 +1,6 @@
-"""The one-pass defaults of the K-sparse family (issue 21): a latent counts as dead after 64 x d_sae / k tokens
+"""The one-pass defaults of the K-sparse family (issue 21): a latent counts as dead after 32 x d_sae / k tokens
 without firing (its fair share of the firings is one per d_sae / k tokens), every other architecture after
-500,000, and AuxK weighs 1. Checked against values worked out by hand, and through real runs: a run that
+500,000, and AuxK weighs 4. Checked against values worked out by hand, and through real runs: a run that
 leaves train.dead_tokens unset trains exactly the SAE of a run that names the law's value."""
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from tests.helpers import make_store
 @pytest.mark.parametrize(
     ("arch", "k", "d_sae", "want"),
     [
-        ("topk", 16, 4608, 18_432),  # 64 * 4608 / 16
-        ("topk", 32, 4608, 9_216),
-        ("topk", 64, 4608, 4_608),
-        ("batchtopk", 32, 16_384, 32_768),  # 64 * 512
-        ("topk", 3, 100, 2_133),  # floor(6400 / 3)
+        ("topk", 16, 4608, 9_216),  # 32 * 4608 / 16
+        ("topk", 32, 4608, 4_608),
+        ("topk", 64, 4608, 2_304),
+        ("batchtopk", 32, 16_384, 16_384),  # 32 * 512
+        ("topk", 3, 100, 1_066),  # floor(3200 / 3)
         ("relu", None, 4608, 500_000),
         ("jumprelu", None, 4608, 500_000),
     ],
@@ -36,11 +36,11 @@ def test_dead_threshold_by_hand(arch, k, d_sae, want):
 
 
 def test_composed_defaults_and_the_demo_pins():
-    """`sae=topk` leaves train.dead_tokens to the SAE and weighs AuxK 1; the demo keeps what it was built with
+    """`sae=topk` leaves train.dead_tokens to the SAE and weighs AuxK 4; the demo keeps what it was built with
     (AuxK 1/32, dead after 100,000 tokens, lr 1e-3), so its weights do not change."""
     for arch in ("topk", "batchtopk", "matryoshka"):
         cfg = compose("train", ["store=x", f"sae={arch}"])
-        assert cfg.train.dead_tokens is None and cfg.sae.aux_k_coefficient == 1.0
+        assert cfg.train.dead_tokens is None and cfg.sae.aux_k_coefficient == 4.0
     demo = compose("train", ["store=x", "experiment=demo"])
     assert (demo.sae.aux_k_coefficient, demo.train.dead_tokens, demo.train.lr) == (1 / 32, 100_000, 1e-3)
 
@@ -63,11 +63,11 @@ def _train(store: Path, run_dir: Path, *overrides: str) -> tuple[dict, list[dict
 
 
 def test_unset_dead_tokens_trains_with_the_law(store, tmp_path):
-    """d_sae 64, k 8: dead after 64 * 64 / 8 = 512 tokens (8 batches of 64), well inside this 4096-token run
-    whose lr 0.05 kills a few latents, so AuxK acts; the unset default trains bit for bit what train.dead_tokens=512 trains, and not
+    """d_sae 64, k 8: dead after 32 * 64 / 8 = 256 tokens (4 batches of 64), well inside this 4096-token run
+    whose lr 0.05 kills a few latents, so AuxK acts; the unset default trains bit for bit what train.dead_tokens=256 trains, and not
     what the old fixed 500,000 (AuxK never acting) trains."""
     unset, log_unset = _train(store, tmp_path / "unset", "train.dead_tokens=null")
-    named, log_named = _train(store, tmp_path / "named", "train.dead_tokens=512")
+    named, log_named = _train(store, tmp_path / "named", "train.dead_tokens=256")
     fixed, log_fixed = _train(store, tmp_path / "fixed", "train.dead_tokens=500000")
     assert any(r["dead_latents"] > 0 and r["loss/aux_k"] > 0 for r in log_unset), log_unset  # AuxK acted
     assert [r["dead_latents"] for r in log_unset] == [r["dead_latents"] for r in log_named]

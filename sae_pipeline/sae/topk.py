@@ -24,8 +24,8 @@ from .registry import register
 # The one-pass defaults of the K-sparse family (issue 21, scripts/bench_quality.py): AuxK trains the latents
 # that have not fired for DEAD_SHARES x their fair share of tokens (d_sae / k tokens per firing), weighted by
 # AUX_K_COEFFICIENT.
-DEAD_SHARES = 64
-AUX_K_COEFFICIENT = 1.0
+DEAD_SHARES = 32
+AUX_K_COEFFICIENT = 4.0
 
 
 @dataclass
