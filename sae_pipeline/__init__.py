@@ -2,9 +2,9 @@
 
 The package's folders are its architecture. Stage modules (one `sae-*` command each) hold `run(cfg)`
 and `main` only; they import the library below them and never each other
-(`python scripts/check_imports.py` checks it, and so does tests/test_layout.py).
+(`python scripts/check_imports.py` checks it, and so does tests/project/test_import_rules.py).
 
-    harvest.py train.py eval.py features.py explain.py steer.py probe.py export.py verify.py connect.py   the stages
+    harvest.py train.py evaluate.py features.py explain.py steer.py probe.py export.py verify.py connect.py   the stages
     api.py        the Python API for notebooks (load_sae, tokenize, splice_sae, ...), re-exported here
     schema/       every config group's dataclass (one module per stage + common groups) and checks
     conf/         the Hydra YAML files (only values that differ from the schema), shipped in the wheel
@@ -24,7 +24,8 @@ and `main` only; they import the library below them and never each other
     runs.py       finding an SAE run on disk and what trained it
     layout.py     every file and folder name, defined once
     files.py      atomic writes (temporary name, fsync, rename) and checksums
-    integrity.py  checking those checksums over a folder; faults.py: pause points for tests/faults
+    integrity/    every checksum: seals of JSON records, store manifests and shards, checkpoints, and
+                  whole folders (sae-verify); faults.py: pause points for tests/faults
     locks.py      one writer per folder: the exclusive lock a stage holds on every folder it writes
     progress.py   progress bars on a terminal, plain lines in a log ($SAE_PIPELINE_PROGRESS_S apart)
     tracking.py   Weights & Biases start-up shared by the stages

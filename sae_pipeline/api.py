@@ -44,9 +44,9 @@ def load_sae(path: str | Path, device: str = "cpu", **bare_options) -> SAE:
     """
     from sae_pipeline.runs import training_metadata
     from sae_pipeline.runtime import resolve_device
-    from sae_pipeline.sae.formats import load_any
+    from sae_pipeline.sae.formats import read_sae
 
-    sae = load_any(path, map_location=resolve_device(device), **bare_options).eval().requires_grad_(False)
+    sae = read_sae(path, map_location=resolve_device(device), **bare_options).eval().requires_grad_(False)
     try:
         sae.meta = training_metadata(path)[0]
     except UserError:
@@ -79,7 +79,7 @@ def load_model(model: str | dict | Any = "embedded:smollm2", device: str = "cpu"
 def capture_activations(model: nn.Module, hooks: list[str]) -> Iterator[dict[str, Tensor]]:
     """Within the block, every forward records the activation at each hook: yields {hook name: tensor}
     holding the latest forward's [B, T, D] activation (detached)."""
-    from sae_pipeline.model.hooks import splice
+    from sae_pipeline.model.activations import splice
 
     acts: dict[str, Tensor] = {}
 
@@ -120,7 +120,7 @@ def splice_sae(
 
     With `skip_bos` the first position of each forward keeps its activation: it holds BOS (`tokenize` puts it
     there), which the stages never store, train on or splice. For KV-cached generation pass skip_bos=False."""
-    from sae_pipeline.model.hooks import splice
+    from sae_pipeline.model.activations import splice
 
     if getattr(sae, "transcoder", False):
         raise UserError(
@@ -156,7 +156,7 @@ def steering(
     """Steer with one latent as `sae-steer` does: add value x its (unit) decoder direction at every position,
     or clamp it to value / ablate it through the SAE keeping its error term (mode add | clamp | ablate)."""
     from sae_pipeline.interpret.steering import intervention
-    from sae_pipeline.model.hooks import splice
+    from sae_pipeline.model.activations import splice
 
     if not 0 <= int(latent) < sae.d_sae:
         raise UserError(f"latent={latent} is not a latent of this SAE (0..{sae.d_sae - 1}).")
@@ -208,7 +208,7 @@ def train_sae(overrides: Overrides = None) -> Path:
 
 def evaluate_sae(sae_path: str | Path, overrides: Overrides = None) -> dict:
     """sae-eval as a function: the metrics of the SAE at sae_path (for a folder of many runs, {run: metrics})."""
-    from sae_pipeline import eval as stage
+    from sae_pipeline import evaluate as stage
 
     results = stage.run(_compose("eval", overrides, sae_path=sae_path))["metrics"]
     return next(iter(results.values())) if len(results) == 1 else results

@@ -88,6 +88,7 @@ def check_schema_keys(cfg: DictConfig, where: str = "") -> None:
         for key in cfg:
             if key not in known:
                 name = f"{where}.{key}" if where else key
+                _refuse_moved_key(name, cfg[key])
                 raise UserError(
                     f"{name} is not a key of {where or 'this command'} (added with +); valid keys: {sorted(known)}"
                 )
@@ -95,6 +96,13 @@ def check_schema_keys(cfg: DictConfig, where: str = "") -> None:
         node = cfg._get_node(key)
         if isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
             check_schema_keys(node, f"{where}.{key}" if where else str(key))
+
+
+def _refuse_moved_key(name: str, value: Any) -> None:
+    from sae_pipeline.schema.advanced import moved_sentence
+
+    if sentence := moved_sentence(name, value):
+        raise UserError(sentence)
 
 
 def _config_sentence(err: Exception) -> str:
@@ -108,6 +116,9 @@ def _config_sentence(err: Exception) -> str:
         for ln in text.splitlines()
         if ln.strip() and not ln.strip().startswith(("See https://", "To append to your config use"))
     ]
+    moved = _moved_key_sentence(text + "\n" + str(err.__cause__ or ""))
+    if moved:
+        return moved
     other = re.search(r"To append to your config use \+(\w+)\.(\w+)=(.*)", text)
     if other and (options := _options_with_key(*other.groups()[:2])):
         group, key, value = other.groups()
@@ -125,6 +136,21 @@ def _config_sentence(err: Exception) -> str:
     if cause is not None and str(cause).strip():
         lines.append(str(cause).strip().splitlines()[0])
     return " ".join(ln if ln.endswith((".", ":")) else ln + "." for ln in lines[:3]) or type(err).__name__
+
+
+def _moved_key_sentence(text: str) -> str | None:
+    """The sentence for a key that moved under its group's `advanced` node, when `text` (Hydra's report and
+    its cause) names one."""
+    from sae_pipeline.schema.advanced import moved_sentence
+
+    full = re.search(r"full_key: ([\w.]+)", text) or re.search(r"Could not override '([\w.]+)'", text)
+    if full is None:
+        return None
+    value = re.search(r"To append to your config use \+[\w.]+=(.*)", text)
+    where = re.search(r"^In '([^']+)':", text)  # a key written in a config file (an experiment preset)
+    return moved_sentence(
+        full.group(1), value.group(1).strip() if value else None, where.group(1) + ".yaml" if where else None
+    )
 
 
 def _options_with_key(group: str, key: str) -> list[str]:

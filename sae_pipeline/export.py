@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from sae_pipeline import layout, locks
 from sae_pipeline.errors import UserError, report_config_errors, report_user_errors
 from sae_pipeline.runs import training_metadata
-from sae_pipeline.sae import load_sae, write_saelens
+from sae_pipeline.sae import read_sae, write_saelens
 from sae_pipeline.schema import register_configs
 from sae_pipeline.schema.export import check_export_config
 
@@ -30,7 +30,7 @@ def run(cfg: DictConfig) -> Path:
     """Export the SAE at cfg.sae_path; returns the folder written."""
     check_export_config(cfg)
     e = cfg.export
-    sae = load_sae(cfg.sae_path).eval()
+    sae = read_sae(cfg.sae_path).eval()
     meta, home = training_metadata(cfg.sae_path)
     if e.model_name:
         meta["model_name"] = e.model_name

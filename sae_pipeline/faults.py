@@ -3,7 +3,7 @@
 With SAE_PIPELINE_FAULT=<name>:<n> in the environment, the n-th call of `point(<name>)` (counting
 from 1) writes the file named by SAE_PIPELINE_FAULT_MARK and then waits, so that the test's parent
 process can SIGKILL it exactly there (inside a shard, manifest or checkpoint write, or the final
-save), or, once the file SAE_PIPELINE_FAULT_GO names exists, let it go on (tests/test_locks.py holds
+save), or, once the file SAE_PIPELINE_FAULT_GO names exists, let it go on (tests/unit/test_locks.py holds
 a writer there while a second one is refused). With SAE_PIPELINE_FAULT_TORN=1 the half-written file
 `path` is first cut to half its size.
 """

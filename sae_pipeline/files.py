@@ -1,8 +1,7 @@
 """Writing files so that a reader never sees half of one: write to a temporary name, fsync, rename.
 
 Every file a later stage or a resume trusts goes through here (JSON, text, safetensors), and
-`sha256_file` is the one checksum they are recorded with; `json_sha256` is the checksum a JSON
-record carries of itself (its other keys, canonical form). A full disk is an OSError naming the
+`sha256_file` is the one checksum they are recorded with (sae_pipeline/integrity/ records and checks them). A full disk is an OSError naming the
 file whatever the writer (safetensors raises its own SafetensorError).
 """
 
@@ -29,12 +28,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def json_sha256(obj: dict, seal_key: str) -> str:
-    """sha256 of a JSON object's canonical form, every key but `seal_key` (where it keeps this value)."""
-    body = {k: v for k, v in obj.items() if k != seal_key}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:

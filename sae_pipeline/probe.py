@@ -30,7 +30,7 @@ from sae_pipeline.model.hook_points import resolve_hook
 from sae_pipeline.model.loading import load_model
 from sae_pipeline.runs import check_matches_store, find_targets, load_spec
 from sae_pipeline.runtime import resolve_device
-from sae_pipeline.sae import load_sae
+from sae_pipeline.sae import read_sae
 from sae_pipeline.schema import register_configs
 from sae_pipeline.schema.probe import check_probe_config
 
@@ -61,7 +61,7 @@ def run(cfg: DictConfig) -> dict[str, dict]:
         key = json.dumps([spec.hook_name, m.get("dataset"), m.get("context_size"), m.get("bos")], default=str)
         if key not in tasks:
             tasks[key] = prepare_task(p, spec, model, tokenizer, resolve_hook(model, spec.hook_name))
-        sae = load_sae(t.sae_dir, map_location=device).eval().requires_grad_(False)
+        sae = read_sae(t.sae_dir, map_location=device).eval().requires_grad_(False)
         check_matches_store(sae, t, spec)
         report = probe_sae(tasks[key], sae, p)
         report.update(run=str(t.run_dir), sae={"arch": sae.cfg.arch, "d_in": sae.d_in, "d_sae": sae.d_sae},

@@ -25,13 +25,13 @@ from sae_pipeline.errors import UserError
 from sae_pipeline.model.hook_points import resolve_hook
 from sae_pipeline.model.loading import load_model
 from sae_pipeline.runtime import resolve_device
-from sae_pipeline.sae import SAE, load_sae
+from sae_pipeline.sae import SAE, read_sae
 from sae_pipeline.sae.formats import RUN_META_KEYS, read_saelens_config, sae_format
 from sae_pipeline.schema.eval import eval_data_config
 
 
 @dataclass
-class Target:
+class TargetSAE:
     """One SAE to evaluate: its folder, the run folder it belongs to and where its eval goes."""
 
     sae_dir: Path  # our sae/ folder, a SAELens folder, or a bare .safetensors file
@@ -54,7 +54,7 @@ def _is_sae_dir(p: Path) -> bool:
     return (p / layout.CONFIG).is_file() and (p / layout.SAE_WEIGHTS).is_file()
 
 
-def find_targets(root: Path) -> tuple[list[Target], bool]:
+def find_targets(root: Path) -> tuple[list[TargetSAE], bool]:
     """Every SAE at or below root, and whether root is a folder of many runs (a sweep)."""
     root = Path(root)
     if not root.exists():
@@ -62,22 +62,22 @@ def find_targets(root: Path) -> tuple[list[Target], bool]:
     kind = sae_format(root)
     if kind == "saelens":
         folder = root.parent if root.is_file() else root
-        return [Target(folder, folder, folder.name, kind)], False
+        return [TargetSAE(folder, folder, folder.name, kind)], False
     if kind == "bare":
-        return [Target(root, root.parent / root.stem, root.stem, kind)], False
+        return [TargetSAE(root, root.parent / root.stem, root.stem, kind)], False
     if root.is_file() and kind == "native":
         root = root.parent
     if _is_sae_dir(root):  # an SAE folder: the run folder is its parent when that holds the run config
         run_dir = root.parent if (root.parent / layout.CONFIG).is_file() else root
-        return [Target(root, run_dir, run_dir.name)], False
+        return [TargetSAE(root, run_dir, run_dir.name)], False
     if _is_sae_dir(root / layout.FINAL_SAE):
-        return [Target(root / layout.FINAL_SAE, root, root.name)], False
+        return [TargetSAE(root / layout.FINAL_SAE, root, root.name)], False
     if (root / layout.CONFIG).is_file() and not any(root.rglob(f"{layout.FINAL_SAE}/{layout.CONFIG}")):
         raise UserError(
             f"run folder {root} has no final SAE ({layout.FINAL_SAE}/ is missing): did training finish?"
         )
     found = sorted(p.parent for p in root.rglob(f"{layout.FINAL_SAE}/{layout.CONFIG}"))
-    targets = [Target(d, d.parent, d.parent.relative_to(root).as_posix()) for d in found if _is_sae_dir(d)]
+    targets = [TargetSAE(d, d.parent, d.parent.relative_to(root).as_posix()) for d in found if _is_sae_dir(d)]
     if not targets:
         raise UserError(
             f"no SAE found under {root}: no {layout.FINAL_SAE}/{layout.CONFIG} with {layout.SAE_WEIGHTS} below it."
@@ -92,7 +92,7 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"cannot read {path} ({err}).") from None
 
 
-def store_path(target: Target, meta: dict) -> Path:
+def store_path(target: TargetSAE, meta: dict) -> Path:
     store = meta.get("store")
     if store is None and (target.run_dir / layout.CONFIG).is_file():
         store = _read_json(target.run_dir / layout.CONFIG).get("store")
@@ -119,7 +119,7 @@ class Spec:
         return json.dumps(self.model_cfg, sort_keys=True, default=str)
 
 
-def _outside_spec(target: Target, source) -> Spec:
+def _outside_spec(target: TargetSAE, source) -> Spec:
     """Model, hook and text of an SAE not trained here: the `source` keys, else its own cfg.json."""
     src = OmegaConf.to_container(source, resolve=True) if OmegaConf.is_config(source) else dict(source or {})
     meta, _ = training_metadata(target.sae_dir)
@@ -192,7 +192,7 @@ def heldout_text(spec: Spec, tokenizer, n_tokens: int):
     return ids, mask, {"source": "source.data held-out documents", "data": data, "seed": src["seed"]}
 
 
-def load_spec(target: Target, source=None) -> Spec:
+def load_spec(target: TargetSAE, source=None) -> Spec:
     if target.kind != "native":
         return _outside_spec(target, source)
     meta = _read_json(target.sae_dir / layout.CONFIG)
@@ -204,13 +204,13 @@ def load_spec(target: Target, source=None) -> Spec:
     return Spec(meta, store, manifest, dict(model_cfg), hook_name)
 
 
-def load_target_sae(target: Target, spec: Spec, device) -> SAE:
+def load_target_sae(target: TargetSAE, spec: Spec, device) -> SAE:
     """The SAE of target in eval mode (a bare file read with the source group's k / apply_b_dec_to_input)."""
     options = (spec.source or {}).get("bare_options") or {}
-    return load_sae(target.sae_dir, map_location=device, **options).eval()
+    return read_sae(target.sae_dir, map_location=device, **options).eval()
 
 
-def check_matches_store(sae: SAE, target: Target, spec: Spec) -> None:
+def check_matches_store(sae: SAE, target: TargetSAE, spec: Spec) -> None:
     """The SAE must take the activations its store holds."""
     d_store = spec.manifest.get("d_in", sae.d_in)
     if sae.d_in != d_store:
@@ -219,7 +219,7 @@ def check_matches_store(sae: SAE, target: Target, spec: Spec) -> None:
         )
 
 
-def single_target(sae_path: str, source=None) -> tuple[Target, Spec]:
+def single_target(sae_path: str, source=None) -> tuple[TargetSAE, Spec]:
     """The one SAE at sae_path (a run folder or an SAE folder) and what it was trained on."""
     target, _ = single_target_only(Path(sae_path))
     return target, load_spec(target, source)
@@ -279,7 +279,7 @@ def training_metadata(sae_path: str | Path) -> tuple[dict, Path]:
     return {k: v for k, v in out.items() if v is not None}, target.run_dir
 
 
-def single_target_only(sae_path: Path) -> tuple[Target, bool]:
+def single_target_only(sae_path: Path) -> tuple[TargetSAE, bool]:
     targets, is_sweep = find_targets(Path(sae_path))
     if len(targets) != 1:
         raise UserError(

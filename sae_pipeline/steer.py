@@ -41,7 +41,7 @@ from sae_pipeline.interpret.steering import (
     prompt_ids,
     variants,
 )
-from sae_pipeline.model.hooks import capture, splice
+from sae_pipeline.model.activations import capture, splice
 from sae_pipeline.model.loading import max_context, token_strings
 from sae_pipeline.runs import load_all
 from sae_pipeline.schema import register_configs

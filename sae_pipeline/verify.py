@@ -15,9 +15,8 @@ import hydra
 from omegaconf import DictConfig
 
 from sae_pipeline.data.remote import is_url
-from sae_pipeline.data.verify import verify_store
 from sae_pipeline.errors import UserError, report_config_errors, report_user_errors
-from sae_pipeline.integrity import verify_tree
+from sae_pipeline.integrity.tree import verify_store, verify_tree
 from sae_pipeline.schema import register_configs
 
 

@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench_absorption.py                 # seeds 0-5, 500 steps
     .venv/bin/python scripts/bench_absorption.py --seeds 0 1 --steps 1000 --json absorption.json
 
-Data and metric are those of tests/test_matryoshka.py: 2 frequent parents (p=0.4) with 4 children each
+Data and metric are those of tests/unit/sae/test_matryoshka.py: 2 frequent parents (p=0.4) with 4 children each
 (one child fires with its parent 80% of the time, never without it) plus 6 background features, orthonormal
 in 16 dims; both SAEs have 16 latents and k=2 (the true mean L0 is ~2.04); Matryoshka's groups are [4, 12].
 absorption = how often a parent's latent (decoder closest to the parent's direction) is silent while the
@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sae_pipeline.sae import BatchTopKConfig, MatryoshkaConfig  # noqa: E402
-from tests.synthetic import HierarchicalFeatures  # noqa: E402
-from tests.test_matryoshka import absorption, train  # noqa: E402
+from tests.support.synthetic import HierarchicalFeatures  # noqa: E402
+from tests.unit.sae.test_matryoshka import absorption, train  # noqa: E402
 
 
 def main() -> None:

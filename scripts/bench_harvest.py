@@ -20,7 +20,7 @@ import torch
 
 from sae_pipeline import harvest
 from sae_pipeline.data import store, text
-from sae_pipeline.model import hook_points, hooks
+from sae_pipeline.model import activations, hook_points
 from sae_pipeline.model.loading import load_model
 from sae_pipeline.schema import compose
 
@@ -52,7 +52,7 @@ def main() -> None:
     hp = hook_points.resolve_hook(model, hook_points.hook_name("resid_post", args.layer))
     tokens = ids.numel()
 
-    early_s = _time(lambda b: hooks.capture(model, b, None, [hp], early_exit=True), batches)
+    early_s = _time(lambda b: activations.capture(model, b, None, [hp], early_exit=True), batches)
     with torch.inference_mode():
         full_s = _time(lambda b: model(b), batches)
 

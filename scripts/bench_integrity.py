@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sae_pipeline.data import integrity  # noqa: E402
 from sae_pipeline.data.reader import ShuffledReader  # noqa: E402
 from sae_pipeline.data.store import ActivationStore  # noqa: E402
 from sae_pipeline.files import sha256_file  # noqa: E402
+from sae_pipeline.integrity import shard as integrity  # noqa: E402
 from scripts.bench_train import _no_autocast, make_store  # noqa: E402
 
 

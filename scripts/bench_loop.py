@@ -38,7 +38,7 @@ from bench_sae import bench_arch, matmul_flops  # noqa: E402
 from sae_pipeline.runtime import keep_freed_memory  # noqa: E402
 from sae_pipeline.sae import CONFIG_CLASSES  # noqa: E402
 from sae_pipeline.schema import compose  # noqa: E402
-from tests.synthetic import write_store  # noqa: E402
+from tests.support.synthetic import write_store  # noqa: E402
 
 
 def make_store(folder: Path, rows: int, d_in: int, context_size: int = 128) -> Path:
@@ -63,7 +63,7 @@ def loop_rate(
         f"store={store}", f"train.run_dir={run_dir}", f"sae={arch}", f"sae.d_sae={d_sae}", "logger=none",
         f"train.batch_size={batch}", f"train.total_tokens={steps * batch}", f"train.log_every={every}",
         "train.val_every=0", "train.val_tokens=0", "train.eval_every=0", "train.checkpoint_every_tokens=0",
-        "train.device=cpu", f"train.init_tokens={min(16_384, batch)}", f"train.buffer_rows={max(65_536, batch)}",
+        "train.device=cpu", f"train.advanced.init_tokens={min(16_384, batch)}", f"train.advanced.buffer_rows={max(65_536, batch)}",
         "train.lr=1e-4",
     ]  # fmt: skip
     if arch in ("topk", "batchtopk"):  # as bench_sae.py: the other archs keep their default k

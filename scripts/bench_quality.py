@@ -13,7 +13,7 @@
    remainder of the last batch dropped) with the defaults of `sae=topk` and the default `train` group, except
    what a benchmark must fix: no learning-rate warm-up, no validation rows, no loss recovered during
    training, logger off, one final checkpoint. `--set` adds overrides (the grid's points are named sets).
-3. Score the final SAE with `sae-eval`'s own code (`eval.run`) on the store's held-out plays (never
+3. Score the final SAE with `sae-eval`'s own code (`evaluate.run`) on the store's held-out plays (never
    harvested): FVU, CE loss recovered, KL, L0, dead latents on >= 20k held-out tokens.
 
 Prints one table line per run and writes everything to a JSON (default <root>/quality.json, or
@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sae_pipeline import eval as sae_eval  # noqa: E402
+from sae_pipeline import evaluate as sae_eval  # noqa: E402
 from sae_pipeline import harvest, layout, train  # noqa: E402
 from sae_pipeline.data.store import ActivationStore  # noqa: E402
 from sae_pipeline.schema import compose  # noqa: E402
@@ -65,8 +65,8 @@ GRID: dict[str, list[str]] = {
     "b_dec_mean": ["sae.b_dec_init=mean"],
     "b_dec_zeros": ["sae.b_dec_init=zeros"],
     "no_input_norm": ["sae.normalize_input=false"],
-    "beta2_0.99": ["train.adam_beta2=0.99"],
-    "beta1_0.8": ["train.adam_beta1=0.8"],
+    "beta2_0.99": ["train.advanced.adam_beta2=0.99"],
+    "beta1_0.8": ["train.advanced.adam_beta1=0.8"],
 }
 
 

@@ -40,7 +40,7 @@ from sae_pipeline.data.reader import ShuffledReader  # noqa: E402
 from sae_pipeline.data.store import ActivationStore  # noqa: E402
 from sae_pipeline.runtime import keep_freed_memory  # noqa: E402
 from sae_pipeline.schema.train import TrainConfig  # noqa: E402
-from tests.synthetic import write_store  # noqa: E402
+from tests.support.synthetic import write_store  # noqa: E402
 
 SHARD_ROWS, BATCH = 16_384, 4096
 
@@ -82,7 +82,14 @@ def plain_read(store: ActivationStore) -> float:
 
 def _open(cls, store: ActivationStore):
     cfg = TrainConfig()
-    return cls(store, BATCH, seed=0, val_tokens=0, buffer_rows=cfg.buffer_rows, chunk_rows=cfg.chunk_rows)
+    return cls(
+        store,
+        BATCH,
+        seed=0,
+        val_tokens=0,
+        buffer_rows=cfg.advanced.buffer_rows,
+        chunk_rows=cfg.advanced.chunk_rows,
+    )
 
 
 def reader_pass(cls, store: ActivationStore) -> float:

@@ -32,7 +32,7 @@ from sae_pipeline.data.reader import ShuffledReader  # noqa: E402
 from sae_pipeline.data.source import open_source  # noqa: E402
 from sae_pipeline.data.store import ActivationStore, read_manifest  # noqa: E402
 from sae_pipeline.data.stream import StreamReader  # noqa: E402
-from tests.synthetic import SyntheticFeatures, write_store  # noqa: E402
+from tests.support.synthetic import SyntheticFeatures, write_store  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
 
@@ -78,7 +78,7 @@ def bench_reads(tmp: Path) -> dict:
 
 
 def bench_train(tmp: Path) -> dict:
-    from sae_pipeline.sae import load_sae
+    from sae_pipeline.sae import read_sae
     from sae_pipeline.schema import compose
     from sae_pipeline.train import run
 
@@ -88,10 +88,10 @@ def bench_train(tmp: Path) -> dict:
     test_x = feats.sample(16384)
     common = ["train=tiny", "logger=none", "sae=topk", "sae.k=8", "sae.d_sae=512", "train.batch_size=1024",
               "train.total_tokens=120000", "train.lr=3e-3", "train.val_every=0", "train.val_tokens=0",
-              "train.checkpoint_every_tokens=0", "train.log_every=20", "train.buffer_rows=65536",
-              "train.chunk_rows=4096"]  # fmt: skip
+              "train.checkpoint_every_tokens=0", "train.log_every=20", "train.advanced.buffer_rows=65536",
+              "train.advanced.chunk_rows=4096"]  # fmt: skip
     out = {"store": "16 shards x 8192 rows, d_in 64, 256 planted features; TopK k=8, d_sae=512, one pass"}
-    runs = [("finished", []), ("streamed", ["train.stream=true", "train.stream_window_shards=4"])]
+    runs = [("finished", []), ("streamed", ["train.stream=true", "train.advanced.stream_window_shards=4"])]
     best: dict[str, dict] = {}
     for rep, (name, extra) in enumerate([runs[0], *runs, *runs]):  # a warm-up run, then alternating pairs
         run_dir = tmp / f"{name}-{rep}"
@@ -100,7 +100,7 @@ def bench_train(tmp: Path) -> dict:
         wall = time.perf_counter() - start
         log = [json.loads(ln) for ln in (run_dir / "train_log.jsonl").read_text().splitlines()]
         tps = sorted(r["tokens_per_s"] for r in log if "tokens_per_s" in r)
-        sae = load_sae(run_dir / "sae")
+        sae = read_sae(run_dir / "sae")
         with torch.no_grad():
             recon = sae(test_x)
         fvu = float((recon - test_x).square().sum() / (test_x - test_x.mean(0)).square().sum())
@@ -132,7 +132,7 @@ def bench_disk(tmp: Path) -> dict:
 
     model, corpus = save_tiny_model(tmp / "llama", "llama"), write_corpus(tmp / "c.jsonl", n_docs=40)
     args = [*tiny_overrides(tmp, model, corpus), "harvest.n_tokens=12000", "harvest.shard_size=100",
-            "harvest.keep_shards=6", "harvest.shard_delay_s=0.1"]  # fmt: skip
+            "harvest.keep_shards=6", "harvest.advanced.shard_delay_s=0.1"]  # fmt: skip
     store = tmp / "runs" / "stores" / "tiny" / "corpus" / "blocks.1.hook_resid_post"
     py = [sys.executable, "-m"]
     h = subprocess.Popen(
@@ -140,7 +140,7 @@ def bench_disk(tmp: Path) -> dict:
     )
     t = subprocess.Popen(
         [*py, "sae_pipeline.train", f"store={store}", "train=tiny", "logger=none", "train.stream=true",
-         "train.stream_window_shards=2", "train.total_tokens=1000000", f"train.run_dir={tmp}/run"],
+         "train.advanced.stream_window_shards=2", "train.total_tokens=1000000", f"train.run_dir={tmp}/run"],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     peak, peak_files = 0, 0

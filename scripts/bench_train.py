@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sae_pipeline.data.reader import ShuffledReader  # noqa: E402
 from sae_pipeline.data.store import ActivationStore  # noqa: E402
-from tests.synthetic import write_store  # noqa: E402
+from tests.support.synthetic import write_store  # noqa: E402
 
 
 def make_store(folder: Path, n_shards: int, shard_rows: int, d_in: int, context_size: int = 128) -> Path:

@@ -3,7 +3,7 @@
     .venv/bin/python -m scripts.bf16_drift                 # CPU autocast
     .venv/bin/python -m scripts.bf16_drift --device cuda   # CUDA autocast
 
-For each architecture, from the same initial SAE and batches (tests/test_autocast.py): the first step's
+For each architecture, from the same initial SAE and batches (tests/unit/sae/test_autocast.py): the first step's
 gradient error ||g_bf16 - g_fp32|| / ||g_fp32||, and after STEPS Adam steps the update error
 ||dW_bf16 - dW_fp32|| / ||dW_fp32|| and max |W_bf16 - W_fp32| / max |W_fp32|, per parameter.
 """
@@ -15,7 +15,7 @@ import copy
 
 import torch
 
-from tests.test_autocast import ARCHITECTURES, D_SAE, STEPS, amp, rel, start, train_steps
+from tests.unit.sae.test_autocast import ARCHITECTURES, D_SAE, STEPS, amp, rel, start, train_steps
 
 
 def main() -> None:

@@ -14,7 +14,18 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "sae_pipeline"
-STAGES = ("harvest", "train", "eval", "features", "explain", "steer", "probe", "export", "verify", "connect")
+STAGES = (
+    "harvest",
+    "train",
+    "evaluate",
+    "features",
+    "explain",
+    "steer",
+    "probe",
+    "export",
+    "verify",
+    "connect",
+)
 
 
 def module_name(path: Path, root: Path) -> str:

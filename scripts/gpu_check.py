@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from sae_pipeline.data.reader import ShuffledReader  # noqa: E402
 from sae_pipeline.data.store import ActivationStore  # noqa: E402
 from scripts.bench_sae import bench_arch, matmul_flops  # noqa: E402
-from tests.synthetic import write_store  # noqa: E402
+from tests.support.synthetic import write_store  # noqa: E402
 
 # shapes: a Gemma-2-2B-wide TopK SAE on a GPU; a small one for the CPU rehearsal
 GPU = {

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.synthetic import write_store  # noqa: E402
+from tests.support.synthetic import write_store  # noqa: E402
 
 # Gemma-2-2B's published config (no download): hidden 2304, MLP 9216 (gated), 26 layers, 8 query heads and
 # 4 key/value heads of 256

@@ -6,7 +6,7 @@ of a subprocess or forked child with a run in this process must give both the sa
 torch's default for the machine and OMP_NUM_THREADS (MKL caps it at the physical cores: OMP_NUM_THREADS=3 gives
 2 on a 2-core machine). It is set once here, so MKL and OpenMP agree for the whole session, and exported as
 OMP_NUM_THREADS and MKL_NUM_THREADS, so a `python -m sae_pipeline.<stage>` started by a test gets the same
-count (tests/test_train.py checks the count the subprocess recorded). The fault suite's forked children can
+count (tests/cli/test_train.py checks the count the subprocess recorded). The fault suite's forked children can
 only use one thread, so tests/faults run at one thread, parent included (tests/faults/harness.py)."""
 
 import os

@@ -18,8 +18,9 @@ from sae_pipeline import layout
 from sae_pipeline.data.store import read_manifest
 from sae_pipeline.sae import CONFIG_CLASSES, build_sae, save_sae
 from sae_pipeline.schema import compose
-from tests.synthetic import SyntheticFeatures, write_store
-from tests.tiny_models import TINY_MODELS
+from sae_pipeline.schema.help import stage_module
+from tests.support.synthetic import SyntheticFeatures, write_store
+from tests.support.tiny_models import TINY_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ .,;:!?'\n"
@@ -103,7 +104,7 @@ def run_cli(module: str, args: list[str], cwd: Path, env: dict | None = None) ->
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", f"sae_pipeline.{module}", *args],
+        [sys.executable, "-m", stage_module(module), *args],
         cwd=cwd,
         env=full_env,
         capture_output=True,

@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sae_pipeline import eval as sae_eval
+from sae_pipeline import evaluate as sae_eval
 from sae_pipeline import harvest, train
 from sae_pipeline.interpret.connectors import (
     ConnectorConfig,
@@ -48,7 +48,7 @@ from sae_pipeline.interpret.connectors import (
     plot_connector,
     train_connector,
 )
-from sae_pipeline.sae import load_sae
+from sae_pipeline.sae import read_sae
 from sae_pipeline.schema import compose
 
 REPO = Path(__file__).resolve().parents[2]
@@ -156,8 +156,8 @@ def pipeline(out: Path, model, x_tr, y_tr, x_te, y_te, steps: int, seed: int) ->
             "sae.sparsity_penalty=l1_decoder_norm",
             f"train.total_tokens={steps * 256}",
             "train.batch_size=256",
-            "train.buffer_rows=2048",
-            "train.chunk_rows=256",
+            "train.advanced.buffer_rows=2048",
+            "train.advanced.chunk_rows=256",
             "train.lr=3e-3",
             "train.lr_warmup_steps=0",
             "train.sparsity_warmup_steps=0",
@@ -196,7 +196,7 @@ def _run(out: Path, quick: bool, seed: int, log) -> dict:
     model = train_mlp(x_tr, y_tr, epochs=10 if quick else 40, seed=seed)
     h1_tr, h2_tr = hidden(model, x_tr, H1), hidden(model, x_tr, H2)
     runs = pipeline(out, model, x_tr, y_tr, x_te, y_te, steps=200 if quick else 800, seed=seed)
-    sae1, sae2 = (load_sae(runs[h] / "sae").eval().requires_grad_(False) for h in ("h1", "h2"))
+    sae1, sae2 = (read_sae(runs[h] / "sae").eval().requires_grad_(False) for h in ("h1", "h2"))
     m1, m2 = (json.loads((runs[h] / "eval" / "metrics.json").read_text()) for h in ("h1", "h2"))
     for h, m in (("h1", m1), ("h2", m2)):
         log(

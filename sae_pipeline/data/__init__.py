@@ -2,12 +2,10 @@
 
 store.py           the store: safetensors shards + a manifest, written atomically, read back safely
 shards.py          harvest's side of the store: rows collected per shard, what identifies a store
-integrity.py       the store's checksums, checked wherever it is read
-verify.py          whole-store verification: the manifest's seal and keys, then every shard's sha256
 parts.py           a harvest split into parts (torchrun, SLURM arrays): who writes which shard, merging
 text.py            text in, packed token contexts out: datasets, the held-out split, tokenization
-labels.py          labelled text for probing (probe tasks), cut into contexts
 tensors.py         `data=tensors`: examples in a safetensors file, split into harvest and held-out parts
+lm_harvest.py      sae-harvest for a language model: packed contexts through the model, rows per hook
 tensor_harvest.py  sae-harvest for `model=torch_module data=tensors`: one store row per example
 reader.py          the shuffled, resumable streaming reader over a store
 transfer.py        how a window's rows reach the training device: pinned buffers, side-stream copies, the gather there

@@ -11,16 +11,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from sae_pipeline.data.integrity import shard_problem
 from sae_pipeline.data.store import ActivationStore, row_keys
 from sae_pipeline.errors import UserError
+from sae_pipeline.integrity.shard import check_shard
 
 
 def _load(store: ActivationStore, index: int) -> dict[str, torch.Tensor]:
     shard = store.shards[index]
-    problem = shard_problem(shard.path, shard.sha256)
-    if problem:
-        raise UserError(problem)
+    check_shard(shard.path, shard.sha256)
     return load_file(str(shard.path))
 
 

@@ -27,7 +27,7 @@ class StoreFollower:
     def __init__(self, source: StoreSource, wait_s: float = 3600.0, poll_s: float = POLL_S):
         self.source, self.wait_s, self.poll_s = source, float(wait_s), float(poll_s)
         self.manifest = source.read_manifest()
-        self.header_hash = source.header_hash(self.manifest)
+        self.header_sha256 = source.header_sha256(self.manifest)
         self.waiting = False  # True while shards_upto waits for the harvest
 
     @property
@@ -39,7 +39,7 @@ class StoreFollower:
 
     def refresh(self) -> None:
         manifest = self.source.read_manifest()
-        if self.source.header_hash(manifest) != self.header_hash:
+        if self.source.header_sha256(manifest) != self.header_sha256:
             raise UserError(
                 f"the store {self.source} was replaced by a harvest with other settings while it was being "
                 "read; rerun sae-train on the new store with train.overwrite=true"
@@ -75,7 +75,7 @@ class StoreFollower:
                 last_report = now
             if now - waited_since > self.wait_s:
                 raise UserError(
-                    f"no new shard arrived in the store {self.source} for {self.wait_s:g} s (train.stream_wait_s) "
+                    f"no new shard arrived in the store {self.source} for {self.wait_s:g} s (train.advanced.stream_wait_s) "
                     f"after {len(listed)} shards and the store is not complete; is its sae-harvest still running?"
                 )
             self._nap()

@@ -21,10 +21,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sae_pipeline.data.integrity import ShardChecker
 from sae_pipeline.data.reader import _NP_DTYPES, _TORCH_VIEW, ShuffledReader, _Tensor, _tensor_index
 from sae_pipeline.data.store import ActivationStore, row_keys
 from sae_pipeline.errors import UserError
+from sae_pipeline.integrity.shard import ShardChecker
 
 # manifest entries that two stores of one harvest share
 _SHARED = ("model", "context_size", "dataset")

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from sae_pipeline import layout, locks
-from sae_pipeline.data.integrity import write_manifest
 from sae_pipeline.data.store import StoreWriter, norm_summary, read_manifest
 from sae_pipeline.errors import UserError
+from sae_pipeline.integrity.manifest import write_manifest
 
 
 def resolve_part(h) -> tuple[int, int]:
@@ -106,8 +106,8 @@ class ContextCursor:
 
 
 def kill_self() -> None:
-    """What `harvest.stop_after_shards` does: die like a killed process (no clean-up, no finally)."""
-    print("harvest.stop_after_shards reached: killing this process", file=sys.stderr, flush=True)
+    """What `harvest.advanced.stop_after_shards` does: die like a killed process (no clean-up, no finally)."""
+    print("harvest.advanced.stop_after_shards reached: killing this process", file=sys.stderr, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae_pipeline.data.integrity import ShardChecker
 from sae_pipeline.data.store import ActivationStore
 from sae_pipeline.data.transfer import DeviceWindow, host_buffer
 from sae_pipeline.errors import UserError
+from sae_pipeline.integrity.shard import ShardChecker
 
 _NP_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I32": np.int32, "I64": np.int64}
 _TORCH_VIEW = {"BF16": torch.bfloat16}
@@ -161,7 +161,8 @@ class ShuffledReader:
     ):
         if batch_size <= 0 or buffer_rows <= 0 or chunk_rows <= 0 or read_threads <= 0:
             raise UserError(
-                "train.batch_size, train.buffer_rows, train.chunk_rows and train.read_threads must be positive"
+                "train.batch_size, train.advanced.buffer_rows, train.advanced.chunk_rows and "
+                "train.advanced.read_threads must be positive"
             )
         self.store, self.batch_size, self.seed = store, int(batch_size), int(seed)
         self.device, self.read_threads = torch.device(device), int(read_threads)

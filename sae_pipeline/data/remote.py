@@ -20,8 +20,9 @@ import os
 from pathlib import Path
 
 from sae_pipeline import layout
-from sae_pipeline.data.integrity import REPAIR, check_manifest, seal
 from sae_pipeline.errors import UserError
+from sae_pipeline.integrity.manifest import check_manifest, seal_manifest
+from sae_pipeline.integrity.shard import damaged, missing
 
 
 def is_url(location) -> bool:
@@ -121,9 +122,9 @@ class RemoteStore:
                 for block in iter(lambda: f.read(1 << 22), b""):
                     digest.update(block)
         except FileNotFoundError:
-            return f"the shard {where} listed in the manifest is missing; {REPAIR}"
+            return missing(where)
         if digest.hexdigest() != sha256:
-            return f"the shard {where} is damaged (its sha256 does not match the manifest); {REPAIR}"
+            return damaged(where)
         return None
 
     def fetch(self, file: str, sha256: str, into: Path) -> Path:
@@ -134,16 +135,12 @@ class RemoteStore:
         try:
             self._call(f"reading {file}", self.fs.get_file, self._path(file), str(tmp))
         except FileNotFoundError:
-            raise UserError(
-                f"the shard {join(self.url, file)} listed in the manifest is missing; {REPAIR}"
-            ) from None
+            raise UserError(missing(join(self.url, file))) from None
         from sae_pipeline.files import sha256_file
 
         if sha256_file(tmp) != sha256:
             tmp.unlink(missing_ok=True)
-            raise UserError(
-                f"the shard {join(self.url, file)} is damaged (its sha256 does not match the manifest); {REPAIR}"
-            )
+            raise UserError(damaged(join(self.url, file)))
         os.replace(tmp, dest)
         return dest
 
@@ -163,7 +160,7 @@ class RemoteStore:
         self._call(f"writing {name}", self.fs.pipe_file, self._path(name), data)
 
     def put_manifest(self, manifest: dict) -> None:
-        seal(manifest)
+        seal_manifest(manifest)
         self.put_json(layout.MANIFEST, manifest)
 
     def rm(self, name: str) -> None:

@@ -1,7 +1,7 @@
 """Where a store's manifest and shards come from, for readers that follow or fetch a store.
 
     source = open_source("runs/stores/.../blocks.9.hook_resid_post")
-    manifest = source.read_manifest()            # checked and sealed (data/integrity.py)
+    manifest = source.read_manifest()            # checked and sealed (integrity/manifest.py)
     for entry in source.entries(manifest):
         path = source.local_path(entry)          # a local file to memory-map, its sha256 checked
 
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sae_pipeline import layout
-from sae_pipeline.data.integrity import shard_problem
 from sae_pipeline.data.remote import RemoteStore, is_url, local_path
-from sae_pipeline.data.store import header_hash, read_manifest
-from sae_pipeline.errors import UserError
+from sae_pipeline.data.store import read_manifest
+from sae_pipeline.integrity.manifest import header_sha256
+from sae_pipeline.integrity.shard import check_shard
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class StoreSource:
     def read_manifest(self) -> dict:
         return read_manifest(self.folder)
 
-    header_hash = staticmethod(header_hash)
+    header_sha256 = staticmethod(header_sha256)
 
     @staticmethod
     def entries(manifest: dict) -> list[ShardEntry]:
@@ -61,9 +61,7 @@ class StoreSource:
     def local_path(self, entry: ShardEntry) -> Path:
         """The shard as a local file, its sha256 checked (a damaged or missing file is named)."""
         path = self.folder / entry.file
-        problem = shard_problem(path, entry.sha256)
-        if problem:
-            raise UserError(problem)
+        check_shard(path, entry.sha256)
         return path
 
     def release(self, path: Path) -> None:

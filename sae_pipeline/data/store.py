@@ -9,7 +9,6 @@ so every row can be traced back to its context and position. Rows are shuffled w
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import queue
@@ -24,9 +23,10 @@ from safetensors import SafetensorError
 
 from sae_pipeline import layout
 from sae_pipeline.data import remote
-from sae_pipeline.data.integrity import check_manifest, shard_problem, write_manifest
 from sae_pipeline.errors import UserError
 from sae_pipeline.files import save_tensors_atomic, sha256_file
+from sae_pipeline.integrity.manifest import check_manifest, store_sha256, write_manifest
+from sae_pipeline.integrity.shard import shard_problem
 from sae_pipeline.locks import is_lock_file
 
 STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -325,17 +325,6 @@ class ShardInfo:
     sha256: str
 
 
-# manifest keys that change while a store is harvested (or consumed); the rest identifies the store
-VOLATILE = ("shards", "n_tokens", "complete", "norm_stats", "throughput", "data_exhausted", "manifest_sha256")
-VOLATILE += ("consumed", "consumers")
-
-
-def header_hash(manifest: dict) -> str:
-    """What identifies a store whatever its progress: its settings, not its shards."""
-    body = {k: v for k, v in manifest.items() if k not in VOLATILE}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
 class ActivationStore:
     """Read access to a finished store: its manifest, and shards validated on load.
 
@@ -386,15 +375,6 @@ class ActivationStore:
     def dtype(self) -> torch.dtype:
         return STORE_DTYPES[self.manifest["dtype"]]
 
-    def manifest_hash(self) -> str:
-        if self.following:
-            return header_hash(self.manifest)
-        return hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
-
-    def verify(self) -> None:
-        """Check every shard's checksum; a mismatch names the file."""
-        for shard in self.shards:
-            if not shard.path.exists():
-                raise UserError(f"the shard {shard.path} listed in the manifest is missing")
-            if sha256_file(shard.path) != shard.sha256:
-                raise UserError(f"the shard {shard.path} is corrupt: its sha256 does not match the manifest")
+    def sha256(self) -> str:
+        """The store's identity (integrity/manifest.py: its manifest hash, or its header's while it grows)."""
+        return store_sha256(self.manifest, self.following)

@@ -64,7 +64,7 @@ class StreamReader:
         consumer: tuple[str, str] | None = None,
     ):
         if batch_size <= 0 or window_shards <= 0:
-            raise UserError("train.batch_size and train.stream_window_shards must be positive")
+            raise UserError("train.batch_size and train.advanced.stream_window_shards must be positive")
         self.source, self.batch_size, self.seed = source, int(batch_size), int(seed)
         self.k, self.pin_memory, self._prefetch = int(window_shards), pin_memory, max(1, int(prefetch))
         self.on_wait = None  # called (once per window) when next_batch must wait for the harvest
@@ -78,7 +78,7 @@ class StreamReader:
         if self.bounded and keep < 2 * self.k + 1:
             raise UserError(
                 f"the store {source} keeps at most {keep} shards on disk (harvest.keep_shards), too few for "
-                f"train.stream_window_shards={self.k}: it needs at least {2 * self.k + 1} (two windows and shard 0)"
+                f"train.advanced.stream_window_shards={self.k}: it needs at least {2 * self.k + 1} (two windows and shard 0)"
             )
         if self.bounded:
             consumers.register(

@@ -109,7 +109,7 @@ def harvest_tensors(cfg: DictConfig, device: torch.device, held: contextlib.Exit
         buffers = {name: ShardBuffer() for name in writers}
         for b in range(first, last, h.batch_size):
             e = min(b + h.batch_size, last)
-            rows = capture_rows(model, train.inputs[b:e].to(device), points, early_exit=h.early_exit)
+            rows = capture_rows(model, train.inputs[b:e].to(device), points, early_exit=h.advanced.early_exit)
             ids = torch.zeros(e - b, 1, dtype=torch.int32)
             for name, x_BD in rows.items():  # a row's context id is its example's index in data.path
                 buffers[name].add(x_BD[:, None, :], ids, b, 0, dtype, context_ids_N=train.index[b:e])

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from sae_pipeline.errors import UserError
-from sae_pipeline.model.hooks import capture
+from sae_pipeline.model.activations import capture
 from sae_pipeline.progress import progress
 
 LETTERS = string.ascii_lowercase

@@ -22,10 +22,10 @@ from sae_pipeline.evaluation import card as C
 from sae_pipeline.evaluation import metrics as M
 from sae_pipeline.evaluation import task
 from sae_pipeline.evaluation.benchmarks import Benchmarks
+from sae_pipeline.evaluation.scorer import store_scorer
 from sae_pipeline.evaluation.splice import SpliceEvaluator
 from sae_pipeline.files import sha256_file, write_json_atomic
-from sae_pipeline.model.hook_points import resolve_hook
-from sae_pipeline.runs import Spec, Target, check_matches_store, heldout_text, load_target_sae
+from sae_pipeline.runs import Spec, TargetSAE, check_matches_store, heldout_text, load_target_sae
 from sae_pipeline.schema.eval import eval_data_config
 from sae_pipeline.tracking import start_wandb, training_wandb
 
@@ -57,7 +57,7 @@ def eval_tokens(cfg: DictConfig, spec: Spec, tokenizer) -> tuple[torch.Tensor, t
     return ids, mask, desc
 
 
-def settings_fingerprint(cfg: DictConfig, target: Target, spec: Spec) -> dict:
+def settings_fingerprint(cfg: DictConfig, target: TargetSAE, spec: Spec) -> dict:
     """What a metrics.json depends on besides the code: skip_existing compares this."""
     return {
         "definitions_version": M.DEFINITIONS_VERSION,
@@ -162,7 +162,7 @@ SCALARS = (
 )  # fmt: skip
 
 
-def _trained_with(target: Target) -> dict | None:
+def _trained_with(target: TargetSAE) -> dict | None:
     """The W&B run that trained target (from its run's config.json), or None."""
     try:
         record = json.loads((target.run_dir / layout.CONFIG).read_text())
@@ -177,7 +177,7 @@ def _trained_with(target: Target) -> dict | None:
     return found
 
 
-def log_wandb(cfg: DictConfig, target: Target, metrics: dict, group: str | None) -> str | None:
+def log_wandb(cfg: DictConfig, target: TargetSAE, metrics: dict, group: str | None) -> str | None:
     """The metrics in W&B: written into the run that trained the SAE when it logged to W&B (resumed by the
     id in its config.json, under <run>/wandb), else a new `eval` run in the trainer's group (or the run
     folder's name) under <run>/eval/wandb. Offline unless WANDB_API_KEY or logger.mode=online."""
@@ -233,7 +233,7 @@ def _benchmark_scalars(m: dict) -> dict:
 
 
 def evaluator_for(
-    cfg: DictConfig, target: Target, spec: Spec, model, tokenizer, token_cache: dict, evaluators: dict
+    cfg: DictConfig, target: TargetSAE, spec: Spec, model, tokenizer, token_cache: dict, evaluators: dict
 ):
     """(the scorer for this SAE, its text's description), built once per held-out text and hook pair.
 
@@ -247,31 +247,25 @@ def evaluator_for(
             f"{target.sae_dir} is a transcoder on a model=torch_module store; sae-eval scores only SAEs there"
         )
     if (tkey, hooks) not in evaluators:
-        hook, source = resolve_hook(model, spec.hook_name), None
-        if tokenizer is None:
-            evaluators[tkey, hooks], token_cache[tkey] = task.task_evaluator(model, hook, m, cfg.eval)
-        else:
+
+        def heldout():
+            if tokenizer is None:  # a torch module's examples, loaded again for each hook pair
+                examples, token_cache[tkey] = task.heldout_task_examples(m, cfg.eval)
+                return examples
             if tkey not in token_cache:
                 token_cache[tkey] = eval_tokens(cfg, spec, tokenizer)
-            ids, mask, _ = token_cache[tkey]
-            if hooks[1]:  # the transcoder's output replaces the target hook's activations
-                hook, source = resolve_hook(model, hooks[1]), hook
-            evaluators[tkey, hooks] = SpliceEvaluator(
-                model,
-                hook,
-                ids,
-                mask,
-                cfg.eval.batch_size,
-                reuse_prefix=cfg.eval.reuse_prefix,
-                source_hook=source,
-            )
+            return token_cache[tkey][:2]
+
+        evaluators[tkey, hooks] = store_scorer(
+            model, tokenizer, *hooks, cfg.eval.batch_size, heldout, reuse_prefix=cfg.eval.advanced.reuse_prefix
+        )
     desc = token_cache[tkey] if tokenizer is None else token_cache[tkey][2]
     return evaluators[tkey, hooks], desc
 
 
 def evaluate_target(
     cfg,
-    target: Target,
+    target: TargetSAE,
     spec: Spec,
     evaluator: SpliceEvaluator,
     desc: dict,
@@ -328,7 +322,7 @@ def evaluate_target(
     return m
 
 
-def existing_metrics(cfg, target: Target, spec: Spec) -> dict | None:
+def existing_metrics(cfg, target: TargetSAE, spec: Spec) -> dict | None:
     path = target.eval_dir / layout.METRICS
     if not (cfg.eval.skip_existing and path.is_file()):
         return None

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from sae_pipeline.errors import UserError
 from sae_pipeline.evaluation import metrics as M
 from sae_pipeline.evaluation.masked import is_masked_lm, mask_tokens, masked_logprobs
+from sae_pipeline.model.activations import capture, splice
 from sae_pipeline.model.hook_points import HookPoint, find_blocks
-from sae_pipeline.model.hooks import capture, splice
 from sae_pipeline.progress import progress
 from sae_pipeline.runtime import model_device
 

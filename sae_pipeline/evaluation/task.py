@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from sae_pipeline.data.tensors import Examples
 from sae_pipeline.errors import UserError
 from sae_pipeline.evaluation import metrics as M
+from sae_pipeline.model.activations import splice
 from sae_pipeline.model.hook_points import HookPoint
-from sae_pipeline.model.hooks import splice
 from sae_pipeline.runtime import model_device
 
 VARIANTS = ("zero", "mean", "sae")
@@ -167,8 +167,8 @@ def summary_line(name: str, m: dict) -> str:
     )
 
 
-def task_evaluator(model: nn.Module, hook: HookPoint, manifest: dict, eval_cfg) -> tuple:
-    """(TaskEvaluator on the store's held-out examples, a description of them for metrics.json).
+def heldout_task_examples(manifest: dict, eval_cfg) -> tuple:
+    """(the store's held-out examples, a description of them for metrics.json).
 
     eval.n_tokens caps the number of examples; eval.batch_size is examples per forward."""
     from sae_pipeline.data.tensors import heldout_examples
@@ -186,4 +186,4 @@ def task_evaluator(model: nn.Module, hook: HookPoint, manifest: dict, eval_cfg) 
         "n_examples": int(ex.inputs.shape[0]),
         "labels": ex.labels is not None,
     }
-    return TaskEvaluator(model, hook, ex, eval_cfg.batch_size), desc
+    return ex, desc

@@ -5,6 +5,7 @@ feature_report.py  per-latent records of the browser, assembled from those stati
 browser.py         the static latent browser: index.html + features_data.js
 logit_lens.py      which output tokens a decoder row promotes and suppresses
 steering.py        steering edits at a hook point and sae-steer's KV-cached generation loop
+probe_tasks.py     labelled text for probing (genre, play, speaker, files), cut into contexts
 probing.py         probes on latents next to dense activations: are the latents useful features?
 probe_report.py    one probing task for one SAE, end to end (sae-probe)
 connectors.py      feature connectors (seeds/002): a sparse map between two SAEs' features

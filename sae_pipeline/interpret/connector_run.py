@@ -14,7 +14,7 @@ from sae_pipeline import layout
 from sae_pipeline.errors import UserError
 from sae_pipeline.interpret.connectors import e2wd1_init
 from sae_pipeline.runs import single_target_only, store_path
-from sae_pipeline.sae import load_sae
+from sae_pipeline.sae import read_sae
 
 
 def sae_and_store(path: str, key: str):
@@ -24,7 +24,7 @@ def sae_and_store(path: str, key: str):
             f"{key}={path} is not a run trained here: sae-connect needs the store that trained it."
         )
     meta = json.loads((target.sae_dir / layout.CONFIG).read_text())
-    return target, load_sae(target.sae_dir).eval().requires_grad_(False), store_path(target, meta)
+    return target, read_sae(target.sae_dir).eval().requires_grad_(False), store_path(target, meta)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sae_pipeline.model.hooks import capture
+from sae_pipeline.model.activations import capture
 from sae_pipeline.progress import progress
 from sae_pipeline.sae import SAE
 
@@ -50,7 +50,7 @@ class FeatureStats:
     """
 
     def __init__(self, n_latents: int, f_cfg, device):
-        F, k, r, z = n_latents, int(f_cfg.top_k), int(f_cfg.reservoir), int(f_cfg.n_silent)
+        F, k, r, z = n_latents, int(f_cfg.top_k), int(f_cfg.advanced.reservoir), int(f_cfg.n_silent)
         self.k, self.r, self.n_bins = k, r, int(f_cfg.n_bins)
         self.before, self.after = int(f_cfg.window_before), int(f_cfg.window_after)
         W = self.before + 1 + self.after

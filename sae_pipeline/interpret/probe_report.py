@@ -15,16 +15,15 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from sae_pipeline import layout
-from sae_pipeline.data import labels
 from sae_pipeline.errors import UserError
 from sae_pipeline.files import write_json_atomic, write_text_atomic
-from sae_pipeline.interpret import probing
+from sae_pipeline.interpret import probe_tasks, probing
 from sae_pipeline.tracking import start_wandb
 
 
 @dataclass
 class Task:
-    ctx: labels.Contexts
+    ctx: probe_tasks.Contexts
     acts_NTD: Tensor
     split: probing.Split
     token_task: bool
@@ -34,17 +33,17 @@ class Task:
 def prepare_task(p_cfg, spec, model, tokenizer, hook) -> Task:
     """Documents -> contexts (the store's packing policy) -> document split -> dense activations at the hook."""
     m = spec.manifest
-    token_task = p_cfg.task in labels.TOKEN_TASKS
+    token_task = p_cfg.task in probe_tasks.TOKEN_TASKS
     if p_cfg.task == "files":
-        docs, source = labels.file_documents(p_cfg), f"probe.data_files={p_cfg.data_files}"
+        docs, source = probe_tasks.file_documents(p_cfg), f"probe.data_files={p_cfg.data_files}"
     else:
         docs, source = (
-            labels.store_documents(p_cfg, m),
+            probe_tasks.store_documents(p_cfg, m),
             f"the store's text ({m['dataset']['config'].get('name')})",
         )
     bos_id = m["bos"]["token_id"] if m["bos"]["prepended"] else None
     size = int(p_cfg.context_size or m["context_size"])
-    ctx = labels.build_contexts(docs, tokenizer, size, bos_id, int(p_cfg.contexts_per_doc), token_task)
+    ctx = probe_tasks.build_contexts(docs, tokenizer, size, bos_id, int(p_cfg.contexts_per_doc), token_task)
     split = probing.split_groups(ctx, float(p_cfg.test_fraction), int(p_cfg.seed), token_task)
     acts = probing.dense_activations(model, hook, ctx, int(p_cfg.batch_size))
     return Task(ctx, acts, split, token_task, source)

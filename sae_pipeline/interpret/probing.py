@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sae_pipeline.data.labels import IGNORE, Contexts
 from sae_pipeline.errors import UserError
-from sae_pipeline.model.hooks import capture
+from sae_pipeline.interpret.probe_tasks import IGNORE, Contexts
+from sae_pipeline.model.activations import capture
 
 MIN_CLUSTERS = 10
 METRICS = ("accuracy", "balanced_accuracy", "auroc")

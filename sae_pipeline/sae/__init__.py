@@ -9,9 +9,9 @@ kernels.py   sparse autograd kernels (gathered encode, embedding-bag decode) for
 registry.py  arch name -> class (`@register`), build_sae
 sharded.py   one latent shard of an SAE: its training step when the latents are split over ranks
 batch_reduce.py  batch-wide quantities of a step whose batch is split over data-parallel ranks
-saving.py    our SAE folder on disk (sae.safetensors + config.json): save_sae / load_native
+saving.py    our SAE folder on disk (sae.safetensors + config.json): save_sae / load_sae_folder
 formats.py   other formats: SAELens folders (write_saelens / read_saelens), bare safetensors files;
-             load_sae(path) reads any of them (our run folder, our sae/ folder, SAELens, bare file)
+             read_sae(path) reads any of them (our run folder, our sae/ folder, SAELens, bare file)
 """
 
 from __future__ import annotations
@@ -19,15 +19,13 @@ from __future__ import annotations
 from . import batchtopk, gated, jumprelu, matryoshka, relu, tied, topk  # noqa: F401  (each registers its class)
 from .base import SAE, SAEConfig, TrainOutput, geometric_median, input_scale_factor, scale_for_mean_norm
 from .batchtopk import BatchTopKConfig, BatchTopKSAE
-from .formats import load_any as load_sae
-from .formats import read_saelens, write_saelens
+from .formats import read_sae, read_saelens, write_saelens
 from .gated import GatedConfig, GatedSAE
 from .jumprelu import JumpReLUConfig, JumpReLUSAE
 from .matryoshka import MatryoshkaConfig, MatryoshkaSAE
 from .registry import SAE_CLASSES, build_sae, config_class, config_classes
 from .relu import ReLUConfig, ReLUSAE
-from .saving import load_sae as load_native
-from .saving import save_sae
+from .saving import load_sae_folder, save_sae
 from .tied import TiedConfig, TiedSAE
 from .topk import TopKConfig, TopKSAE
 
@@ -60,8 +58,8 @@ __all__ = [
     "config_classes",
     "geometric_median",
     "input_scale_factor",
-    "load_native",
-    "load_sae",
+    "load_sae_folder",
+    "read_sae",
     "read_saelens",
     "save_sae",
     "scale_for_mean_norm",

@@ -1,14 +1,14 @@
 """SAEs in other formats: SAELens folders (written and read) and bare safetensors files (read).
 
-    load_any("runs/train/x")                  # our run folder, our sae/ folder, a SAELens folder,
-    load_any("gemma_scope.safetensors")       # or a bare file with W_enc/b_enc/W_dec/b_dec(/threshold)
+    read_sae("runs/train/x")                  # our run folder, our sae/ folder, a SAELens folder,
+    read_sae("gemma_scope.safetensors")       # or a bare file with W_enc/b_enc/W_dec/b_dec(/threshold)
     write_saelens(sae, "out/", {"model_name": "gpt2", "hook_name": "blocks.8.hook_resid_pre"})
 
 Target format: the `cfg.json` + `sae_weights.safetensors` folder that sae_lens 5.x `SAE.save_model` writes
 and `SAE.load_from_disk` loads (flat cfg keys). sae_lens 6.x loads such a folder through
 its pre-6.0 config conversion (a cfg.json without `sae_lens_version` is treated as pre-6.0). On reading we
 also accept 6.x configs (run metadata nested under `metadata`/`meta`, `k` at the top level). Both
-directions are checked against sae_lens 6.54.12 itself in tests/test_saelens_roundtrip.py.
+directions are checked against sae_lens 6.54.12 itself in tests/unit/sae/test_saelens_roundtrip.py.
 
 SAELens's inference maths, which every export reproduces exactly (apply_b_dec_to_input=True,
 normalize_activations="none", no finetuning scaling factor; x in raw activation units like ours):
@@ -45,7 +45,7 @@ from .gated import GatedConfig
 from .jumprelu import JumpReLUConfig
 from .registry import build_sae
 from .relu import ReLUConfig
-from .saving import load_sae as load_native
+from .saving import load_sae_folder
 from .topk import TopKConfig
 
 EXPORT_ARCH = {
@@ -310,7 +310,7 @@ def sae_format(path: Path | str) -> str | None:
     return None
 
 
-def load_any(path: Path | str, map_location: str | torch.device = "cpu", **bare_options) -> SAE:
+def read_sae(path: Path | str, map_location: str | torch.device = "cpu", **bare_options) -> SAE:
     """Our SAE from any supported format; `bare_options` (k, apply_b_dec_to_input) apply to bare files."""
     p = Path(path)
     if not p.exists():
@@ -330,4 +330,4 @@ def load_any(path: Path | str, map_location: str | torch.device = "cpu", **bare_
         and (p / layout.SAELENS_CONFIG).exists()
     ):
         raise UserError(f"SAELens folder {p} has {layout.SAELENS_CONFIG} but no {layout.SAELENS_WEIGHTS}.")
-    return load_native(folder, map_location)
+    return load_sae_folder(folder, map_location)

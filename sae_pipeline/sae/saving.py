@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from sae_pipeline import layout
 from sae_pipeline.errors import UserError
-from sae_pipeline.files import save_tensors_atomic, sha256_file, write_json_atomic
+from sae_pipeline.files import save_tensors_atomic, write_json_atomic
+from sae_pipeline.integrity.seal import FILES, file_checksums, file_problem
 
 from .base import SAE
 from .registry import SAE_CLASSES, build_sae
@@ -31,12 +32,12 @@ def save_sae(sae: SAE, folder: Path | str, extra: dict[str, Any] | None = None) 
         **({"d_out": sae.d_out, "transcoder": True} if sae.transcoder else {}),
         "sae": asdict(sae.cfg),
         **(extra or {}),
-        "sha256": {layout.SAE_WEIGHTS: sha256_file(folder / layout.SAE_WEIGHTS)},
+        FILES: file_checksums(folder, [layout.SAE_WEIGHTS]),
     }
     write_json_atomic(folder / layout.CONFIG, meta)
 
 
-def load_sae(folder: Path | str, map_location: str | torch.device = "cpu") -> SAE:
+def load_sae_folder(folder: Path | str, map_location: str | torch.device = "cpu") -> SAE:
     """Rebuild an SAE from `config.json` and `sae.safetensors` in folder."""
     folder = Path(folder)
     cfg_path, weights_path = folder / layout.CONFIG, folder / layout.SAE_WEIGHTS
@@ -65,8 +66,7 @@ def load_sae(folder: Path | str, map_location: str | torch.device = "cpu") -> SA
         raise UserError(
             f"SAE config file {cfg_path} says d_sae={d_sae} but its sae settings give {sae.d_sae}."
         )
-    recorded = (meta.get("sha256") or {}).get(layout.SAE_WEIGHTS)
-    if recorded is not None and sha256_file(weights_path) != recorded:
+    if file_problem(folder, layout.SAE_WEIGHTS, meta):
         raise UserError(f"SAE weights file {weights_path} is damaged: its sha256 does not match {cfg_path}.")
     try:
         tensors = load_file(str(weights_path), device=str(map_location))

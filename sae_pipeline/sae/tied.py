@@ -9,7 +9,7 @@ work unchanged); the state dict holds W_enc_DF, b_enc_F and b_dec_D only.
 Decoder norms. A row w_f = c u_f (unit u_f) gives activation ~c <u_f, x> and contribution ~c^2 <u_f, x> u_f,
 so with the seed's plain L1 on free rows the penalty is linear in c while the reconstruction it buys is
 quadratic: below some c shrinking the row always lowers the loss and the latent collapses to zero (measured:
-at l1_coefficient=5 on tests/test_sae_recovery.py's data, free rows + plain L1 ended with mean row norm 0.4,
+at l1_coefficient=5 on tests/unit/sae/test_recovery.py's data, free rows + plain L1 ended with mean row norm 0.4,
 L0 0.3 and FVU 1.0). The two choices offered are the ones sae=relu offers, with the same names:
     l1_decoder_norm (default)  penalty sum_f a_f ||w_f|| (~ c^2, like the reconstruction): rows stay free,
                                so each latent keeps its own gain c^2; nothing is renormalised.

@@ -3,6 +3,7 @@
     common.py    paths, model, data, hook, logger (shared by several stages)
     harvest.py  train.py  eval.py  features.py  explain.py  steer.py  probe.py  export.py  verify.py  connect.py
     source.py    the `source` group: what an SAE not trained here reads (sae-eval, sae-features, sae-steer)
+    advanced.py  the `advanced` node of train, harvest, eval and features: knobs --help folds away
     ids.py       the default model.id / data.id, a filesystem-safe name derived from `name`
     help.py      `sae-<stage> --help`: the stage's docstring, its own groups, the composed config
 
@@ -16,9 +17,11 @@ from __future__ import annotations
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from sae_pipeline.errors import UserError
 from sae_pipeline.sae import CONFIG_CLASSES
 
 from . import connect, eval, explain, export, features, harvest, probe, steer, train, verify
+from .advanced import moved_sentence
 from .common import to_container
 from .help import register_resolver as register_help
 from .ids import register_resolver
@@ -58,5 +61,9 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
     from hydra import initialize_config_module
 
     register_configs()
+    overrides = list(overrides or [])
+    for override in overrides:  # an old spelling of a key now under `advanced`: the CLI's sentence
+        if sentence := moved_sentence(*override.split("=", 1)) if "=" in override else None:
+            raise UserError(sentence)
     with initialize_config_module("sae_pipeline.conf", version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+        return hydra_compose(config_name=config_name, overrides=overrides)

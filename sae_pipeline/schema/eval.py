@@ -12,6 +12,7 @@ from omegaconf import MISSING, OmegaConf
 
 from sae_pipeline.errors import UserError, check_choice, check_known_keys
 
+from .advanced import EvalAdvanced
 from .common import LOGGER_MODES, DataConfig, LoggerConfig, PathsConfig
 from .probe import probe_task_config
 from .source import SourceConfig
@@ -30,7 +31,6 @@ class EvalConfig:
     data_split: str = "eval"  # with eval.data: "eval" = its held-out documents, "train" = the rest
     context_size: Optional[int] = None  # with eval.data: tokens per context (null: the store's)
     seed: int = 0  # with eval.data: which documents are held out
-    reuse_prefix: bool = True  # replay the clean pass's early blocks in the ablated/spliced passes
     skip_existing: bool = False  # keep a run's metrics.json when it was made with the same settings
     sweep: bool = True  # write the sweep table and Pareto plots when several runs are evaluated
     # Feature absorption on the first-letter task (evaluation/absorption.py): single-token words of the
@@ -42,6 +42,8 @@ class EvalConfig:
     # Sparse probing (sae-probe's tasks: genre, play, speaker, files) run inside the evaluation
     probe_tasks: list[str] = field(default_factory=list)
     probe: Optional[Any] = None  # sae-probe settings for every task, e.g. eval.probe={n_bootstrap:100}
+    # reuse_prefix, a speed-up that leaves the numbers unchanged (schema/advanced.py; --help folds it)
+    advanced: EvalAdvanced = field(default_factory=EvalAdvanced)
 
 
 @dataclass

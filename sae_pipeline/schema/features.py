@@ -9,6 +9,7 @@ from omegaconf import MISSING
 
 from sae_pipeline.errors import UserError
 
+from .advanced import FeaturesAdvanced
 from .common import PathsConfig
 from .source import SourceConfig
 
@@ -20,7 +21,6 @@ class FeaturesConfig:
     window_before: int = 12  # tokens shown before the peak token
     window_after: int = 4  # tokens shown after the peak token
     n_weak: int = 8  # weaker examples per latent, one per quantile band of a uniform sample of its firings
-    reservoir: int = 64  # size of that uniform sample of firing positions per latent
     n_silent: int = 8  # contexts where the latent never fires, sampled per latent (sae-explain's negatives)
     n_logit_tokens: int = 10  # promoted and suppressed output tokens per latent
     n_bins: int = 32  # activation histogram bins (linear, exact counts; range <= 2x the max)
@@ -31,6 +31,8 @@ class FeaturesConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # seeds the uniform sample behind the weak examples
     out_dir: Optional[str] = None  # null: <run>/features
+    # the size of the weak examples' sample (schema/advanced.py; --help folds it)
+    advanced: FeaturesAdvanced = field(default_factory=FeaturesAdvanced)
 
 
 @dataclass
@@ -43,9 +45,11 @@ class FeaturesJob:
 
 def check_features_config(f) -> None:
     """Raise a UserError naming the first bad key of `features`."""
-    for key in ("n_tokens", "top_k", "batch_size", "n_bins", "reservoir"):
+    for key in ("n_tokens", "top_k", "batch_size", "n_bins"):
         if int(f[key]) < 1:
             raise UserError(f"features.{key} must be >= 1, got {f[key]}.")
+    if int(f.advanced.reservoir) < 1:
+        raise UserError(f"features.advanced.reservoir must be >= 1, got {f.advanced.reservoir}.")
     for key in ("window_before", "window_after", "n_weak", "n_logit_tokens", "max_latents", "n_silent"):
         if int(f[key]) < 0:
             raise UserError(f"features.{key} must be >= 0, got {f[key]}.")

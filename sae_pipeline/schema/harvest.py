@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from sae_pipeline.data.store import store_dtype
 from sae_pipeline.errors import UserError
 
+from .advanced import HarvestAdvanced
 from .common import DataConfig, HookConfig, ModelConfig, PathsConfig
 
 
@@ -20,11 +20,9 @@ class HarvestConfig:
     shard_size: int = 65_536  # rows per shard (rounded up to whole forward batches)
     dtype: str = "float32"  # store dtype: float32 | float16 | bfloat16
     seed: int = 0  # document order, held-out documents and within-shard row shuffle
-    early_exit: bool = True  # stop the forward after the deepest hook
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out_dir: str = "${paths.stores}/${model.id}/${data.id}"  # one store folder per hook under here
     overwrite: bool = False  # replace an existing store with different settings
-    writer_queue: int = 2  # shards buffered for the background writer
     # A harvest split into parts (processes, SLURM array tasks): part i of N writes shards i, i+N, ...
     # under <store>/part-00i-of-00N/; the last part to finish merges them into one manifest.
     # Under torchrun, RANK and WORLD_SIZE choose the part (leave both keys at their defaults).
@@ -35,10 +33,8 @@ class HarvestConfig:
     # (a sae-train train.stream=true run) has read it, and the harvest pauses while N are unread (0 = keep all)
     keep_shards: int = 0
     consumers: int = 1  # with keep_shards: no shard is deleted before this many consumers have registered
-    shard_delay_s: float = (
-        0.0  # debug: sleep this long after each shard (a slow harvest, for streaming tests)
-    )
-    stop_after_shards: Optional[int] = None  # debug: the process kills itself after writing this many shards
+    # early exit, the writer's queue, debug switches (schema/advanced.py; --help folds it)
+    advanced: HarvestAdvanced = field(default_factory=HarvestAdvanced)
 
 
 @dataclass

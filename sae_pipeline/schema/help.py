@@ -1,5 +1,6 @@
 """`sae-<stage> --help`: what the stage does (its module docstring), its own config groups and their
-options (no `base_*` schema entries, no other stage's groups), then the composed config.
+options (no `base_*` schema entries, no other stage's groups), then the composed config with each
+`advanced` node (schema/advanced.py) folded into one line that says how to print it.
 
 conf/hydra/help/stage.yaml renders `${sae_help:${hydra.job.name}}`; Hydra then substitutes $CONFIG.
 """
@@ -16,8 +17,13 @@ from omegaconf import OmegaConf
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
+def stage_module(stage: str) -> str:
+    """The module of `sae-<stage>`: sae_pipeline.<stage>, but sae-eval's is evaluate.py (eval is a builtin)."""
+    return f"sae_pipeline.{'evaluate' if stage == 'eval' else stage}"
+
+
 def _docstring(stage: str) -> str:
-    spec = importlib.util.find_spec(f"sae_pipeline.{stage}")
+    spec = importlib.util.find_spec(stage_module(stage))
     if spec is None or spec.origin is None:
         return f"sae-{stage}"
     return ast.get_docstring(ast.parse(Path(spec.origin).read_text())) or f"sae-{stage}"
@@ -39,7 +45,20 @@ def stage_groups(stage: str) -> dict[str, tuple[str | None, list[str]]]:
     return out
 
 
-def help_text(stage: str) -> str:
+def folded_config(root) -> tuple[str, list[str]]:
+    """The composed config as YAML without `hydra` and without any `advanced` node; the folded nodes' names."""
+    cfg = OmegaConf.to_container(root, resolve=False)
+    cfg.pop("hydra", None)
+    folded = []
+    for group, node in cfg.items():
+        if isinstance(node, dict) and isinstance(node.get("advanced"), dict):
+            folded.append(f"{group}.advanced ({len(node.pop('advanced'))} keys)")
+    return OmegaConf.to_yaml(OmegaConf.create(cfg)), folded
+
+
+def help_text(stage: str, _root_=None) -> str:
+    """The --help template; with the composed config (`_root_`, given by OmegaConf) it prints that config
+    itself, with every `advanced` node folded away, instead of Hydra's $CONFIG."""
     lines = [_docstring(stage).replace("$", "$$"), "", "== Config groups (group=option) =="]
     groups = stage_groups(stage)
     if not groups:
@@ -52,7 +71,18 @@ def help_text(stage: str) -> str:
         "== Config (override any key: key=value; `sae-" + stage + " --cfg job` prints it resolved) ==",
         "",
     ]
-    lines += ["$CONFIG", "Hydra's own options: --hydra-help"]
+    if _root_ is None:
+        lines.append("$CONFIG")
+    else:
+        config, folded = folded_config(_root_)
+        lines.append(config.replace("$", "$$"))
+        for node in folded:  # one line per folded node: that it exists and how to see it
+            group = node.split(".")[0]
+            lines.append(
+                f"{node}, settings most runs never change, is folded away: "
+                f"`sae-{stage} --cfg job -p {group}.advanced` prints it"
+            )
+    lines += ["", "Hydra's own options: --hydra-help"]
     return "\n".join(lines)
 
 

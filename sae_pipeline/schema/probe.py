@@ -12,15 +12,15 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from sae_pipeline.data.labels import TASKS
 from sae_pipeline.errors import UserError, check_choice, check_known_keys
+from sae_pipeline.interpret.probe_tasks import TASKS
 
 from .common import LOGGER_MODES, LoggerConfig, PathsConfig
 
 
 @dataclass
 class ProbeConfig:
-    task: str = "genre"  # genre | play | speaker | files (see sae_pipeline/data/labels.py)
+    task: str = "genre"  # genre | play | speaker | files (see sae_pipeline/interpret/probe_tasks.py)
     # play: the plays to tell apart (empty: the store's held-out plays); each is cut into n_sections parts
     plays: list[str] = field(default_factory=list)
     n_sections: int = 4

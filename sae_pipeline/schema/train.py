@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
+from .advanced import TrainAdvanced
 from .common import LoggerConfig, PathsConfig
 
 
@@ -16,28 +17,16 @@ class TrainConfig:
     # --- data ---
     total_tokens: int = 2_000_000  # token budget; may span several passes over the store
     batch_size: int = 4096  # activation rows per optimizer step
-    buffer_rows: int = 65_536  # shuffle buffer (rows); bounds the reader's memory
-    chunk_rows: int = 4096  # contiguous rows read at a time from one shard
-    prefetch: int = 1  # shuffle buffers prepared ahead by the background reader thread
-    read_threads: int = 4  # threads reading a shuffle buffer's chunks from the shard files at once
     val_tokens: int = 8192  # rows of whole contexts (last shard) held out for validation; 0 = none
-    init_tokens: int = 16_384  # data sample for b_dec init (and the input scale without norm stats)
-    # train on a store while sae-harvest writes it: one pass, windows of `stream_window_shards` consecutive
-    # shards shuffled together (order fixed by shard sequence + seed, never timing; data/stream.py)
+    # train on a store while sae-harvest writes it: one pass, windows of `advanced.stream_window_shards`
+    # consecutive shards shuffled together (order fixed by shard sequence + seed, never timing; data/stream.py)
     stream: bool = False
-    stream_window_shards: int = (
-        4  # shards per shuffle window of a streamed run (its memory: this many shards)
-    )
-    stream_wait_s: float = 3600.0  # give up when no new shard arrives for this long
     # a transcoder: the store of the hook whose activations the SAE predicts from `store`'s (same harvest)
     target_store: Optional[str] = None
     # --- optimisation ---
     # peak learning rate; None: s * 2e-4 / sqrt(d_sae / 2**14) for each SAE (Gao et al. 2024's fit for TopK),
     # s the architecture's default_lr_scale (4 for the TopK family, measured at one pass; 1 for the others)
     lr: Optional[float] = None
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
     lr_warmup_steps: int = 100  # linear warm-up from 0, over at most a tenth of the run's steps
     lr_decay_fraction: float = 0.2  # linear decay to 0 over this final fraction of the steps
     sparsity_warmup_steps: int = 200  # sparsity coefficient ramps 0 -> full over these steps
@@ -67,11 +56,12 @@ class TrainConfig:
     # Sweep group: one list entry per SAE, each a dict of sae overrides, e.g.
     # train.group=[{l1_coefficient:1e-4},{l1_coefficient:3e-4}] ; an entry may carry `name`.
     group: list[Any] = field(default_factory=list)
-    stop_after_steps: Optional[int] = None  # debug: stop as if killed after this step
     # --- SAEs wider than one device ---
     # split every SAE's latents over this many ranks (training/latent_shards.py); the processes form
     # (processes / latent_shards) data-parallel replicas x latent_shards; topk, batchtopk and relu
     latent_shards: int = 1
+    # reader internals, Adam's constants, the init sample, debug switches (schema/advanced.py; --help folds it)
+    advanced: TrainAdvanced = field(default_factory=TrainAdvanced)
 
 
 @dataclass

@@ -8,8 +8,8 @@
                             the sha256 of both safetensors files and of itself (`state_sha256`)
 
 A checkpoint is written into `step-....tmp/` and renamed when complete, so a run killed while
-saving keeps its previous checkpoint; `latest()` ignores unfinished folders. `problem()` checks a
-checkpoint's checksums and values; a resume starts from the newest intact checkpoint
+saving keeps its previous checkpoint; `latest()` ignores unfinished folders.
+integrity/checkpoint.py checks a checkpoint's checksums and values; a resume starts from the newest intact checkpoint
 (`newest_intact`), moving a damaged one aside to `step-....damaged/`.
 """
 
@@ -28,9 +28,10 @@ from safetensors.torch import load_file
 
 from sae_pipeline import faults, layout
 from sae_pipeline.errors import UserError
-from sae_pipeline.files import json_sha256, publish_dir, save_tensors, sha256_file
+from sae_pipeline.files import publish_dir, save_tensors
+from sae_pipeline.integrity.checkpoint import STATE_SEAL, checkpoint_problem
+from sae_pipeline.integrity.seal import FILES, file_checksums, seal
 
-SEAL = "state_sha256"  # state.json's checksum of itself
 FAULT = "checkpoint"  # tests/faults pause a save here (see sae_pipeline.faults)
 
 
@@ -96,9 +97,9 @@ def save(
         save_tensors(
             tmp / layout.TRAIN_STATE, {**opt_tensors, **{f"x.{k}": v for k, v in extra_tensors.items()}}
         )
-        checksums = {name: sha256_file(tmp / name) for name in (layout.SAE_WEIGHTS, layout.TRAIN_STATE)}
-        state = {**meta, "step": step, "optimizer": opt_meta, "sha256": checksums}
-        state[SEAL] = json_sha256(state, SEAL)
+        checksums = file_checksums(tmp, (layout.SAE_WEIGHTS, layout.TRAIN_STATE))
+        state = {**meta, "step": step, "optimizer": opt_meta, FILES: checksums}
+        seal(state, STATE_SEAL)
         (tmp / layout.TRAIN_META).write_text(json.dumps(state, indent=1))
         faults.point(FAULT)
         publish_dir(tmp, final, replace=True)
@@ -108,40 +109,12 @@ def save(
     return final
 
 
-def problem(ckpt: Path) -> str | None:
-    """One sentence when the checkpoint's files do not match their checksums or hold non-finite
-    values, else None (a checkpoint written before checksums existed is checked for values only)."""
-    try:
-        state = json.loads((ckpt / layout.TRAIN_META).read_text())
-        if not isinstance(state, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as err:
-        return f"its {layout.TRAIN_META} is unreadable ({err})"
-    if SEAL in state and state[SEAL] != json_sha256(state, SEAL):
-        return f"its {layout.TRAIN_META} does not match its {SEAL}"
-    for name in (layout.SAE_WEIGHTS, layout.TRAIN_STATE):
-        file = ckpt / name
-        if not file.is_file():
-            return f"its {name} is missing"
-        recorded = (state.get("sha256") or {}).get(name)
-        if recorded is not None and sha256_file(file) != recorded:
-            return f"its {name} does not match the sha256 recorded in {layout.TRAIN_META}"
-        try:
-            tensors = load_file(str(file))
-        except (OSError, SafetensorError) as err:
-            return f"its {name} is unreadable ({err})"
-        bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            return f"its {name} holds non-finite values in {bad[0]}"
-    return None
-
-
 def newest_intact(found: list[dict[str, Path]], names: list[str]) -> str:
     """The newest checkpoint name (of `names`, oldest first) intact in every member's folders `found`.
 
     A damaged checkpoint is named, moved aside to `<name>.damaged` and the next older one tried."""
     for name in reversed(names):
-        damaged = [(f[name], why) for f in found if (why := problem(f[name]))]
+        damaged = [(f[name], why) for f in found if (why := checkpoint_problem(f[name]))]
         if not damaged:
             return name
         for ckpt, why in damaged:
@@ -162,7 +135,7 @@ def newest_intact(found: list[dict[str, Path]], names: list[str]) -> str:
 
 def load(ckpt: Path, sae: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Restore SAE and optimizer in place; returns (meta, extra tensors)."""
-    why = problem(ckpt)
+    why = checkpoint_problem(ckpt)
     if why:
         raise UserError(f"the checkpoint {ckpt} is damaged: {why}")
     try:

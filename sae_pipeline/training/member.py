@@ -32,7 +32,7 @@ class Member:
         target=None,
     ):  # fmt: skip
         self.name, self.run_dir, self.sae_cfg, self.input_scale = name, run_dir, sae_cfg, input_scale
-        # a transcoder's target (training/transcoder.py's Target: d_out, scale, what to record), else None
+        # a transcoder's target (training/transcoder.py's TranscoderTarget: d_out, scale, what to record), else None
         self.target = target
         check_resample(tcfg, sae_cfg.arch, transcoder=target is not None)
         torch.manual_seed(tcfg.seed)  # every member starts from the RNG state a separate run has
@@ -42,8 +42,8 @@ class Member:
         self.lr = resolve_lr(tcfg.lr, sae.d_sae, type(sae).default_lr_scale)
         self.sae = self._place(sae).to(device)
         self.params = [p for p in self.sae.parameters() if p.requires_grad]
-        betas = (tcfg.adam_beta1, tcfg.adam_beta2)
-        self.opt = _adam(self.params, self.lr, betas, tcfg.adam_eps)
+        adv = tcfg.advanced
+        self.opt = _adam(self.params, self.lr, (adv.adam_beta1, adv.adam_beta2), adv.adam_eps)
         self.dist = dist  # training.distributed.Distributed of a data-parallel job, else None
         if dist is not None and dist.active:
             self.sae.collective = dist  # batch-wide top-k and AuxK normaliser over all ranks

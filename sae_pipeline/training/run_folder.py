@@ -12,6 +12,7 @@ from sae_pipeline.data.remote import is_url
 from sae_pipeline.data.store import ActivationStore
 from sae_pipeline.errors import UserError
 from sae_pipeline.files import publish_dir
+from sae_pipeline.integrity.manifest import store_matches_record, store_record
 from sae_pipeline.sae import save_sae
 
 
@@ -19,7 +20,7 @@ def provenance(store: ActivationStore) -> dict:
     """What trained an SAE: the store, its manifest hash, hook and model (recorded in every config.json)."""
     return {
         "store": store.location if is_url(store.location) else str(store.folder.resolve()),
-        "store_manifest_sha256": store.manifest_hash(),
+        **store_record("store", store.manifest, store.following),
         "hook": store.hook_name,
         "model": store.manifest.get("model"),
     }
@@ -62,7 +63,7 @@ def check_resumable(member_dir: Path, record: dict, store: ActivationStore) -> d
         raise UserError(
             f"the run {member_dir} was started with other sae settings {old.get('sae')}; resume with the same ones"
         )
-    if old.get("store_manifest_sha256") != record["store_manifest_sha256"]:
+    if not store_matches_record(old, "store", store.manifest, store.following):
         raise UserError(
             f"the store {store.folder} changed since the run {member_dir} started (its manifest hash differs)"
         )

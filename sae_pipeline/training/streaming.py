@@ -15,13 +15,13 @@ import sys
 import time
 from pathlib import Path
 
-from sae_pipeline.data.integrity import write_manifest
 from sae_pipeline.data.remote import RemoteStore, is_url, local_path
 from sae_pipeline.data.source import open_source
 from sae_pipeline.data.store import ActivationStore
 from sae_pipeline.data.stream import StreamReader
 from sae_pipeline.errors import UserError
 from sae_pipeline.files import sha256_file
+from sae_pipeline.integrity.manifest import write_manifest
 from sae_pipeline.layout import cache_root
 
 POLL_S = 0.2
@@ -29,7 +29,7 @@ POLL_S = 0.2
 
 def open_store(location: str, tcfg) -> ActivationStore:
     """The store a run trains on; with train.stream=true one that may still be harvested (its manifest
-    is waited for up to train.stream_wait_s when the harvest has not written it yet)."""
+    is waited for up to train.advanced.stream_wait_s when the harvest has not written it yet)."""
     if is_url(location) and not tcfg.stream:  # a shuffled pass needs the whole store: fetched once, checked
         return ActivationStore(fetch_store(location, tcfg), location=location)
     path = location if is_url(location) else local_path(location)
@@ -42,9 +42,9 @@ def open_store(location: str, tcfg) -> ActivationStore:
     source, started = open_source(location), time.monotonic()
     while not source.has_manifest():
         waited = time.monotonic() - started
-        if waited > tcfg.stream_wait_s:
+        if waited > tcfg.advanced.stream_wait_s:
             raise UserError(
-                f"no activation store appeared at {path} within train.stream_wait_s={tcfg.stream_wait_s:g} s; "
+                f"no activation store appeared at {path} within train.advanced.stream_wait_s={tcfg.advanced.stream_wait_s:g} s; "
                 "start sae-harvest for it (or check the store= path)"
             )
         if int(waited) % 10 == 0 and waited - int(waited) < POLL_S:
@@ -82,8 +82,8 @@ def stream_reader(store, tcfg, pin_memory: bool, run_dir: Path, rank: int, state
     consumer = (consumer_id(run_dir, rank), str(run_dir))
     return StreamReader(
         open_source(store.location), tcfg.batch_size, seed=tcfg.seed, val_tokens=tcfg.val_tokens,
-        window_shards=tcfg.stream_window_shards, prefetch=tcfg.prefetch, state=state,
-        pin_memory=pin_memory, wait_s=tcfg.stream_wait_s, consumer=consumer,
+        window_shards=tcfg.advanced.stream_window_shards, prefetch=tcfg.advanced.prefetch, state=state,
+        pin_memory=pin_memory, wait_s=tcfg.advanced.stream_wait_s, consumer=consumer,
     )  # fmt: skip
 
 

@@ -49,12 +49,17 @@ from sae_pipeline.training.runlog import NullLogger, RunLogger
 from sae_pipeline.training.schedule import lr_at, sparsity_scale_at
 from sae_pipeline.training.settings import change_history, check_train_config, resume_changes
 from sae_pipeline.training.streaming import open_store, planned_steps, stream_reader
-from sae_pipeline.training.transcoder import Target, check_target_resumable, open_reader, open_target
+from sae_pipeline.training.transcoder import (
+    TranscoderTarget,
+    check_target_resumable,
+    open_reader,
+    open_target,
+)
 from sae_pipeline.training.validation import LossRecovered, validate
 
 
 class StopRequested(RuntimeError):
-    """Raised after `train.stop_after_steps` (a debug key that simulates a killed run)."""
+    """Raised after `train.advanced.stop_after_steps` (a debug key that simulates a killed run)."""
 
 
 def input_scale(sae_cfg, store: ActivationStore, sample_ND: torch.Tensor) -> float:
@@ -101,7 +106,7 @@ def train(cfg: DictConfig, run_dir: Path, hydra_info: dict, dist: Distributed | 
 
 def _train(cfg, run_dir, hydra_info, dist, store, target, specs, amp_dtype, resuming: bool) -> Path:
     """The run, once its folders are locked and prepared."""
-    tcfg, device = cfg.train, dist.device
+    tcfg, adv, device = cfg.train, cfg.train.advanced, dist.device
     member_class = latent_shards.ShardedMember if tcfg.latent_shards > 1 else Member
     if device.type == "cpu":
         keep_freed_memory()
@@ -131,13 +136,13 @@ def _train(cfg, run_dir, hydra_info, dist, store, target, specs, amp_dtype, resu
         if tcfg.stream:
             return stream_reader(store, tcfg, device.type == "cuda", run_dir, dist.rank, state=state)
         return open_reader(
-            store, target, tcfg.batch_size, seed=tcfg.seed, val_tokens=tcfg.val_tokens, buffer_rows=tcfg.buffer_rows,
-            chunk_rows=tcfg.chunk_rows, prefetch=tcfg.prefetch, device=device, read_threads=tcfg.read_threads,
+            store, target, tcfg.batch_size, seed=tcfg.seed, val_tokens=tcfg.val_tokens, buffer_rows=adv.buffer_rows,
+            chunk_rows=adv.chunk_rows, prefetch=adv.prefetch, device=device, read_threads=adv.read_threads,
             state=state,
         )  # fmt: skip
 
     reader = reader_at()
-    sample = reader.sample(min(tcfg.init_tokens, reader.epoch_rows))  # [N, d_in (+ d_out)]
+    sample = reader.sample(min(adv.init_tokens, reader.epoch_rows))  # [N, d_in (+ d_out)]
     sample, sample_y = sample[:, : store.d_in], sample[:, store.d_in :]
     members: list[Member] = []
     for name, sae_cfg in specs:
@@ -147,7 +152,7 @@ def _train(cfg, run_dir, hydra_info, dist, store, target, specs, amp_dtype, resu
         scale = dist.broadcast_object(input_scale(sae_cfg, store, sample))
         out = None
         if target is not None:  # a transcoder: its target rows get their own scale
-            out = Target(target, dist.broadcast_object(input_scale(sae_cfg, target, sample_y)))
+            out = TranscoderTarget(target, dist.broadcast_object(input_scale(sae_cfg, target, sample_y)))
         members.append(member_class(name, mdir, sae_cfg, store.d_in, tcfg, device, scale, dist, out))
 
     # fresh start or resume
@@ -338,10 +343,11 @@ def _train_loop(
             last_ckpt = step
         for m in members:
             m.stats.t0 += time.perf_counter() - t_side
-        if tcfg.stop_after_steps is not None and step >= tcfg.stop_after_steps and not last:
+        stop_after = tcfg.advanced.stop_after_steps
+        if stop_after is not None and step >= stop_after and not last:
             dist.barrier()  # the checkpoint is on disk before any rank exits
             raise StopRequested(
-                f"stopped after step {step} (train.stop_after_steps); last checkpoint at step {last_ckpt}"
+                f"stopped after step {step} (train.advanced.stop_after_steps); last checkpoint at step {last_ckpt}"
             )
     views = [m.for_evaluation() for m in members]  # latent shards are gathered into one SAE on rank 0
     for m in views if main else ():

@@ -20,6 +20,7 @@ from sae_pipeline.data.paired import PairedReader, check_pair
 from sae_pipeline.data.reader import ShuffledReader
 from sae_pipeline.data.store import ActivationStore
 from sae_pipeline.errors import UserError
+from sae_pipeline.integrity.manifest import store_matches_record, store_record
 
 
 def open_target(tcfg, store: ActivationStore) -> ActivationStore | None:
@@ -39,7 +40,7 @@ def open_reader(store: ActivationStore, target: ActivationStore | None, batch_si
 
 
 @dataclass
-class Target:
+class TranscoderTarget:
     """One member's target: the store and the factor its rows are trained at (y * scale)."""
 
     store: ActivationStore
@@ -59,19 +60,20 @@ class Target:
         return {
             "d_out": self.d_out,
             "target_store": str(self.store.folder.resolve()),
-            "target_store_manifest_sha256": self.store.manifest_hash(),
+            **store_record("target_store", self.store.manifest, self.store.following),
             "target_hook": self.store.hook_name,
             "target_scale": self.scale,
         }
 
 
-def check_target_resumable(member_dir: Path, target: Target | None) -> None:
+def check_target_resumable(member_dir: Path, target: TranscoderTarget | None) -> None:
     """A resume trains toward the same target store it started with (or none, as it started)."""
     old = json.loads((member_dir / layout.CONFIG).read_text())
-    was = old.get("target_store_manifest_sha256")
-    now = target.store.manifest_hash() if target is not None else None
-    if was != now:
-        said = f"the target store {old.get('target_store')}" if was else "no target store"
+    store = target.store if target is not None else None
+    if not store_matches_record(
+        old, "target_store", store and store.manifest, bool(store and store.following)
+    ):
+        said = f"the target store {old['target_store']}" if old.get("target_store") else "no target store"
         raise UserError(
             f"the run {member_dir} was started with {said}; resume it with the same train.target_store"
         )

@@ -58,28 +58,24 @@ class LossRecovered:
             return not self.disabled
         try:
             from sae_pipeline.data import text
-            from sae_pipeline.evaluation.splice import SpliceEvaluator
-            from sae_pipeline.model import hook_points, loading
+            from sae_pipeline.data.tensors import heldout_examples
+            from sae_pipeline.evaluation.scorer import store_scorer
+            from sae_pipeline.model import loading
 
-            model, tokenizer = loading.load_model(self.store.manifest["model"], device=self.device)
-            hook = hook_points.resolve_hook(model, self.store.hook_name)
-            if tokenizer is None and self.target is None:  # model=torch_module: the task's own loss
-                from sae_pipeline.data.tensors import heldout_examples
-                from sae_pipeline.evaluation.task import TaskEvaluator
-
-                examples = heldout_examples(self.store.manifest, self.tcfg.eval_tokens)
-                self.evaluator = TaskEvaluator(model, hook, examples, self.tcfg.eval_batch_size)
-                return True
-            if tokenizer is None:
-                raise UserError(
-                    "a transcoder on a model=torch_module store has no loss recovered during training yet"
-                )
-            source = None
-            if self.target is not None:  # read the input hook, splice the transcoder at the target's
-                hook, source = hook_points.resolve_hook(model, self.target.hook_name), hook
-            ids_NT, mask_NT = text.heldout_contexts(self.store.manifest, tokenizer, self.tcfg.eval_tokens)
-            self.evaluator = SpliceEvaluator(
-                model, hook, ids_NT, mask_NT, batch_size=self.tcfg.eval_batch_size, source_hook=source
+            manifest, n = self.store.manifest, self.tcfg.eval_tokens
+            model, tokenizer = loading.load_model(manifest["model"], device=self.device)
+            self.evaluator = store_scorer(
+                model,
+                tokenizer,
+                self.store.hook_name,
+                self.target.hook_name if self.target is not None else None,
+                self.tcfg.eval_batch_size,
+                lambda: (
+                    heldout_examples(manifest, n)
+                    if tokenizer is None
+                    else text.heldout_contexts(manifest, tokenizer, n)
+                ),
+                transcoder_refusal="a transcoder on a model=torch_module store has no loss recovered during training yet",
             )
         except (UserError, OSError, ImportError, KeyError, ValueError) as err:
             self.disabled = True

@@ -27,6 +27,8 @@ from pathlib import Path
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 
+from sae_pipeline.schema.help import stage_module
+
 
 def flip_bytes(path: Path, rng: random.Random, n: int = 8, lo: int = 0, hi: int | None = None) -> int:
     """XOR n consecutive bytes at a random offset in [lo, hi) with non-zero values; returns the offset."""
@@ -112,7 +114,7 @@ def invoke(stage: str, args: list[str]) -> tuple[int, str]:
     """The real command line `python -m sae_pipeline.<stage> <args>`, run in this process: (exit code, stderr)."""
     import importlib
 
-    module = importlib.import_module(f"sae_pipeline.{stage}")
+    module = importlib.import_module(stage_module(stage))
     err, out = io.StringIO(), io.StringIO()
     argv = sys.argv
     sys.argv = [f"sae_pipeline/{stage}.py", *args]

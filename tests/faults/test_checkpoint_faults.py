@@ -14,7 +14,8 @@ from safetensors.torch import load_file, save_file
 
 from sae_pipeline import layout
 from sae_pipeline.errors import UserError
-from sae_pipeline.integrity import verify_tree
+from sae_pipeline.integrity.checkpoint import STATE_SEAL
+from sae_pipeline.integrity.tree import verify_tree
 from sae_pipeline.train import StopRequested, run
 from sae_pipeline.training import checkpoint
 from tests.faults import harness
@@ -41,7 +42,7 @@ def stopped(store, tmp_path_factory) -> Path:
     """A run stopped after step 41: checkpoints at steps 16 and 32."""
     run_dir = tmp_path_factory.mktemp("stopped") / "run"
     with pytest.raises(StopRequested):
-        run(cfg_for(store, run_dir, "train.stop_after_steps=41"))
+        run(cfg_for(store, run_dir, "train.advanced.stop_after_steps=41"))
     assert [p.name for p in checkpoint.list_checkpoints(run_dir)] == list(STEPS)
     return run_dir
 
@@ -100,7 +101,7 @@ def test_nan_after_resume_names_the_resume_point(store, stopped, tmp_path):
     run_dir = _copy(stopped, tmp_path)
     latest = run_dir / layout.CHECKPOINTS / STEPS[1]
     state = json.loads((latest / layout.TRAIN_META).read_text())
-    del state["sha256"], state[checkpoint.SEAL]
+    del state["sha256"], state[STATE_SEAL]
     (latest / layout.TRAIN_META).write_text(json.dumps(state))
     sae = load_file(str(latest / layout.SAE_WEIGHTS))
     sae["W_enc_DF"] = torch.full_like(sae["W_enc_DF"], 1e30)
@@ -116,7 +117,11 @@ def test_resume_that_changes_training_is_refused_or_recorded(store, stopped, tmp
         run(cfg_for(store, run_dir, "train.resume=true", "train.lr=0.001"))
     assert (run_dir / layout.CONFIG).read_text() == before  # the record is kept
     with pytest.raises(StopRequested):  # logging, evaluation and checkpoint keys may change
-        run(cfg_for(store, run_dir, "train.resume=true", "train.log_every=3", "train.stop_after_steps=35"))
+        run(
+            cfg_for(
+                store, run_dir, "train.resume=true", "train.log_every=3", "train.advanced.stop_after_steps=35"
+            )
+        )
     run(cfg_for(store, run_dir, "train.resume=true", "train.lr=0.001", "train.allow_changes=true"))
     saved = json.loads((run_dir / layout.CONFIG).read_text())
     assert saved["changes"] == [{"step": 32, "train.lr": [0.01, 0.001]}]
