@@ -1,13 +1,15 @@
-"""Quality with the defaults: one pass of TopK k=32 8x on the embedded default, scored by `sae-eval`'s code.
+"""Quality with the defaults: one pass of TopK 8x at k = 16, 32 and 64 on the embedded default, scored by
+`sae-eval`'s code.
 
     .venv/bin/python scripts/bench_quality.py                      # the benchmark (make bench runs it)
+    .venv/bin/python scripts/bench_quality.py --k 32               # one k only
     .venv/bin/python scripts/bench_quality.py --grid all --eval-tokens 8192   # the ablation grid
     .venv/bin/python scripts/bench_quality.py --grid lr_x2 b_dec_mean --eval-tokens 8192
     .venv/bin/python scripts/bench_quality.py --name mine --set train.lr=1e-3 sae.b_dec_init=mean
 
 1. Harvest ~600k rows of SmolLM2-135M `blocks.9.hook_resid_post` on the embedded Shakespeare once, with
    `sae-harvest` under <root>/stores/ (a complete store is reused; a killed harvest resumes).
-2. Train TopK k=32, d_sae = 8 x 576, batch 4096, exactly one pass over the store (every row once, the
+2. Train TopK at each --k (default 16, 32, 64), d_sae = 8 x 576, batch 4096, exactly one pass over the store (every row once, the
    remainder of the last batch dropped) with the defaults of `sae=topk` and the default `train` group, except
    what a benchmark must fix: no learning-rate warm-up, no validation rows, no loss recovered during
    training, logger off, one final checkpoint. `--set` adds overrides (the grid's points are named sets).
@@ -15,7 +17,8 @@
    harvested): FVU, CE loss recovered, KL, L0, dead latents on >= 20k held-out tokens.
 
 Prints one table line per run and writes everything to a JSON (default <root>/quality.json, or
-<root>/quality-grid.json for --grid). Target (issue 12): FVU <= 0.20 and loss recovered >= 0.975.
+<root>/quality-grid.json for --grid); a run is named <point>_k<k>. Target (issue 12): FVU <= 0.20 and loss
+recovered >= 0.975; dead latents (silent on the held-out text) <= 1% at every k (issue 21).
 Tokens/s is the whole training call (store open, init, every step, final save): compare it on one machine.
 """
 
@@ -41,7 +44,8 @@ from sae_pipeline.schema import compose  # noqa: E402
 D_SAE = 8 * 576
 N_TOKENS = 600_000
 BATCH = 4096
-TARGET_FVU, TARGET_LOSS_RECOVERED = 0.20, 0.975
+TARGET_FVU, TARGET_LOSS_RECOVERED, TARGET_DEAD_PCT = 0.20, 0.975, 1.0
+KS = (16, 32, 64)  # the sparsities the defaults must hold at
 
 # The ablation grid: one override set per point, each a one-pass run on the same store (the defaults first).
 # Learning rates are multiples of Gao et al.'s law 2e-4 / sqrt(d_sae / 2**14) (3.771e-4 at 4608 latents).
@@ -92,7 +96,7 @@ def code_version() -> str | None:
 
 
 def train_one(store: Path, run_dir: Path, extra: list[str], reuse: bool) -> dict:
-    """One pass of TopK k=32 8x with the defaults (plus `extra`); returns its settings and timing. With
+    """One pass of TopK 8x with the defaults (plus `extra`, which names sae.k); returns its settings and timing. With
     `reuse`, a finished run of the same overrides in run_dir is kept (a killed grid continues)."""
     record = run_dir / RECORD
     if reuse and record.exists() and (run_dir / layout.FINAL_SAE).is_dir():
@@ -108,7 +112,7 @@ def train_one(store: Path, run_dir: Path, extra: list[str], reuse: bool) -> dict
     rows = ActivationStore(store).manifest["n_tokens"]
     steps = rows // BATCH
     overrides = [
-        f"store={store}", f"train.run_dir={run_dir}", "train.overwrite=true", "sae=topk", "sae.k=32",
+        f"store={store}", f"train.run_dir={run_dir}", "train.overwrite=true", "sae=topk",
         f"sae.d_sae={D_SAE}", f"train.batch_size={BATCH}", f"train.total_tokens={steps * BATCH}",
         "train.lr_warmup_steps=0", "train.val_tokens=0", "train.val_every=0", "train.eval_every=0",
         "train.checkpoint_every_tokens=0", "train.keep_checkpoints=1", "logger=none", *extra,
@@ -136,9 +140,10 @@ def score(root: Path, folder: Path, n_tokens: int) -> dict[str, dict]:
 
 
 def line(name: str, r: dict) -> str:
-    ok = r["fvu"] <= TARGET_FVU and r["loss_recovered"] >= TARGET_LOSS_RECOVERED
+    ok = (r["fvu"] <= TARGET_FVU and r["loss_recovered"] >= TARGET_LOSS_RECOVERED
+          and r["dead_pct"] <= TARGET_DEAD_PCT)  # fmt: skip
     return (
-        f"{name:<14} FVU {r['fvu']:.4f} | loss recovered {r['loss_recovered']:.4f} | KL {r['kl']:.4f} | "
+        f"{name:<18} FVU {r['fvu']:.4f} | loss recovered {r['loss_recovered']:.4f} | KL {r['kl']:.4f} | "
         f"L0 {r['l0']:.1f} | dead {r['dead_pct']:.1f}% | {r['train_tokens_per_s']:,} tok/s "
         f"({r['steps']} steps) | {r['eval_tokens']} eval tokens | target {'met' if ok else 'missed'}"
     )
@@ -148,6 +153,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=ROOT / "runs" / "bench" / "quality")
     ap.add_argument("--eval-tokens", type=int, default=20_480)
+    ap.add_argument("--k", type=int, nargs="+", default=list(KS), help="TopK k of every run (default 16 32 64)")
     ap.add_argument("--grid", nargs="+", default=None, help=f"points of the grid, or all: {', '.join(GRID)}")
     ap.add_argument("--name", default="defaults", help="run name without --grid")
     ap.add_argument("--set", nargs="*", default=[], help="extra overrides without --grid")
@@ -165,13 +171,15 @@ def main() -> None:
         points, folder = {n: GRID[n] for n in names}, root / "grid"
     else:
         points, folder = {args.name: list(args.set)}, root / "runs"
+    # every point at every k (the run's k first, so `--set sae.k=...` would still win)
+    points = {f"{n}_k{k}": [f"sae.k={k}", *extra] for n, extra in points.items() for k in args.k}
     store = ensure_store(root)
     results: dict[str, dict] = {}
     for name, extra in points.items():
         print(f"--- {name}: {' '.join(extra) or '(defaults)'}", flush=True)
         results[name] = train_one(store, folder / name, extra, reuse=bool(args.grid) or args.reuse)
     metrics = score(root, folder if len(points) > 1 else folder / next(iter(points)), args.eval_tokens)
-    print(f"\nquality {time.strftime('%Y-%m-%d')}: TopK k=32 d_sae={D_SAE}, batch {BATCH}, one pass, "
+    print(f"\nquality {time.strftime('%Y-%m-%d')}: TopK k={'/'.join(map(str, args.k))} d_sae={D_SAE}, batch {BATCH}, one pass, "
           f"threads {os.environ.get('OMP_NUM_THREADS', 'all')}, load {os.getloadavg()[0]:.2f}")  # fmt: skip
     for name, r in results.items():
         m = metrics.get(name) or next(iter(metrics.values()))

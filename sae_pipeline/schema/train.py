@@ -31,7 +31,9 @@ class TrainConfig:
     lr_decay_fraction: float = 0.2  # linear decay to 0 over this final fraction of the steps
     sparsity_warmup_steps: int = 200  # sparsity coefficient ramps 0 -> full over these steps
     max_grad_norm: float = 1.0  # gradient clipping (global L2 norm); 0 = off
-    dead_tokens: int = 500_000  # a latent is dead when it has not fired for this many tokens
+    # a latent is dead (logged; AuxK and resampling act on it) when it has not fired for this many tokens;
+    # None: each SAE's default_dead_tokens(), 500,000 or, for the K-sparse family, 32 x d_sae / k (sae/topk.py)
+    dead_tokens: Optional[int] = None
     resample_every: int = 0  # sae=relu: resample dead latents every N steps in the first half (0 = off)
     seed: int = 0  # SAE init, data order, RNG
     device: str = "auto"  # auto (CUDA + bf16 autocast + TF32 when available, else CPU float32) | cpu | cuda:N

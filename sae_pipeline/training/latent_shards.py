@@ -201,7 +201,7 @@ class ShardedMember(Member):
         self.job = dist
         super().__init__(name, run_dir, sae_cfg, d_in, tcfg, device, input_scale, dist, target)
         self.checkpoint_root = layout.latent_shard_dir(run_dir, dist.shard, dist.n_shards)
-        self.stats = ShardedLatentStats(self.sae.d_local, tcfg.dead_tokens, device, dist)
+        self.stats = ShardedLatentStats(self.sae.d_local, self.dead_tokens, device, dist)
 
     def _place(self, sae):
         return shard_module(sae, self.job)

@@ -47,7 +47,9 @@ class Member:
         self.dist = dist  # training.distributed.Distributed of a data-parallel job, else None
         if dist is not None and dist.active:
             self.sae.collective = dist  # batch-wide top-k and AuxK normaliser over all ranks
-        self.stats = LatentStats(self.sae.d_sae, tcfg.dead_tokens, device, dist)
+        # train.dead_tokens, or the SAE's own default (a K-sparse SAE's follows d_sae / k)
+        self.dead_tokens = sae.default_dead_tokens() if tcfg.dead_tokens is None else int(tcfg.dead_tokens)
+        self.stats = LatentStats(self.sae.d_sae, self.dead_tokens, device, dist)
         self.rng = checkpoint.rng_state()[0]
         self.logger: RunLogger | None = None
         self.resumed_from: Path | None = None  # the checkpoint this run resumed from

@@ -46,6 +46,8 @@ def _get(t, dotted: str):
 def check_train_config(t) -> None:
     """Raise a UserError naming the first bad key of `train`."""
     for key in _POSITIVE:
+        if key == "dead_tokens" and t[key] is None:  # the default that follows the SAE (sae.default_dead_tokens)
+            continue
         if _get(t, key) < 1:
             raise UserError(f"train.{key}={_get(t, key)} must be a positive integer")
     for key in _NON_NEGATIVE:

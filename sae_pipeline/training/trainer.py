@@ -260,6 +260,8 @@ def _train_loop(
             else f"train.lr not given: {type(m.sae).default_lr_scale:g} x 2e-4 / sqrt(d_sae / 2**14), d_sae={m.sae.d_sae}"
         )
         m.logger.event(step, f"peak learning rate {m.lr:.4g} ({why})")
+        why = "train.dead_tokens" if tcfg.dead_tokens is not None else "train.dead_tokens not given: the SAE's default"
+        m.logger.event(step, f"a latent is dead after {m.dead_tokens:,} tokens without firing ({why})")
     if step == 0 and not tcfg.stream and total_steps * tcfg.batch_size > reader.epoch_rows:
         passes = total_steps * tcfg.batch_size / reader.epoch_rows
         log0.event(

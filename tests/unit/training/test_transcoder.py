@@ -301,9 +301,9 @@ def train_args(a: Path, b: Path, *extra: str, arch: str = "topk") -> list[str]:
 def test_cli_trains_a_transcoder_and_records_its_target(tmp_path):
     a, b, _, _ = two_stores(tmp_path, same_order=False)
     run_dir = tmp_path / "run"
-    res = run_cli(
-        "train", [*train_args(a, b), f"train.run_dir={run_dir}"], cwd=tmp_path, env={"OMP_NUM_THREADS": "1"}
-    )
+    # AuxK at the weight this FVU bound was set at (the default is now 4: 0.1507 on the last validation)
+    args = [*train_args(a, b, "sae.aux_k_coefficient=0.03125"), f"train.run_dir={run_dir}"]
+    res = run_cli("train", args, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     record = json.loads((run_dir / layout.CONFIG).read_text())
     assert record["target_store"] == str(b.resolve()) and record["d_out"] == D_OUT and record["d_in"] == D_IN
