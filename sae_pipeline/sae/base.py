@@ -185,12 +185,11 @@ class SAE(nn.Module):
     encoder_init_scale: ClassVar[float] = 1.0
     # The default peak learning rate (train.lr unset) is this times 2e-4 / sqrt(d_sae / 2**14) (training/schedule.py).
     default_lr_scale: ClassVar[float] = 1.0
-
-    def default_dead_tokens(self) -> int:
-        """`train.dead_tokens` when it is not given: tokens without firing after which a latent counts as dead."""
-        return 500_000
     # Data-parallel training: the trainer sets this to the job's ranks (see sae/batch_reduce.py); None = one process.
     collective = None
+
+    def default_dead_tokens(self) -> int:  # dead after this many silent tokens (train.dead_tokens unset)
+        return 500_000
 
     def __init__(self, cfg: SAEConfig, d_in: int, seed: int | None = None, d_out: int | None = None):
         super().__init__()

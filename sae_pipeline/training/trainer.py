@@ -260,8 +260,8 @@ def _train_loop(
             else f"train.lr not given: {type(m.sae).default_lr_scale:g} x 2e-4 / sqrt(d_sae / 2**14), d_sae={m.sae.d_sae}"
         )
         m.logger.event(step, f"peak learning rate {m.lr:.4g} ({why})")
-        why = "train.dead_tokens" if tcfg.dead_tokens is not None else "train.dead_tokens not given: the SAE's default"
-        m.logger.event(step, f"a latent is dead after {m.dead_tokens:,} tokens without firing ({why})")
+        unset = "" if tcfg.dead_tokens is not None else " not given: the SAE's default"
+        m.logger.event(step, f"dead after {m.dead_tokens:,} silent tokens (train.dead_tokens{unset})")
     if step == 0 and not tcfg.stream and total_steps * tcfg.batch_size > reader.epoch_rows:
         passes = total_steps * tcfg.batch_size / reader.epoch_rows
         log0.event(
@@ -343,8 +343,7 @@ def _train_loop(
             last_ckpt = step
         for m in members:
             m.stats.t0 += time.perf_counter() - t_side
-        stop_after = tcfg.advanced.stop_after_steps
-        if stop_after is not None and step >= stop_after and not last:
+        if (stop_after := tcfg.advanced.stop_after_steps) is not None and step >= stop_after and not last:
             dist.barrier()  # the checkpoint is on disk before any rank exits
             raise StopRequested(
                 f"stopped after step {step} (train.advanced.stop_after_steps); last checkpoint at step {last_ckpt}"
