@@ -1,8 +1,9 @@
 """Writing files so that a reader never sees half of one: write to a temporary name, fsync, rename.
 
 Every file a later stage or a resume trusts goes through here (JSON, text, safetensors), and
-`sha256_file` is the one checksum they are recorded with (sae_pipeline/integrity/ records and checks them). A full disk is an OSError naming the
-file whatever the writer (safetensors raises its own SafetensorError).
+`sha256_file` is the one checksum they are recorded with (sae_pipeline/integrity/ records and checks
+them). A full disk is an OSError naming the file whatever the writer (safetensors raises its own
+SafetensorError).
 """
 
 from __future__ import annotations

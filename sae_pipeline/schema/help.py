@@ -45,14 +45,14 @@ def stage_groups(stage: str) -> dict[str, tuple[str | None, list[str]]]:
     return out
 
 
-def folded_config(root) -> tuple[str, list[str]]:
-    """The composed config as YAML without `hydra` and without any `advanced` node; the folded nodes' names."""
+def folded_config(root) -> tuple[str, dict[str, int]]:
+    """The composed config as YAML without `hydra` and without any `advanced` node; {group: keys folded}."""
     cfg = OmegaConf.to_container(root, resolve=False)
     cfg.pop("hydra", None)
-    folded = []
+    folded = {}
     for group, node in cfg.items():
         if isinstance(node, dict) and isinstance(node.get("advanced"), dict):
-            folded.append(f"{group}.advanced ({len(node.pop('advanced'))} keys)")
+            folded[group] = len(node.pop("advanced"))
     return OmegaConf.to_yaml(OmegaConf.create(cfg)), folded
 
 
@@ -76,10 +76,9 @@ def help_text(stage: str, _root_=None) -> str:
     else:
         config, folded = folded_config(_root_)
         lines.append(config.replace("$", "$$"))
-        for node in folded:  # one line per folded node: that it exists and how to see it
-            group = node.split(".")[0]
+        for group, n_keys in folded.items():  # one line per folded node: that it exists and how to see it
             lines.append(
-                f"{node}, settings most runs never change, is folded away: "
+                f"{group}.advanced ({n_keys} keys), settings most runs never change, is folded away: "
                 f"`sae-{stage} --cfg job -p {group}.advanced` prints it"
             )
     lines += ["", "Hydra's own options: --hydra-help"]

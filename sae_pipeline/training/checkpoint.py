@@ -8,8 +8,8 @@
                             the sha256 of both safetensors files and of itself (`state_sha256`)
 
 A checkpoint is written into `step-....tmp/` and renamed when complete, so a run killed while
-saving keeps its previous checkpoint; `latest()` ignores unfinished folders.
-integrity/checkpoint.py checks a checkpoint's checksums and values; a resume starts from the newest intact checkpoint
+saving keeps its previous checkpoint; `latest()` ignores unfinished folders. integrity/checkpoint.py
+checks a checkpoint's checksums and values; a resume starts from the newest intact checkpoint
 (`newest_intact`), moving a damaged one aside to `step-....damaged/`.
 """
 

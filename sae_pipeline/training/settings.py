@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+from omegaconf import OmegaConf
+
 from sae_pipeline.errors import UserError
 from sae_pipeline.schema.advanced import nest_advanced
 
@@ -37,19 +39,13 @@ _NON_NEGATIVE = ("val_tokens", "lr_warmup_steps", "sparsity_warmup_steps", "val_
 _NON_NEGATIVE += ("checkpoint_every_tokens", "resample_every")
 
 
-def _get(t, dotted: str):
-    for part in dotted.split("."):
-        t = t[part]
-    return t
-
-
 def check_train_config(t) -> None:
     """Raise a UserError naming the first bad key of `train`."""
     for key in _POSITIVE:
-        if key == "dead_tokens" and t[key] is None:  # the default that follows the SAE (sae.default_dead_tokens)
+        if key == "dead_tokens" and t[key] is None:  # the SAE's own default (sae.default_dead_tokens)
             continue
-        if _get(t, key) < 1:
-            raise UserError(f"train.{key}={_get(t, key)} must be a positive integer")
+        if OmegaConf.select(t, key) < 1:
+            raise UserError(f"train.{key}={OmegaConf.select(t, key)} must be a positive integer")
     for key in _NON_NEGATIVE:
         if t[key] < 0:
             raise UserError(f"train.{key}={t[key]} must be 0 or more")
@@ -59,14 +55,14 @@ def check_train_config(t) -> None:
             "nothing would be trained"
         )
     for key in ("lr", "advanced.adam_eps"):
-        value = _get(t, key)
+        value = OmegaConf.select(t, key)
         if key == "lr" and value is None:  # the default that follows the dictionary width
             continue
         if not (math.isfinite(value) and value > 0):
             raise UserError(f"train.{key}={value} must be a positive finite number")
     for key in ("advanced.adam_beta1", "advanced.adam_beta2"):
-        if not 0 <= _get(t, key) < 1:
-            raise UserError(f"train.{key}={_get(t, key)} must be in [0, 1)")
+        if not 0 <= OmegaConf.select(t, key) < 1:
+            raise UserError(f"train.{key}={OmegaConf.select(t, key)} must be in [0, 1)")
     if not 0 <= t.lr_decay_fraction <= 1:
         raise UserError(f"train.lr_decay_fraction={t.lr_decay_fraction} must be in [0, 1]")
     if not (math.isfinite(t.max_grad_norm) and t.max_grad_norm >= 0):
