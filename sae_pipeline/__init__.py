@@ -43,6 +43,7 @@ _API = (
     "capture_activations",
     "evaluate_sae",
     "export_sae",
+    "explain_latents",
     "browse_features",
     "harvest_activations",
     "load_model",

@@ -12,7 +12,8 @@
 
 The stages run as functions with command-line overrides (a list of "key=value" or a dict) and return what
 they wrote: `harvest_activations(...)` the store folders, `train_sae(...)` the run folder, `evaluate_sae(...)`
-the metrics, `browse_features(...)` the browser folder, `export_sae(...)` the exported folder. (They are not
+the metrics, `browse_features(...)` the browser folder, `explain_latents(...)` the explain folder,
+`export_sae(...)` the exported folder. (They are not
 called `harvest`, `train`, ... because those names are the stage modules `sae_pipeline.harvest`, ...)
 """
 
@@ -219,6 +220,14 @@ def browse_features(sae_path: str | Path, overrides: Overrides = None) -> Path:
     from sae_pipeline import features as stage
 
     return stage.run(_compose("features", overrides, sae_path=sae_path))
+
+
+def explain_latents(sae_path: str | Path, overrides: Overrides = None) -> Path:
+    """sae-explain as a function (run browse_features first); returns <run>/explain, which holds
+    explanations.jsonl and summary.json."""
+    from sae_pipeline import explain as stage
+
+    return stage.run(_compose("explain", overrides, sae_path=sae_path))
 
 
 def export_sae(sae_path: str | Path, out: str | Path | None = None, overrides: Overrides = None) -> Path:

@@ -6,8 +6,8 @@
 
 Explains from the feature browser's top and quantile contexts (run sae-features first) and scores each
 explanation against contexts it did not see, beside the score of another latent's explanation (the
-shuffled baseline). Writes <run>/explain/{explanations.jsonl, summary.json} and adds the explanations to
-the browser. A rerun continues an interrupted one (interpret/explain_run.py).
+shuffled baseline). Writes <run>/explain/{explanations.jsonl, summary.json}, adds the explanations to
+the browser and logs them with the mean scores to W&B (logger=none: not). A rerun continues an interrupted one (interpret/explain_run.py).
 """
 
 from __future__ import annotations
@@ -18,17 +18,20 @@ import hydra
 from omegaconf import DictConfig
 
 from sae_pipeline.errors import report_config_errors, report_user_errors
+from sae_pipeline.interpret import explanations
 from sae_pipeline.interpret.explain_run import run_explain
 from sae_pipeline.runs import single_target_only
 from sae_pipeline.schema import register_configs
-from sae_pipeline.schema.explain import check_explain_config
+from sae_pipeline.schema.explain import check_explain_job
 
 
 def run(cfg: DictConfig) -> Path:
     """Explain and score the chosen latents of the SAE at cfg.sae_path; returns <run>/explain."""
-    check_explain_config(cfg.explain)
+    check_explain_job(cfg)
     target, _ = single_target_only(Path(cfg.sae_path))
-    return run_explain(cfg.explain, target.run_dir)
+    out_dir = run_explain(cfg.explain, target.run_dir)
+    explanations.log_wandb(cfg.logger, out_dir, target.run_dir.name)
+    return out_dir
 
 
 register_configs()

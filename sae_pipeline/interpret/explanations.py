@@ -1,4 +1,4 @@
-"""The explain folder's records (sae-explain writes them, the feature browser shows them).
+"""The explain folder's records (sae-explain writes them, the feature browser and W&B show them).
 
 Records are JSON lines appended one latent at a time and flushed to disk, so a killed run loses at most
 the line it was writing: `read` drops a last line cut short, and the rerun writes that latent again.
@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from sae_pipeline import layout
+from sae_pipeline.tracking import start_wandb
 
 SCORES = ("detection", "fuzzing", "detection_shuffled", "fuzzing_shuffled")
 
@@ -58,3 +59,28 @@ def attach(report: dict, records: list[dict]) -> dict:
 
 def read_for_browser(run_dir: Path) -> list[dict]:
     return read(Path(run_dir) / layout.EXPLAIN_DIR / layout.EXPLANATIONS)
+
+
+def log_wandb(logger_cfg, out_dir: Path, name: str) -> None:
+    """What the explain folder holds for its chosen latents, as one W&B run (job type `explain`) under
+    <out_dir>/wandb: the mean scores as `explain/<score>` in its summary, and every explanation with its
+    scores as the table `explain/explanations`."""
+    if not logger_cfg.wandb:
+        return
+    import wandb
+
+    settings = json.loads((Path(out_dir) / layout.EXPLAIN_SETTINGS).read_text())
+    chosen = set(settings["latent_ids"])
+    records = [r for r in read(Path(out_dir) / layout.EXPLANATIONS) if r["latent"] in chosen]
+    run_name = logger_cfg.name or f"explain-{name}"
+    run = start_wandb(logger_cfg, out_dir, run_name, logger_cfg.group, settings, job_type="explain")
+    columns = ["latent", "explanation", *SCORES]
+    run.log(
+        {
+            "explain/explanations": wandb.Table(
+                columns=columns, data=[[r[c] for c in columns] for r in records]
+            )
+        }
+    )
+    run.summary.update({f"explain/{k}": v for k, v in summary(records).items()})
+    run.finish()

@@ -7,9 +7,9 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, ListConfig
 
-from sae_pipeline.errors import UserError
+from sae_pipeline.errors import UserError, check_choice
 
-from .common import PathsConfig
+from .common import LOGGER_MODES, LoggerConfig, PathsConfig
 
 CHOOSERS = ("top", "random")
 
@@ -45,6 +45,13 @@ class ExplainJob:
     sae_path: str = MISSING  # the run folder sae-features browsed
     paths: PathsConfig = field(default_factory=PathsConfig)
     explain: ExplainConfig = field(default_factory=ExplainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # the scores and explanations to W&B
+
+
+def check_explain_job(cfg) -> None:
+    """Raise a UserError naming the first bad key of the whole sae-explain config."""
+    check_explain_config(cfg.explain)
+    check_choice("logger.mode", cfg.logger.mode, LOGGER_MODES)
 
 
 def check_explain_config(e) -> None:

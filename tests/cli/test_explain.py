@@ -29,6 +29,7 @@ from sae_pipeline.locks import FolderBusy, hold
 from sae_pipeline.schema.explain import ExplainConfig, check_explain_config
 from tests.helpers import features_cfg, make_sae_run, run_cli, save_tiny_model
 from tests.support.chat_server import ChatServer, rule_answer
+from tests.support.wandb_records import summary as wandb_summary
 
 WORDS = ["the", "night", "day", "sword", "art", "thou", "king", "queen", "love"]
 PLANTED = {0: "king", 1: "queen", 2: "love"}  # latent -> the one word it fires on
@@ -394,6 +395,15 @@ def test_sae_explain_cli_end_to_end_on_a_tiny_model(tiny_run, tmp_path):
         assert s[k] == pytest.approx(sum(r[k] for r in recs) / 3, abs=1e-12) and 0.0 <= s[k] <= 1.0
     by_id = {r["id"]: r for r in report["latents"]}
     assert [by_id[r["latent"]]["explanation"]["text"] for r in recs] == [r["explanation"] for r in recs]
+    # the same scores and explanations in an (offline) W&B run beside them
+    (log,) = (tiny_run / layout.EXPLAIN_DIR).glob("wandb/offline-run-*/run-*.wandb")
+    wb = wandb_summary(log)
+    assert wb["name"] == f"explain-{tiny_run.name}" and wb["config"]["latent_ids"] == ok[:3]
+    assert {k: wb["summary"][f"explain/{k}"] for k in SUMMARY_KEYS} == s
+    (row,) = [h for h in wb["history"] if "explain/explanations/path" in h]
+    table = json.loads((log.parent / "files" / row["explain/explanations/path"]).read_text())
+    assert table["columns"] == ["latent", "explanation", *explanations.SCORES]
+    assert table["data"] == [[r[c] for c in table["columns"]] for r in recs]
     # a rebuilt browser keeps showing them
     features.run(features_cfg(tiny_run))
     rebuilt = {r["id"]: r for r in browser.read_report(tiny_run / layout.FEATURES)["latents"]}
@@ -407,6 +417,27 @@ def test_sae_explain_cli_end_to_end_on_a_tiny_model(tiny_run, tmp_path):
         f"error: the model server at explain.base_url={down} did not answer after 1 tries (last: [Errno 111] "
         "Connection refused); start it or point explain.base_url at a running one"
     ]
+
+
+def test_explain_latents_is_the_stage_as_a_function(tiny_run, tmp_path):
+    from sae_pipeline import explain_latents
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    shutil.rmtree(run / layout.EXPLAIN_DIR, ignore_errors=True)
+    with ChatServer("rule") as server:
+        out = explain_latents(
+            run,
+            {
+                "explain.base_url": server.url,
+                "explain.model": "tiny-chat",
+                "explain.n_latents": 2,
+                "explain.n_score": 2,
+                "logger": "none",
+            },
+        )
+    assert out == run / layout.EXPLAIN_DIR
+    assert [r["explanation"] for r in records(run)] == [rule_answer(p) for p in server.prompts("explain")]
+    assert summary(run)["n_latents"] == 2 and not (out / "wandb").exists()
 
 
 def test_silent_contexts_never_fire(tiny_run):

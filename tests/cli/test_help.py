@@ -19,7 +19,7 @@ OWN_GROUPS = {  # from each stage's conf/<stage>.yaml defaults list, written out
     "harvest": {"paths", "model", "data", "hook", "experiment"},
     "eval": {"paths", "logger"},
     "features": {"paths"},
-    "explain": {"paths"},
+    "explain": {"paths", "logger"},
     "steer": {"paths"},
     "probe": {"paths", "logger", "probe_task"},
     "export": {"paths"},
