@@ -209,6 +209,7 @@ class TrainingRun:
         return self.run_dir
 
     def _loop(self) -> None:
+        """Step to the planned total (or the end of a streamed store), then save the SAEs."""
         tcfg, reader = self.tcfg, self.reader
         self.total = planned_steps(tcfg, reader)
         self.log0 = self.members[0].logger  # where the run-wide events go
