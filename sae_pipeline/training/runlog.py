@@ -1,12 +1,15 @@
 """Where a training run's records go: `<run>/train_log.jsonl` always, and W&B when `logger.wandb` is on
-(offline, under `<run>/wandb/`, unless WANDB_API_KEY is set or `logger.mode=online`)."""
+(offline, under `<run>/wandb/`, unless WANDB_API_KEY is set or `logger.mode=online`); and the printed
+progress line with its clock."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from sae_pipeline import layout
+from sae_pipeline.progress import duration
 from sae_pipeline.tracking import log_sae_artifact, start_wandb
 
 
@@ -80,6 +83,28 @@ def measured_line(metrics: dict) -> str:
     if "eval/kl" in metrics:
         parts.append(f"kl {metrics['eval/kl']:.4f}")
     return " ".join(parts)
+
+
+def progress_line(member: str, step: int, total: int, rec: dict) -> str:
+    """The printed line of one log record: `[member] step 8/64 loss ... tok/s` (the member named in a group)."""
+    who = f"[{member}] " if member else ""
+    return (
+        f"{who}step {step}/{total} loss {rec['loss']:.4g} mse {rec['mse']:.4g} fvu {rec['fvu']:.3f} "
+        f"l0 {rec['l0']:.1f} dead {rec['dead_latents']} lr {rec['lr']:.2e} {rec['tokens_per_s']:.0f} tok/s"
+    )
+
+
+class Clock:
+    """Elapsed time since this process started training and the ETA at the rate of its steps so far."""
+
+    def __init__(self, first_step: int, total_steps: int):
+        self.first, self.total, self.start = first_step, total_steps, time.perf_counter()
+
+    def line(self, step: int) -> str:
+        elapsed = time.perf_counter() - self.start
+        done = step - self.first
+        eta = duration(elapsed / done * (self.total - step)) if done > 0 else "?"
+        return f"elapsed {duration(elapsed)} | ETA {eta}"
 
 
 def _step(line: str) -> int:
