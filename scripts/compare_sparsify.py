@@ -15,8 +15,8 @@ Run (d_in 576, 8x, k 32, batch 4096, 1 thread, float32 by default):
     PYTHONPATH=$PWD .venv-sparsify/bin/python scripts/compare_sparsify.py --synthetic --repeats 5
     PYTHONPATH=$PWD .venv-sparsify/bin/python scripts/compare_sparsify.py --store PATH --json out.json
 
-Each round times, one after the other on the same rows (the first rows of the store, or of a synthetic
-Gaussian store that bench_loop.py writes when --synthetic is given or the store is missing):
+Each round times, one after the other, on the same store (the given one, or a synthetic Gaussian store that
+bench_loop.py writes when --synthetic is given or the store is missing):
 
 (a) sparsify: its SparseCoder (SaeConfig expansion_factor 8, k 32) and optimizer as its `Trainer.__init__`
     builds them (TrainConfig's default, signum: ScheduleFreeWrapper(SignSGD) at 5e-3 / sqrt(F / 2**14); or
@@ -24,17 +24,20 @@ Gaussian store that bench_loop.py writes when --synthetic is given or the store 
     the stored rows: the hook's work (b_dec set to the batch mean on step 0, decoder rows renormalised,
     total variance, forward with fvu loss, AuxK when --sparsify-auxk > 0, fired latents, the logged fvu read
     back to the host, backward), then `remove_gradient_parallel_to_decoder_directions`, optimizer and
-    scheduler steps, dead-latent counters. The rows come from memory, already shuffled (sparsify gets them
-    from its DataLoader; it reads no store): this favours sparsify, whose side has no reader.
-(b) the project: the real `sae-train` loop on the same store (bench_loop.py's `loop_rate`: `train.run` with
-    logger=none, validation off, one final checkpoint, the project's defaults for TopK, AuxK included).
+    scheduler steps, dead-latent counters. Its rows are the store's first ones, read into memory and shuffled
+    beforehand (sparsify gets them from its DataLoader; it reads no store): this favours sparsify, whose
+    timed side has no reader.
+(b) the project: the real `sae-train` loop on the same store, read by its own shuffling reader (bench_loop.py's
+    `loop_rate`: `train.run` with logger=none, validation off, one final checkpoint, lr 1e-4, the project's
+    other TopK defaults, AuxK included).
 (c) the encoder's bare GEMM at the shape, x[B, D] @ W[D, F] (bench_sae.py's `best_time`), as tokens/s.
 
 (a) and (b) are the same statistic: the best log window (`--log-every` steps) after the first of each run,
 as bench_loop.py reports the loop; each is then the median over the rounds, and so is (c). The ratio is
 project / sparsify. Print the load average with the numbers: on a shared machine compare ratios from one run.
 
-Quality is not compared here: bench_quality.py's one-pass table (issue 21) holds sparsify's held-out FVU.
+Quality is not compared here (issue 21's one-pass table has sparsify's held-out FVU; this script does not
+reproduce it).
 """
 
 from __future__ import annotations
