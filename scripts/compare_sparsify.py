@@ -36,8 +36,10 @@ bench_loop.py writes when --synthetic is given or the store is missing):
 as bench_loop.py reports the loop; each is then the median over the rounds, and so is (c). The ratio is
 project / sparsify. Print the load average with the numbers: on a shared machine compare ratios from one run.
 
-Quality is not compared here (issue 21's one-pass table has sparsify's held-out FVU; this script does not
-reproduce it).
+--fvu-steps N (default 0: off) then checks that speed is not bought with quality: each side trains N steps of
+one pass at its own defaults (the project: `sae-train` with its default lr, holding out --fvu-rows validation
+rows at the end of the store; sparsify: the store's first N batches, shuffled), and both are scored on those
+held-out rows with sparsify's FVU, sum((x - x_hat)^2) / sum((x - mean(x))^2).
 """
 
 from __future__ import annotations
@@ -179,6 +181,48 @@ def gemm_rate(d_in: int, d_sae: int, batch: int) -> float:
     return batch / best_time(lambda: x_BD @ W_DF, 3)
 
 
+def fvu(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> float:
+    return float((x_BD - x_hat_BD).pow(2).sum() / (x_BD - x_BD.mean(0)).pow(2).sum())
+
+
+def one_pass_fvu(store: Path, args, d_sae: int, tmp: Path) -> dict:
+    """Held-out FVU of each side after --fvu-steps steps of one pass at its defaults (see the docstring)."""
+    from sae_pipeline.data.reader import ShuffledReader
+    from sae_pipeline.sae import load_sae_folder
+    from sae_pipeline.schema import compose
+    from sae_pipeline.train import run
+
+    n_train = args.fvu_steps * args.batch
+    run(compose("train", [
+        f"store={store}", f"train.run_dir={tmp / 'fvu-run'}", "sae=topk", f"sae.d_sae={d_sae}", f"sae.k={args.k}",
+        "logger=none", f"train.batch_size={args.batch}", f"train.total_tokens={n_train}", "train.val_every=0",
+        f"train.val_tokens={args.fvu_rows}", "train.eval_every=0", "train.checkpoint_every_tokens=0", "train.device=cpu",
+    ]))  # fmt: skip
+    heldout = ShuffledReader(ActivationStore(store), args.batch, val_tokens=args.fvu_rows).validation_rows()
+    shards = ActivationStore(
+        store
+    ).shards  # held-out contexts lie in the last shard: sparsify's rows stop before
+    if n_train > sum(sh.n_rows for sh in shards[:-1]):
+        raise SystemExit(
+            f"--fvu-steps {args.fvu_steps}: the store's shards before its last hold too few rows"
+        )
+    rows = read_rows(store, n_train)
+    rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))]
+    loop = SparsifyLoop(
+        args.d_in, args.expansion, args.k, args.sparsify_optimizer, args.sparsify_auxk, args.fvu_steps
+    )
+    for s in range(args.fvu_steps):
+        loop.step(rows[s * args.batch : (s + 1) * args.batch])
+    for opt in loop.optimizers:  # schedule-free: evaluate at the averaged weights, as its Trainer saves them
+        getattr(opt, "eval", lambda: None)()
+    with torch.no_grad():
+        sp = fvu(heldout, loop.sae(heldout).sae_out)
+        pr = fvu(heldout, load_sae_folder(tmp / "fvu-run" / "sae")(heldout))
+    print(f"held-out FVU after {args.fvu_steps} steps ({n_train:,} rows) on {len(heldout):,} rows: "
+          f"sparsify {sp:.3f}, project {pr:.3f}", flush=True)  # fmt: skip
+    return {"steps": args.fvu_steps, "heldout_rows": len(heldout), "sparsify": sp, "project": pr}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -195,6 +239,8 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=2, help="steps per log window")
     ap.add_argument("--sparsify-optimizer", default="signum", help="signum (its default) | adam")
     ap.add_argument("--sparsify-auxk", type=float, default=0.0, help="sparsify's auxk_alpha (its default 0)")
+    ap.add_argument("--fvu-steps", type=int, default=0, help="one-pass held-out FVU after N steps (0: off)")
+    ap.add_argument("--fvu-rows", type=int, default=16_384, help="held-out rows for --fvu-steps")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -203,7 +249,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = args.store
         if args.synthetic or not (store / "manifest.json").exists():
-            store = make_store(Path(tmp) / "store", args.batch * (n_steps + 1), args.d_in)
+            shard = 65_536  # make_store's shard size; --fvu-steps holds out rows of a last shard of their own
+            rows_needed = -(-args.batch * (max(n_steps, args.fvu_steps) + 1) // shard) * shard
+            store = make_store(Path(tmp) / "store", rows_needed + (shard if args.fvu_steps else 0), args.d_in)
         args.d_in = ActivationStore(store).d_in
         d_sae = args.expansion * args.d_in
         rows = read_rows(store, n_steps * args.batch)
@@ -241,6 +289,8 @@ def main() -> None:
         )
         results = {"config": {**vars(args), "store": str(store)}, "versions": versions, "rounds": per_round,
                    "median": med, "ratio": ratio, "load_average_before": per_round[0]["load"]}  # fmt: skip
+        if args.fvu_steps:
+            results["fvu"] = one_pass_fvu(store, args, d_sae, Path(tmp))
         print(f"load average after: {load_avg()}")
     results["load_average_after"] = os.getloadavg()
     if args.json:
