@@ -81,8 +81,8 @@ class _GatherEncode(torch.autograd.Function):
 def embedding_bag_weight_grad(
     grad_BD: Tensor, idx_BK: Tensor, weights_BK: Tensor, n_weights: int, rows_N: Tensor | None = None
 ) -> Tensor:
-    """grad_FD[f] = sum over entries (b, k) with idx == f of weights[b, k] * grad_BD[b]: the weight gradient of
-    `F.embedding_bag(idx, W_FD, offsets, per_sample_weights=weights, mode="sum")` for the output gradient
+    """grad_FD[f] = sum over entries (b, k) with idx == f of weights[b, k] * grad_BD[b]: the weight gradient
+    of `F.embedding_bag(idx, W_FD, offsets, per_sample_weights=weights, mode="sum")` for the output gradient
     grad_BD. Flat form: idx and weights are (N,), rows_N each entry's row (grouped by row).
 
     This calls the op that embedding_bag's own backward calls, with the same arguments (offset2bag is each
@@ -93,7 +93,7 @@ def embedding_bag_weight_grad(
     idx_N = idx_BK.reshape(-1)
     n_rows = grad_BD.shape[0]
     if rows_N is None:
-        rows_N = torch.arange(n_rows, dtype=idx_N.dtype, device=idx_N.device).repeat_interleave(idx_BK.shape[1])
+        rows_N = torch.arange(n_rows, device=idx_N.device).repeat_interleave(idx_BK.shape[1])
     bag_size_B = (
         torch.full((n_rows,), idx_BK.shape[1], dtype=idx_N.dtype, device=idx_N.device)
         if idx_BK.dim() == 2

@@ -5,12 +5,13 @@
  * row and calls libstdc++'s std::partial_sort with "a before b iff (isnan(a) && !isnan(b)) || a > b": a
  * max-heap of the first k pairs under that order (so its root is the smallest kept), every later pair that
  * beats the root replaces it, and the heap is then sorted, so the output is largest first, sorted or not.
- * Where the row's k largest values are distinct, NaN-free and no other value equals the k-th, that output is
- * simply determined (no tie to break), and `topk_row` finds it without a heap: a lower bound of the k-th value
- * from one vectorised max pass, then a scan collecting the few values that reach it. Any other row (ties, NaN:
- * largest of all, as in numpy) goes to `topk_row_exact`, which replays libstdc++'s heap operations step for
- * step (__make_heap, __adjust_heap, __push_heap, __pop_heap, __sort_heap of bits/stl_heap.h), skipping a block
- * of values that cannot beat the root at a time; ties and NaN therefore come out exactly as torch orders them.
+ * Where the row's k largest values are distinct, NaN-free and no other value equals the k-th, that output
+ * is simply determined (no tie to break), and `topk_row` finds it without a heap: a lower bound of the k-th
+ * value from one vectorised max pass, then a scan collecting the few values that reach it. Any other row
+ * (ties, NaN: largest of all, as in numpy) goes to `topk_row_exact`, which replays libstdc++'s heap
+ * operations step for step (__make_heap, __adjust_heap, __push_heap, __pop_heap, __sort_heap of
+ * bits/stl_heap.h), skipping a block of values that cannot beat the root at a time; ties and NaN therefore
+ * come out exactly as torch orders them.
  *
  * Rows are independent and split into fixed contiguous chunks over threads, so the result does not depend
  * on the thread count.
@@ -148,7 +149,7 @@ static float kth_largest(const elem_t *c, int64_t m, int64_t k, float *s) {
 /* A lower bound of the row's k-th largest value: split the row into g >= k groups (element j in group j % g)
  * and take each group's maximum; the k-th largest of those g maxima is reached by k distinct elements (the
  * k largest maxima), so it is <= the row's k-th largest. One vectorisable pass; with g = 4k only a few dozen
- * more values reach it. A NaN may be lost by the max (the collecting scan sees it). mx and s hold g floats. */
+ * more values reach it. A NaN may be lost by the max (the collecting scan sees it). mx, s hold g floats. */
 #define GROUPS(k) (((k) + 15) / 16 * 64) /* about 4k, a multiple of 64 */
 static float lower_bound(const float *x, int64_t n, int64_t k, float *mx, int64_t g, float *s) {
     for (int64_t j = 0; j < g; j++) mx[j] = -INFINITY;
@@ -163,9 +164,11 @@ static float lower_bound(const float *x, int64_t n, int64_t k, float *mx, int64_
 /* The fast path. When the k largest values of the row are distinct, none is NaN and no other value equals the
  * k-th, torch's answer is simply those k values in decreasing order with their indices (no tie to break), so
  * any selection gives it: candidates reaching a rising threshold t (a lower bound of the k-th value) are
- * collected, and the buffer is cut back to those reaching its own k-th value when it fills. Every value >= the
- * final k-th value is then in the buffer, so the conditions are checked there; a row that fails them (ties,
- * NaN) is answered by the exact replay. cap >= GROUPS(k) > k; c holds cap elements, s cap + GROUPS(k) floats. */
+ * collected, and the buffer is cut back to those reaching its own k-th value when it fills. Every value >=
+ * the final k-th value is then in the buffer, so the conditions are checked there; a row that fails them
+ * (ties, NaN) is answered by the exact replay. (The count check and the tie check of the sort each catch a
+ * tie at the boundary; the first is kept for clarity.) cap >= GROUPS(k) > k; c holds cap elements, s holds
+ * cap + GROUPS(k) floats. */
 static void topk_row(const float *x, int64_t n, int64_t k, float *vals, int64_t *idx, elem_t *h, elem_t *c,
                      float *s, int64_t cap) {
     int64_t m = 0, i = 0;
@@ -236,14 +239,16 @@ static void *run_rows(void *arg) {
         return NULL;
     }
     for (int64_t r = job->row0; r < job->row1; r++)
-        topk_row(job->x + r * job->row_stride, job->n, k, job->vals + r * k, job->idx + r * k, h, h + k, s, cap);
+        topk_row(job->x + r * job->row_stride, job->n, k, job->vals + r * k, job->idx + r * k, h, h + k, s,
+                 cap);
     free(h);
     free(s);
     job->status = 0;
     return NULL;
 }
 
-/* x: rows x n floats, row r at x + r * row_stride (unit stride along the row); vals, idx: rows x k, contiguous.
+/* x: rows x n floats, row r at x + r * row_stride (unit stride along the row); vals, idx: rows x k,
+ * contiguous.
  * Returns 0, or -1 when memory or a thread could not be had (the caller then uses torch.topk). */
 int sae_topk_f32(const float *x, int64_t rows, int64_t row_stride, int64_t n, int64_t k, float *vals,
                  int64_t *idx, int threads) {

@@ -25,10 +25,13 @@ def fresh_library(monkeypatch, tmp_path_factory):
     native.reset()
 
 
-def same(x: torch.Tensor, k: int, sorted: bool = False) -> None:
-    """native.topk == torch.topk: values bit for bit (NaN payloads, -0.0), indices exactly."""
+def same(x: torch.Tensor, k: int, sorted: bool = False, fallback: bool = False) -> None:
+    """native.topk == torch.topk: values bit for bit (NaN payloads, -0.0), indices exactly; unless `fallback`,
+    the C code must have answered wherever it applies."""
     want = x.topk(k, dim=1, sorted=sorted)
     vals, idx = native.topk(x, k, sorted=sorted)
+    if shutil.which("cc") and native.enabled() and native.supports(x, k) and not fallback:
+        assert native._load() is not None  # the C code answered, not the fallback
     assert torch.equal(idx, want.indices)
     assert vals.dtype == want.values.dtype and vals.shape == want.values.shape
     if vals.dtype == torch.float32:
@@ -46,6 +49,20 @@ def test_the_library_builds_and_is_used():
     x = torch.randn(8, 4608, generator=gen())
     assert native.supports(x, 32)
     assert native._load() is not None
+    assert native._agrees_with_torch(native._load())  # the start-up probe against this torch
+
+
+class Failing:
+    def sae_topk_f32(self, *args):
+        return -1
+
+
+def test_a_torch_that_orders_otherwise_is_caught_at_load(monkeypatch):
+    """The C code copies one torch kernel: a library that disagrees with this torch's topk is not used."""
+    assert not native._agrees_with_torch(Failing())
+    monkeypatch.setattr(native, "_agrees_with_torch", lambda lib: False)
+    same(torch.randn(8, 4608, generator=gen(12)), 32, fallback=True)
+    assert native._lib is False
 
 
 @needs_cc
@@ -152,13 +169,13 @@ def test_a_failed_build_falls_back_to_torch_and_logs_once(monkeypatch, tmp_path,
     monkeypatch.setenv("CC", "/bin/false")
     with caplog.at_level(logging.DEBUG, logger=native.__name__):
         for _ in range(3):
-            same(torch.randn(8, 4608, generator=gen(10)), 32)
+            same(torch.randn(8, 4608, generator=gen(10)), 32, fallback=True)
     assert native._lib is False
     assert [r.levelno for r in caplog.records] == [logging.DEBUG]
     assert not list(tmp_path.rglob("*.so"))  # nothing half-built is left behind
     native.reset()
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    same(torch.randn(8, 4608, generator=gen(11)), 32)
+    same(torch.randn(8, 4608, generator=gen(11)), 32, fallback=True)
     assert native._lib is False
 
 
