@@ -6,6 +6,7 @@
 base.py      config base, module base, init from data, decoder-norm constraint, input-scale folding
 relu.py  topk.py  batchtopk.py  jumprelu.py  gated.py  matryoshka.py  tied.py   one per architecture
 kernels.py   sparse autograd kernels (gathered encode, embedding-bag decode) for the K-sparse archs
+native.py    the C top-k (native.c, built on first use): torch.topk's answer bit for bit, faster
 registry.py  arch name -> class (`@register`), build_sae
 sharded.py   one latent shard of an SAE: its training step when the latents are split over ranks
 batch_reduce.py  batch-wide quantities of a step whose batch is split over data-parallel ranks

@@ -23,6 +23,7 @@ from sae_pipeline.errors import UserError
 from .base import SAE, SparseCode, TrainOutput
 from .batch_reduce import kth_largest
 from .kernels import gather_encode, sparse_decode
+from .native import topk
 from .registry import register
 from .topk import TopKConfig, TopKSAE
 
@@ -72,11 +73,11 @@ class BatchTopKSAE(TopKSAE):
         if pre_BF.numel() <= 1 << 18 or self.collective is not None:  # exact threshold over all entries
             t = kth_largest(self.collective, pre_BF, n_keep)  # of the global batch when data-parallel
             m_eff = max(1, int(((pre_BF >= t) & (pre_BF > 0)).sum(1).max()))
-            vals_BM, idx_BM = pre_BF.topk(m_eff, dim=1, sorted=True)
+            vals_BM, idx_BM = topk(pre_BF, m_eff, sorted=True)
             return idx_BM, (vals_BM >= t) & (vals_BM > 0), t
         m = min(4 * self.cfg.k, d_sae)
         while True:
-            cand_vals_BM, cand_idx_BM = pre_BF.topk(m, dim=1, sorted=True)
+            cand_vals_BM, cand_idx_BM = topk(pre_BF, m, sorted=True)
             flat = cand_vals_BM.reshape(-1)
             t = flat.kthvalue(flat.numel() - n_keep + 1).values  # n_keep-th largest candidate
             last_B = cand_vals_BM[:, -1]

@@ -57,30 +57,53 @@ class _GatherEncode(torch.autograd.Function):
         rows_N: Tensor | None = None,
         offsets_B: Tensor | None = None,
     ) -> Tensor:
-        ctx.save_for_backward(x_BD, idx_BK, offsets_B)
+        ctx.save_for_backward(x_BD, idx_BK, rows_N)
         ctx.shape_DF = W_enc_DF.shape
         ctx.dtypes = (W_enc_DF.dtype, bias_F.dtype)
         return pre_BF.gather(1, idx_BK) if rows_N is None else pre_BF[rows_N, idx_BK]
 
     @staticmethod
     def backward(ctx, grad_BK: Tensor):
-        x_BD, idx_BK, offsets_B = ctx.saved_tensors
+        x_BD, idx_BK, rows_N = ctx.saved_tensors
         d_in, d_sae = ctx.shape_DF
         w_dtype, b_dtype = ctx.dtypes
         grad_W = grad_bias = None
         if ctx.needs_input_grad[1]:
             dt = torch.promote_types(grad_BK.dtype, x_BD.dtype)
-            with torch.enable_grad():
-                dummy_FD = torch.zeros(d_sae, d_in, dtype=dt, device=x_BD.device, requires_grad=True)
-                out_BD = F.embedding_bag(
-                    idx_BK, dummy_FD, offsets_B, per_sample_weights=grad_BK.to(dt).contiguous(), mode="sum"
-                )
-                (grad_FD,) = torch.autograd.grad(out_BD, dummy_FD, x_BD.to(dt))
+            grad_FD = embedding_bag_weight_grad(x_BD.to(dt), idx_BK, grad_BK.to(dt), d_sae, rows_N)
             grad_W = grad_FD.t().to(w_dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = torch.zeros(d_sae, dtype=b_dtype, device=grad_BK.device)
             grad_bias.index_add_(0, idx_BK.reshape(-1), grad_BK.reshape(-1).to(b_dtype))
         return None, grad_W, grad_bias, None, None, None, None
+
+
+def embedding_bag_weight_grad(
+    grad_BD: Tensor, idx_BK: Tensor, weights_BK: Tensor, n_weights: int, rows_N: Tensor | None = None
+) -> Tensor:
+    """grad_FD[f] = sum over entries (b, k) with idx == f of weights[b, k] * grad_BD[b]: the weight gradient
+    of `F.embedding_bag(idx, W_FD, offsets, per_sample_weights=weights, mode="sum")` for the output gradient
+    grad_BD. Flat form: idx and weights are (N,), rows_N each entry's row (grouped by row).
+
+    This calls the op that embedding_bag's own backward calls, with the same arguments (offset2bag is each
+    entry's row, which is what the forward would have computed), so the result is bit-identical to running
+    a forward into a zero dummy weight and autograd's backward, without that forward (~14 ms at 4096 x 32
+    entries, D 576) or the dummy's F x D zero fill. (bag_size serves only "mean", max_indices only "max".)
+    """
+    idx_N = idx_BK.reshape(-1)
+    n_rows = grad_BD.shape[0]
+    if rows_N is None:
+        rows_N = torch.arange(n_rows, device=idx_N.device).repeat_interleave(idx_BK.shape[1])
+    bag_size_B = (
+        torch.full((n_rows,), idx_BK.shape[1], dtype=idx_N.dtype, device=idx_N.device)
+        if idx_BK.dim() == 2
+        else torch.bincount(rows_N, minlength=n_rows).to(idx_N.dtype)
+    )
+    max_idx = torch.empty(0, dtype=idx_N.dtype, device=idx_N.device)
+    return torch.ops.aten._embedding_bag_dense_backward(
+        grad_BD.contiguous(), idx_N, rows_N.to(idx_N.dtype), bag_size_B, max_idx, n_weights, False, 0,
+        weights_BK.reshape(-1).contiguous(), -1,
+    )  # fmt: skip
 
 
 def gather_encode(

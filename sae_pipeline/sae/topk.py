@@ -18,6 +18,7 @@ from sae_pipeline.errors import UserError
 from .base import SAE, SAEConfig, SparseCode, TrainOutput
 from .batch_reduce import centered_sq_sum
 from .kernels import gather_encode, sparse_decode
+from .native import topk
 from .registry import register
 
 # The one-pass defaults of the K-sparse family (issue 21, scripts/bench_quality.py): AuxK trains the latents
@@ -76,8 +77,8 @@ class TopKSAE(SAE):
 
     # ----- sparse code: (indices, values) -----
     def _select(self, pre_BF: Tensor) -> Tensor:
-        """Indices of the latents kept for each row."""
-        return pre_BF.topk(self.cfg.k, dim=1, sorted=False).indices
+        """Indices of the latents kept for each row (`native.topk`: torch.topk's answer, bit for bit)."""
+        return topk(pre_BF, self.cfg.k, sorted=False)[1]
 
     def _dense_pre(self, x_BD: Tensor) -> tuple[Tensor, Tensor]:
         """(encoder bias, pre-activations) with no autograd graph: gradients flow only through the
@@ -145,7 +146,7 @@ class TopKSAE(SAE):
             return pre_BF.new_zeros(())
         k_aux = min(self.aux_k, dead_idx.numel())
         with torch.no_grad():
-            sub_idx_BA = pre_BF.index_select(1, dead_idx).topk(k_aux, dim=1, sorted=False).indices
+            sub_idx_BA = topk(pre_BF.index_select(1, dead_idx), k_aux, sorted=False)[1]
             idx_BA = dead_idx[sub_idx_BA]
         vals_BA = gather_encode(x_BD, self.W_enc_DF, bias_F, pre_BF, idx_BA).relu()
         resid_BD = y_BD - x_hat_BD

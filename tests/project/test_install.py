@@ -1,8 +1,10 @@
-"""A regular (non-editable) install ships the Hydra configs inside the package and the CLIs find them."""
+"""A regular (non-editable) install ships the Hydra configs (and the C top-k source) inside the package and the
+CLIs find them."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -33,6 +35,7 @@ def test_regular_install_finds_configs(tmp_path):
     assert (site / "sae_pipeline" / "conf" / "harvest.yaml").exists()
     assert (site / "sae_pipeline" / "conf" / "probe_task" / "genre.yaml").exists()
     assert (site / "sae_pipeline" / "interpret" / "first_folio_genres.json").exists()  # the genre task's data
+    assert (site / "sae_pipeline" / "sae" / "native.c").exists()  # the C top-k, compiled on first use
     env = {**os.environ, "PYTHONPATH": str(site)}
     required = {
         "harvest": [],
@@ -59,3 +62,14 @@ def test_regular_install_finds_configs(tmp_path):
         text=True,
     )
     assert where.stdout.strip().startswith(str(site))
+    if shutil.which("cc"):  # the shipped source builds and loads from the installed package
+        code = "from sae_pipeline.sae import native; print(native.SOURCE, native._load() is not None)"
+        built = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=tmp_path,
+            env={**env, "SAE_PIPELINE_CACHE": str(tmp_path / "cache")},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert built.stdout.split() == [str(site / "sae_pipeline" / "sae" / "native.c"), "True"], built.stderr
