@@ -15,12 +15,11 @@ The epoch's stream is the concatenation of its windows; epochs follow each other
 gap, so a batch may straddle two passes. Resident memory is bounded by the buffer size
 (`prefetch + 2` windows at most), whatever the store size.
 
-How rows travel (data/transfer.py): `read_threads` threads, a share of a window's chunks each, read them
-straight from the shard files into one host buffer in the store's dtype (a ring of `prefetch + 2` reused
-buffers, page-locked for CUDA); the buffer and the window's order (its permutation, validation rows left
-out) go to `device` together, and `next_batch` gathers a new float32 tensor there. Reading threads run
-their torch ops inline (data/serial.py). The order is the same on every device, so a run and its resume
-see the same rows wherever the gather runs.
+How rows travel (data/transfer.py): `read_threads` threads (torch ops inline, data/serial.py), a share of a
+window's chunks each, read them from the shard files into one host buffer in the store's dtype (a ring of
+`prefetch + 2`, page-locked for CUDA); the buffer and the window's order (its permutation, validation rows
+left out) go to `device` together, and `next_batch` gathers a new float32 tensor there. The order is the
+same on every device, so a run and its resume see the same rows wherever the gather runs.
 
 Validation: whole contexts with the highest context ids of the last shard (at least
 `val_tokens` rows) are kept out of training; `validation_rows()` returns them.
@@ -28,6 +27,7 @@ Validation: whole contexts with the highest context ids of the last shard (at le
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -146,6 +146,15 @@ def _rng(*keys: int) -> torch.Generator:
         seed = (seed * 1_000_003 + int(k) + 0x9E3779B9) % (1 << 63)
     gen.manual_seed(seed)
     return gen
+
+
+def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put `item` in `out` unless `stop` is set first; whether it was put."""
+    while not stop.is_set():
+        with contextlib.suppress(queue.Full):
+            out.put(item, timeout=0.1)
+            return True
+    return False
 
 
 class ShuffledReader:
@@ -269,9 +278,8 @@ class ShuffledReader:
                 self._read_into(c, o)
 
     def _window_rows(self, chunks: list[_Chunk], buffers: HostBuffers | None = None) -> tuple:
-        """The chunks' rows as read (store dtype, in the next buffer of `buffers`: the reader thread's ring, or
-        by default one for direct calls), and the positions of their training rows in it (None: all of them);
-        each of `read_threads` threads reads a run of consecutive chunks, about an equal share of the rows."""
+        """The chunks' rows as read (store dtype, in the next buffer of `buffers`, by default `_buffers`) and the
+        positions of their training rows in it (None: all); each reading thread reads a run of chunks."""
         sizes = [c.stop - c.start for c in chunks]
         raw = (buffers or self._buffers).take(sum(sizes))
         starts = np.cumsum([0, *sizes]).tolist()
@@ -307,9 +315,8 @@ class ShuffledReader:
         return buffers.sent(DeviceWindow.send(*self._window_order(epoch, w, chunks, buffers), self.device))
 
     def _producer(self, epoch: int, position: int, out: queue.Queue, stop: threading.Event) -> None:
-        """Puts (epoch, window start, rows) for every window from the one holding `position` on; its own ring
-        of buffers outnumbers the windows queued (`prefetch`) and served (1), so none is read into in use."""
-        buffers = self._host_buffers(self._prefetch + 2)
+        """Puts (epoch, window start, rows) for every window from the one holding `position` on."""
+        buffers = self._host_buffers(self._prefetch + 2)  # > windows queued (prefetch) and served (1)
         try:
             with serial_torch_ops():
                 while not stop.is_set():
@@ -318,13 +325,7 @@ class ShuffledReader:
                         n = sum(c.n_train for c in chunks)
                         if start + n > position:
                             item = (epoch, start, self._build_window(epoch, w, chunks, buffers))
-                            while not stop.is_set():
-                                try:
-                                    out.put(item, timeout=0.1)
-                                    break
-                                except queue.Full:
-                                    continue
-                            if stop.is_set():
+                            if not _put(out, item, stop):
                                 return
                         start += n
                     epoch, position = epoch + 1, 0
