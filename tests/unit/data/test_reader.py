@@ -164,12 +164,12 @@ def test_windows_cross_in_the_store_dtype_and_gather_alike_on_every_path(tmp_pat
     raw, order = reader._window_order(0, len(reader._windows(0)) - 1, chunks)
     assert raw.dtype == torch.bfloat16  # not converted on the host
     assert len(order) < raw.shape[0]  # the validation rows of the last shard are left out by the order
-    lazy = DeviceWindow(raw, order)  # gathered per batch (the CUDA path's arithmetic, here on the CPU)
-    eager = DeviceWindow.send(raw, order, torch.device("cpu"))  # gathered once (the CPU path)
+    direct = DeviceWindow(raw, order)  # as the CUDA path holds it once copied (its arithmetic, on the CPU)
+    sent = DeviceWindow.send(raw, order, torch.device("cpu"))  # the CPU path
     for offset, take in [(0, 5), (5, len(order) - 5)]:
-        a, b = lazy.rows(offset, take), eager.rows(offset, take)
+        a, b = direct.rows(offset, take), sent.rows(offset, take)
         assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
-    assert torch.equal(eager.rows(0, len(order)), raw.float()[order])
+    assert torch.equal(sent.rows(0, len(order)), raw.float()[order])
 
 
 @pytest.mark.parametrize("prefetch", [1, 2])
