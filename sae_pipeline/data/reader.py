@@ -149,12 +149,12 @@ def _rng(*keys: int) -> torch.Generator:
 
 
 def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
-    """Put `item` in `out` unless `stop` is set first; whether it was put."""
+    """Put `item` in `out` unless `stop` is set first; whether to go on (`stop` still not set)."""
     while not stop.is_set():
         with contextlib.suppress(queue.Full):
             out.put(item, timeout=0.1)
-            return True
-    return False
+            break
+    return not stop.is_set()
 
 
 class ShuffledReader:
