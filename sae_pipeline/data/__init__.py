@@ -8,7 +8,8 @@ tensors.py         `data=tensors`: examples in a safetensors file, split into ha
 lm_harvest.py      sae-harvest for a language model: packed contexts through the model, rows per hook
 tensor_harvest.py  sae-harvest for `model=torch_module data=tensors`: one store row per example
 reader.py          the shuffled, resumable streaming reader over a store
-transfer.py        how a window's rows reach the training device: pinned buffers, side-stream copies, the gather there
+transfer.py        how a window's rows reach the training device: reused (pinned) buffers, side-stream copies, the gather there
+serial.py          the reading threads' torch ops run inline, not on torch's intra-op team
 paired.py          the shuffled reader over two stores at once (a transcoder's input and target rows)
 aligned.py         rows of two stores matched by (context id, position)
 source.py          where a store's manifest and shards come from, for readers that follow or fetch it

@@ -118,8 +118,9 @@ class PairedReader(ShuffledReader):
             rows = rows[~self._val_mask[c.start : c.stop]]
         return rows
 
-    def _window_rows(self, chunks) -> tuple[torch.Tensor, None]:
-        """Paired rows are joined (and made float32) on the host: the two stores' dtypes may differ."""
+    def _window_rows(self, chunks, buffers=None) -> tuple[torch.Tensor, None]:
+        """Paired rows are joined (and made float32) on the host, into a new tensor (`buffers` unused): the two
+        stores' dtypes may differ."""
         return torch.cat([self._read_chunk(c) for c in chunks]), None
 
     def validation_rows(self) -> torch.Tensor:

@@ -15,11 +15,11 @@ The epoch's stream is the concatenation of its windows; epochs follow each other
 gap, so a batch may straddle two passes. Resident memory is bounded by the buffer size
 (`prefetch + 2` windows at most), whatever the store size.
 
-How rows travel (data/transfer.py): `read_threads` threads read a window's chunks straight from the
-shard files into one host buffer in the store's dtype (page-locked when `device` is CUDA); the buffer
-and the window's order (its permutation, validation rows left out) go to `device` together, and
-`next_batch` gathers and converts to float32 there. The order is the same on every device, so a run
-and its resume see the same rows wherever the gather runs.
+How rows travel (data/transfer.py): `read_threads` threads (torch ops inline, data/serial.py), a share of a
+window's chunks each, read them from the shard files into one host buffer in the store's dtype (a ring of
+`prefetch + 2`, page-locked for CUDA); the buffer and the window's order (its permutation, validation rows
+left out) go to `device` together, and `next_batch` gathers a new float32 tensor there. The order is the
+same on every device, so a run and its resume see the same rows wherever the gather runs.
 
 Validation: whole contexts with the highest context ids of the last shard (at least
 `val_tokens` rows) are kept out of training; `validation_rows()` returns them.
@@ -27,18 +27,21 @@ Validation: whole contexts with the highest context ids of the last shard (at le
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sae_pipeline.data.serial import serial_torch_ops
 from sae_pipeline.data.store import ActivationStore
-from sae_pipeline.data.transfer import DeviceWindow, host_buffer
+from sae_pipeline.data.transfer import DeviceWindow, HostBuffers
 from sae_pipeline.errors import UserError
 from sae_pipeline.integrity.shard import ShardChecker
 
@@ -145,6 +148,15 @@ def _rng(*keys: int) -> torch.Generator:
     return gen
 
 
+def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put `item` in `out` unless `stop` is set first; whether to go on (`stop` still not set)."""
+    while not stop.is_set():
+        with contextlib.suppress(queue.Full):
+            out.put(item, timeout=0.1)
+            break
+    return not stop.is_set()
+
+
 class ShuffledReader:
     def __init__(
         self,
@@ -204,11 +216,15 @@ class ShuffledReader:
                 f"the reader position {self.position} is outside the store ({self.epoch_rows} rows)"
             )
         self._prefetch = max(1, int(prefetch))
+        self._buffers = self._host_buffers(1)  # for `_window_order` called directly (tests, benchmarks)
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
         self._window: torch.Tensor | None = None  # the window holding `position`
         self._window_start = 0  # its first position within the epoch
+
+    def _host_buffers(self, size: int) -> HostBuffers:
+        return HostBuffers(size, self.store.d_in, _TORCH_DTYPES[self._dtype], self.device)
 
     # ---- validation -------------------------------------------------------------------------
     def _choose_validation(self, last, val_tokens: int):
@@ -256,16 +272,23 @@ class ShuffledReader:
         else:
             out.copy_(acts.read_rows(c.start, c.stop))
 
-    def _window_rows(self, chunks: list[_Chunk]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The chunks' rows as read (one host buffer, store dtype), and the positions of their training
-        rows in it (None: all of them); reads the chunks on `read_threads` threads."""
+    def _read_share(self, chunks: list[_Chunk], outs: list[torch.Tensor]) -> None:
+        with serial_torch_ops():
+            for c, o in zip(chunks, outs, strict=True):
+                self._read_into(c, o)
+
+    def _window_rows(self, chunks: list[_Chunk], buffers: HostBuffers | None = None) -> tuple:
+        """The chunks' rows as read (store dtype, in the next buffer of `buffers`, by default `_buffers`) and the
+        positions of their training rows in it (None: all); each reading thread reads a run of chunks."""
         sizes = [c.stop - c.start for c in chunks]
-        raw = host_buffer(sum(sizes), self.store.d_in, _TORCH_DTYPES[self._dtype], self.device)
+        raw = (buffers or self._buffers).take(sum(sizes))
         starts = np.cumsum([0, *sizes]).tolist()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.read_threads, thread_name_prefix="store-read")
         outs = [raw[a:b] for a, b in zip(starts, starts[1:], strict=False)]
-        for done in [self._pool.submit(self._read_into, c, o) for c, o in zip(chunks, outs, strict=True)]:
+        cuts = np.searchsorted(starts, np.linspace(0, starts[-1], self.read_threads + 1)[1:-1]).tolist()
+        tasks = [(chunks[a:b], outs[a:b]) for a, b in pairwise([0, *cuts, len(chunks)]) if b > a]
+        for done in [self._pool.submit(self._read_share, *task) for task in tasks]:
             done.result()
         last = len(self._acts) - 1
         if self._val_mask is None or all(c.shard != last for c in chunks):
@@ -281,35 +304,31 @@ class ShuffledReader:
         per = self.chunks_per_window
         return [[self.chunks[i] for i in order[k : k + per]] for k in range(0, len(order), per)]
 
-    def _window_order(self, epoch: int, w: int, chunks: list[_Chunk]):
+    def _window_order(self, epoch: int, w: int, chunks: list[_Chunk], buffers: HostBuffers | None = None):
         """(rows as read, the shuffled order of the window's training rows in them)."""
-        raw, keep = self._window_rows(chunks)
+        raw, keep = self._window_rows(chunks, buffers)
         n = raw.shape[0] if keep is None else keep.shape[0]
         perm = torch.randperm(n, generator=_rng(self.seed, epoch, w + 1))
         return raw, (perm if keep is None else keep[perm])
 
-    def _build_window(self, epoch: int, w: int, chunks: list[_Chunk]) -> DeviceWindow:
-        return DeviceWindow.send(*self._window_order(epoch, w, chunks), self.device)
+    def _build_window(self, epoch: int, w: int, chunks: list[_Chunk], buffers: HostBuffers) -> DeviceWindow:
+        return buffers.sent(DeviceWindow.send(*self._window_order(epoch, w, chunks, buffers), self.device))
 
     def _producer(self, epoch: int, position: int, out: queue.Queue, stop: threading.Event) -> None:
         """Puts (epoch, window start, rows) for every window from the one holding `position` on."""
+        buffers = self._host_buffers(self._prefetch + 2)  # > windows queued (prefetch) and served (1)
         try:
-            while not stop.is_set():
-                start = 0
-                for w, chunks in enumerate(self._windows(epoch)):
-                    n = sum(c.n_train for c in chunks)
-                    if start + n > position:
-                        item = (epoch, start, self._build_window(epoch, w, chunks))
-                        while not stop.is_set():
-                            try:
-                                out.put(item, timeout=0.1)
-                                break
-                            except queue.Full:
-                                continue
-                        if stop.is_set():
-                            return
-                    start += n
-                epoch, position = epoch + 1, 0
+            with serial_torch_ops():
+                while not stop.is_set():
+                    start = 0
+                    for w, chunks in enumerate(self._windows(epoch)):
+                        n = sum(c.n_train for c in chunks)
+                        if start + n > position:
+                            item = (epoch, start, self._build_window(epoch, w, chunks, buffers))
+                            if not _put(out, item, stop):
+                                return
+                        start += n
+                    epoch, position = epoch + 1, 0
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
             out.put(err)
 
@@ -360,7 +379,7 @@ class ShuffledReader:
         for w, chunks in enumerate(self._windows(0)):
             if got >= n:
                 break
-            window = DeviceWindow(*self._window_order(0, w, chunks))
+            window = DeviceWindow(*self._window_order(0, w, chunks, self._host_buffers(1)))
             out.append(window.rows(0, min(n - got, len(window))))
             got += out[-1].shape[0]
         return torch.cat(out)

@@ -31,7 +31,7 @@ import torch
 
 from sae_pipeline.data import consumers
 from sae_pipeline.data.follow import StoreFollower
-from sae_pipeline.data.reader import _rng, _tensor_index
+from sae_pipeline.data.reader import _put, _rng, _tensor_index
 from sae_pipeline.data.source import ShardEntry, StoreSource
 from sae_pipeline.errors import UserError
 
@@ -106,6 +106,7 @@ class StreamReader:
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
+
     # ---- consumer progress (bounded stores) ---------------------------------------------------------
     def checkpointed(self) -> None:
         """A checkpoint holding `state()` is on disk: shards before its window may be deleted."""
@@ -175,12 +176,7 @@ class StreamReader:
             while not stop.is_set():
                 shards = self._window_shards(w)
                 item = (w, self._build(w, shards)) if shards else _END
-                while not stop.is_set():
-                    try:
-                        out.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                _put(out, item, stop)
                 if item is _END:
                     return
                 w += 1

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import torch
 
@@ -160,9 +164,60 @@ def test_windows_cross_in_the_store_dtype_and_gather_alike_on_every_path(tmp_pat
     raw, order = reader._window_order(0, len(reader._windows(0)) - 1, chunks)
     assert raw.dtype == torch.bfloat16  # not converted on the host
     assert len(order) < raw.shape[0]  # the validation rows of the last shard are left out by the order
-    lazy = DeviceWindow(raw, order)  # gathered per batch (the CUDA path's arithmetic, here on the CPU)
-    eager = DeviceWindow.send(raw, order, torch.device("cpu"))  # gathered once (the CPU path)
+    direct = DeviceWindow(raw, order)  # as the CUDA path holds it once copied (its arithmetic, on the CPU)
+    sent = DeviceWindow.send(raw, order, torch.device("cpu"))  # the CPU path
     for offset, take in [(0, 5), (5, len(order) - 5)]:
-        a, b = lazy.rows(offset, take), eager.rows(offset, take)
+        a, b = direct.rows(offset, take), sent.rows(offset, take)
         assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
-    assert torch.equal(eager.rows(0, len(order)), raw.float()[order])
+    assert torch.equal(sent.rows(0, len(order)), raw.float()[order])
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_a_window_in_use_is_never_read_into_and_held_batches_keep_their_values(store, prefetch):
+    # windows of 32 rows served in batches of 16: before each batch the reader thread has time to run as far
+    # ahead as it may (`prefetch` windows queued and one more read into its ring), so a buffer handed out
+    # again too early would change rows still to be served, and a batch aliasing a buffer would change later
+    kw = dict(batch_size=16, seed=3, val_tokens=40, buffer_rows=32, chunk_rows=32, prefetch=prefetch)
+    with ShuffledReader(store, **kw) as reader:
+        val = set(row_ids(reader.validation_rows()))
+        want = expected_order(store, 3, 0, 32, 32, val)
+        held = []
+        for _ in range(len(want) // 16):
+            held.append(reader.next_batch())
+            deadline = time.monotonic() + 2
+            while not reader._queue.full() and time.monotonic() < deadline:
+                time.sleep(0.002)
+            time.sleep(0.02)  # the next window is read into the ring while the queue is full
+        assert [i for x in held for i in row_ids(x)] == want[: len(held) * 16]
+
+
+def test_reading_threads_run_torch_ops_on_themselves_and_leave_the_count_as_it_was(store, monkeypatch):
+    seen = set()
+    read_into, window_order = ShuffledReader._read_into, ShuffledReader._window_order
+
+    def spy_read(self, *args):
+        seen.add(("read", torch.get_num_threads()))
+        return read_into(self, *args)
+
+    def spy_order(self, *args):
+        seen.add(("order", torch.get_num_threads()))
+        return window_order(self, *args)
+
+    monkeypatch.setattr(ShuffledReader, "_read_into", spy_read)
+    monkeypatch.setattr(ShuffledReader, "_window_order", spy_order)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the training thread's count, told apart from the reading threads' 1
+    try:
+        with ShuffledReader(store, batch_size=64, buffer_rows=64, chunk_rows=16, read_threads=2) as reader:
+            # reading threads whose torch count was set before the reader's thread started: 2 of their own
+            reader._pool, both = ThreadPoolExecutor(2), threading.Barrier(2)
+            assert list(reader._pool.map(lambda _: (both.wait(5), torch.get_num_threads())[1], [0, 1])) == [
+                2,
+                2,
+            ]
+            for _ in range(4):
+                reader.next_batch()
+                assert torch.get_num_threads() == 2
+        assert seen == {("read", 1), ("order", 1)}
+    finally:
+        torch.set_num_threads(before)
