@@ -178,7 +178,7 @@ def word_agreement(calc, sb_sae, sae, x_t, z_t, rows, w, main, s: AbsorptionSett
     proj_F = dec @ w
     cos_F = proj_F / dec.norm(dim=1).clamp_min(1e-8)
     worst, same = 0.0, 0
-    for i, r in zip(rows.tolist(), res.word_results):
+    for i, r in zip(rows.tolist(), res.word_results, strict=True):
         frac, full, _, _ = word_scores(float(x_t[i] @ w), z_t[i] * proj_F, cos_F, z_t[i], main, s)
         worst = max(worst, abs(frac - float(r.absorption_fraction)))
         same += int(full == bool(r.is_full_absorption))
@@ -282,7 +282,7 @@ def part4_end_to_end(tl_model, sb_sae, words, layer: int, batch: int, seed: int,
         **kw, experiment_dir=work / "fa", sparse_probing_experiment_dir=work / "ksp", batch_size=10
     )
     agg = sb_main._aggregate_results_df(raw)
-    f1_of = dict(zip(ksp["letter"], ksp["f1_probe"]))
+    f1_of = dict(zip(ksp["letter"], ksp["f1_probe"], strict=True))
     gated = agg[[f1_of[letter] > 0.6 for letter in agg["letter"]]]
     return ksp, gated
 

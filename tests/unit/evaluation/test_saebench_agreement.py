@@ -81,7 +81,10 @@ def test_ours_and_saebench_score_the_planted_absorption_alike(tmp_path):
         assert diff <= 1e-6 and same == len(rows)
         fr = np.array([r.absorption_fraction for r in res], dtype=float)
         full = [r.is_full_absorption for r in res]
-        sb_fraction[name], sb_full[name] = dict(zip(rows.tolist(), fr)), dict(zip(rows.tolist(), full))
+        sb_fraction[name], sb_full[name] = (
+            dict(zip(rows.tolist(), fr, strict=True)),
+            dict(zip(rows.tolist(), full, strict=True)),
+        )
         assert fr.mean() == pytest.approx(report["letters"][name]["mean_absorption_fraction"], abs=1e-6)
         assert sum(full) == report["letters"][name]["num_full_absorption"]
 
