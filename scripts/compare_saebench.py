@@ -48,6 +48,7 @@ from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TQDM_DISABLE", "1")  # SAEBench's per-epoch bars; the parts print their own lines
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -149,7 +150,7 @@ def seed_all(seed: int) -> None:
 
 
 def ours_internals(x, letters, z, s: AbsorptionSettings, scored: list[str]):
-    """Per letter of ours: probe pipeline, unit direction, main latents; the split (as absorption() does)."""
+    """Per letter of ours: probe direction and test predictions, main latents; the split (as absorption())."""
     tr, te = split_words(letters, s.test_fraction, s.seed)
     out = {}
     for c in sorted(set(letters.tolist())):
@@ -158,9 +159,10 @@ def ours_internals(x, letters, z, s: AbsorptionSettings, scored: list[str]):
             continue
         probe = _fit(x[tr], y_tr, s.probe_C)
         pred = probe.decision_function(x[te]) > 0
-        main = main_latents(z[tr], y_tr, z[te], y_te, s)[0] if LETTERS[c] in scored else None
+        main, f1s = main_latents(z[tr], y_tr, z[te], y_te, s) if LETTERS[c] in scored else (None, [])
+        main_f1 = f1s[len(main) - 1] if main else 0.0  # the k-sparse probe's test F1 on the main latents
         out[LETTERS[c]] = SimpleNamespace(
-            probe=probe, w=_raw_direction(probe), pred=pred, y_te=y_te, main=main
+            w=_raw_direction(probe), pred=pred, y_te=y_te, main=main, main_f1=main_f1
         )
     return tr, te, out
 
@@ -240,7 +242,7 @@ def part2_probes(x, tr, te, ours, sb_probe) -> None:
 
 
 def sb_main_latents(sb_sae, sb_probe, x, letters, words, tr, te, batch: int, max_k: int):
-    """SAEBench's k-sparse probing on our split: {letter: split feats} and its metrics frame."""
+    """SAEBench's k-sparse probing on our split: {letter: (split feats, test F1 of the k-sparse probe on them)}."""
     train = [(words[i], int(letters[i])) for i in tr]
     test = [(words[i], int(letters[i])) for i in te]
     x_tr, x_te = torch.from_numpy(x[tr]).float(), torch.from_numpy(x[te]).float()
@@ -251,7 +253,11 @@ def sb_main_latents(sb_sae, sb_probe, x, letters, words, tr, te, batch: int, max
     meta = sb_ksp.sae_k_sparse_metadata(sb_sae, sb_probe, kprobes, "compare", 0)
     metrics = sb_ksp.build_metrics_df(raw, meta, max_k_value=max_k)
     sb_ksp.add_feature_splits_to_metrics_df(metrics, max_k_value=max_k)
-    return {r.letter: [int(i) for i in r.split_feats] for r in metrics.itertuples()}
+    out = {}
+    for r in metrics.to_dict("records"):
+        k = len(r["split_feats"])
+        out[r["letter"]] = ([int(i) for i in r["split_feats"]], float(r[f"f1_sparse_sae_{k}"]) if k else 0.0)
+    return out
 
 
 def part3_main(ours, sb_split) -> None:
@@ -262,9 +268,12 @@ def part3_main(ours, sb_split) -> None:
     for name, o in ours.items():
         if o.main is None:
             continue
-        theirs = sb_split.get(name, [])
+        theirs, f1_sb = sb_split.get(name, ([], 0.0))
         same += int(set(o.main) == set(theirs))
-        print(f"   {name}: ours {o.main}  SAEBench {theirs}  overlap {len(set(o.main) & set(theirs))}")
+        print(
+            f"   {name}: ours {o.main} (k-sparse F1 {o.main_f1:.3f})  SAEBench {theirs} (F1 {f1_sb:.3f})  "
+            f"overlap {len(set(o.main) & set(theirs))}"
+        )
     print(f"   same set for {same} of {sum(o.main is not None for o in ours.values())} letters")
 
 
