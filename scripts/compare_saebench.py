@@ -43,6 +43,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -309,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--skip-end-to-end", action="store_true")
     a = ap.parse_args(argv)
+    warnings.filterwarnings(
+        "ignore", module="sklearn"
+    )  # AUC/F1 of letters without test words, in SAEBench's tables
     started = time.perf_counter()
     seed_all(a.seed)
     target, spec, model, tokenizer, sae, hook = load_all(a.sae_path, "cpu")
