@@ -310,9 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--skip-end-to-end", action="store_true")
     a = ap.parse_args(argv)
-    warnings.filterwarnings(
-        "ignore", module="sklearn"
-    )  # AUC/F1 of letters without test words, in SAEBench's tables
+    # SAEBench's tables take AUC and F1 of letters that have no test words: sklearn warns for each
+    warnings.filterwarnings("ignore", module="sklearn")
     started = time.perf_counter()
     seed_all(a.seed)
     target, spec, model, tokenizer, sae, hook = load_all(a.sae_path, "cpu")
