@@ -49,7 +49,7 @@ from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TQDM_DISABLE", "1")  # SAEBench's per-epoch bars; the parts print their own lines
+os.environ.setdefault("TQDM_DISABLE", "1")  # SAEBench's bars left at tqdm's default (not its epochs)
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
