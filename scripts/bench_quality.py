@@ -153,7 +153,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=ROOT / "runs" / "bench" / "quality")
     ap.add_argument("--eval-tokens", type=int, default=20_480)
-    ap.add_argument("--k", type=int, nargs="+", default=list(KS), help="TopK k of every run (default 16 32 64)")
+    ap.add_argument(
+        "--k", type=int, nargs="+", default=list(KS), help="TopK k of every run (default 16 32 64)"
+    )
     ap.add_argument("--grid", nargs="+", default=None, help=f"points of the grid, or all: {', '.join(GRID)}")
     ap.add_argument("--name", default="defaults", help="run name without --grid")
     ap.add_argument("--set", nargs="*", default=[], help="extra overrides without --grid")

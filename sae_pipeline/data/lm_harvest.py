@@ -141,7 +141,9 @@ def harvest_text(cfg: DictConfig, held: contextlib.ExitStack) -> list[Path]:
             n_ctx = 0
             for ids_NT in cursor.batches(span, h.batch_size):
                 tick = time.perf_counter()
-                acts = activations.capture(model, ids_NT.to(device), None, points, early_exit=h.advanced.early_exit)
+                acts = activations.capture(
+                    model, ids_NT.to(device), None, points, early_exit=h.advanced.early_exit
+                )
                 forward_s += time.perf_counter() - tick
                 for name, acts_NTD in acts.items():
                     buffers[name].add(acts_NTD, ids_NT, span.first_context + n_ctx, start_pos, dtype)

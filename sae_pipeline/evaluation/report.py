@@ -257,7 +257,12 @@ def evaluator_for(
             return token_cache[tkey][:2]
 
         evaluators[tkey, hooks] = store_scorer(
-            model, tokenizer, *hooks, cfg.eval.batch_size, heldout, reuse_prefix=cfg.eval.advanced.reuse_prefix
+            model,
+            tokenizer,
+            *hooks,
+            cfg.eval.batch_size,
+            heldout,
+            reuse_prefix=cfg.eval.advanced.reuse_prefix,
         )
     desc = token_cache[tkey] if tokenizer is None else token_cache[tkey][2]
     return evaluators[tkey, hooks], desc
