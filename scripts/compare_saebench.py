@@ -22,7 +22,8 @@ then names only sae-bench's torchvision, which the absorption eval does not impo
 2. Ground-truth probes: SAEBench's train_linear_probe_for_task (26 one-vs-rest probes, Adam, batch 64)
    on our train split vs our logistic probes: cosine of the directions, test F1 of each.
 3. Main latents: SAEBench's k-sparse probing (an L1 probe on the latents ranks them, then a probe per k,
-   F1-jump rule) on our split vs ours (mean-difference ranking), for the letters we score.
+   F1-jump rule) on our split vs ours (--method: saebench, our own code of the same steps, or
+   mean_difference), for the letters we score.
 4. End to end: SAEBench's run_k_sparse_probing_experiment and run_feature_absortion_experiment on a
    TransformerLens HookedTransformer built from the same local SmolLM2 folder (offline; hf_model=), on the
    same words as its vocabulary, aggregated as its run_eval does (letters with probe F1 > 0.6), against our
@@ -30,13 +31,13 @@ then names only sae-bench's torchvision, which the absorption eval does not impo
 
 SAEBench's k-sparse L1 probe trains with batch 4096 for 50 epochs: about 10 steps an epoch on a full
 vocabulary (~38k train words), one step on 1,000 words, where it stays undertrained. By default the batch is
-scaled so an epoch has as many steps as on the full vocabulary; --ksparse-batch 4096 uses the literal value.
+scaled so an epoch has as many steps as on the full vocabulary, as ours does (letter_probes.l1_ranking);
+--ksparse-batch 4096 gives SAEBench's side the literal value.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import statistics
@@ -69,20 +70,19 @@ except ImportError as exc:  # pragma: no cover - the script's own venv has them
 
 from sae_pipeline.evaluation.absorption import (  # noqa: E402
     AbsorptionSettings,
-    _fit,
-    _raw_direction,
-    main_latents,
+    ground_truth_probes,
+    latent_order,
     split_words,
     word_scores,
 )
 from sae_pipeline.evaluation.benchmarks import Benchmarks  # noqa: E402
 from sae_pipeline.evaluation.first_letter import LETTERS  # noqa: E402
+from sae_pipeline.evaluation.letter_probes import l1_ranking, ranked_main_latents  # noqa: E402
 from sae_pipeline.runs import load_all, training_metadata  # noqa: E402
 from sae_pipeline.sae import write_saelens  # noqa: E402
 
 TEMPLATE = "{word} has the first letter:"  # SAEBench's default prompt_template (word at -6 for SmolLM2 too)
 TOKEN_POS = -6
-FULL_VOCAB_STEPS = 10  # SAEBench's k-sparse probe steps per epoch on a full vocabulary (~38k words / 4096)
 
 
 class GivenActivations:
@@ -153,18 +153,22 @@ def seed_all(seed: int) -> None:
 def ours_internals(x, letters, z, s: AbsorptionSettings, scored: list[str]):
     """Per letter of ours: probe direction and test predictions, main latents; the split (as absorption())."""
     tr, te = split_words(letters, s.test_fraction, s.seed)
+    probe_of, order_of = (
+        ground_truth_probes(torch.from_numpy(x), letters, tr, te, s),
+        latent_order(z, letters, tr, s),
+    )
     out = {}
     for c in sorted(set(letters.tolist())):
         y_tr, y_te = letters[tr] == c, letters[te] == c
         if y_tr.sum() < 2 or y_te.sum() < 1 or (~y_tr).sum() < 2:
             continue
-        probe = _fit(x[tr], y_tr, s.probe_C)
-        pred = probe.decision_function(x[te]) > 0
-        main, f1s = main_latents(z[tr], y_tr, z[te], y_te, s) if LETTERS[c] in scored else (None, [])
+        pred, w = probe_of(c)
+        main, f1s = (None, [])
+        if LETTERS[c] in scored:
+            args = (z[tr], y_tr, z[te], y_te, s.max_k, s.f1_jump, s.method != "saebench")
+            main, f1s = ranked_main_latents(order_of(c), *args)
         main_f1 = f1s[len(main) - 1] if main else 0.0  # the k-sparse probe's test F1 on the main latents
-        out[LETTERS[c]] = SimpleNamespace(
-            w=_raw_direction(probe), pred=pred, y_te=y_te, main=main, main_f1=main_f1
-        )
+        out[LETTERS[c]] = SimpleNamespace(w=w, pred=pred, y_te=y_te, main=main, main_f1=main_f1)
     return tr, te, out
 
 
@@ -218,9 +222,7 @@ def sb_gt_probe(x, letters, tr, te):
 
 
 def part2_probes(x, tr, te, ours, sb_probe) -> None:
-    print(
-        "\n2. ground-truth probes on the same split: ours (sklearn logistic, balanced) vs SAEBench's (torch, Adam)"
-    )
+    print("\n2. ground-truth probes on the same split: ours vs SAEBench's (torch, Adam, its random init)")
     with torch.no_grad():
         logits = sb_probe(torch.from_numpy(x[te]).float()).numpy()
     rows = []
@@ -262,9 +264,7 @@ def sb_main_latents(sb_sae, sb_probe, x, letters, words, tr, te, batch: int, max
 
 
 def part3_main(ours, sb_split) -> None:
-    print(
-        "\n3. main latents (letters ours scores): ours (mean-difference ranking) vs SAEBench (L1-probe ranking)"
-    )
+    print("\n3. main latents (letters ours scores): ours vs SAEBench's (L1-probe ranking, its random init)")
     same = 0
     for name, o in ours.items():
         if o.main is None:
@@ -302,8 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("sae_path")
     ap.add_argument("--words", type=int, default=1500)
     ap.add_argument(
-        "--examples", type=int, default=4, help="our prompts' solved examples (eval.absorption_examples)"
+        "--examples", type=int, default=10, help="our prompts' solved examples (eval.absorption_examples)"
     )
+    ap.add_argument("--method", default="saebench", help="ours: eval.absorption_method")
+    ap.add_argument("--min-words", type=int, default=1, help="ours: eval.absorption_min_words")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--ksparse-batch", type=int, default=None, help="SAEBench's k-sparse probe batch (4096 is its own)"
@@ -322,12 +324,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # ours, exactly as sae-eval eval.absorption=true computes it
     e = SimpleNamespace(absorption=True, probe_tasks=[], absorption_words=a.words, absorption_examples=a.examples,
-                        absorption_min_words=10, seed=a.seed, batch_size=8)  # fmt: skip
+                        absorption_method=a.method, absorption_min_words=a.min_words, seed=a.seed, batch_size=8)  # fmt: skip
     bench = Benchmarks(e, model, tokenizer)
     report = bench.absorption(sae, spec, hook)
     word_objs, letters, x_ND, n_vocab = bench._words[hook.name]
     words = [w.text for w in word_objs]
-    s = AbsorptionSettings(seed=a.seed, min_words=10)
+    s = AbsorptionSettings(method=a.method, seed=a.seed, min_words=a.min_words)
     x_t = x_ND.float()
     x = x_t.numpy()
     with torch.no_grad():
@@ -344,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         enc_diff = float((sb_sae.encode(x_t) - z_t).abs().max())
     print(f"sae_lens {type(sb_sae).__name__} encode vs ours: max |diff| {enc_diff:.1e}")
-    steps = lambda n: a.ksparse_batch or max(1, math.ceil(n / FULL_VOCAB_STEPS))  # noqa: E731
+    steps = lambda n: a.ksparse_batch or l1_ranking(n).batch_size  # noqa: E731
     print(f"k-sparse probe batch: {steps(len(tr))} on our split, {steps(int(0.8 * len(words)))} end to end"
           f"{'' if a.ksparse_batch else ' (scaled to ~10 steps an epoch; SAEBench: 4096)'}")  # fmt: skip
 

@@ -76,7 +76,9 @@ class Benchmarks:
             letters = np.array([w.letter for w in words])
             self._words[hook.name] = (words, letters, x_ND, len(vocab))
         words, letters, x_ND, n_vocab = self._words[hook.name]
-        settings = AbsorptionSettings(seed=int(e.seed), min_words=int(e.absorption_min_words))
+        settings = AbsorptionSettings(
+            method=str(e.absorption_method), seed=int(e.seed), min_words=int(e.absorption_min_words)
+        )
         report = absorption(x_ND, letters, sae, settings, words=[w.text for w in words])
         report["settings"] = {
             **settings.__dict__,

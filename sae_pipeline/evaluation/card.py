@@ -64,6 +64,22 @@ def absorption_section(a: dict) -> dict:
     return {"mean": {k: a[k] for k in keys}}
 
 
+def absorption_note(a: dict) -> str:
+    how = {
+        "saebench": "SAEBench's probes and L1-probe ranking of the main latents",
+        "mean_difference": "main latents by mean-difference ranking (SAEBench: an L1 probe)",
+    }[a.get("method", "mean_difference")]  # reports written before the method existed used mean difference
+    note = (
+        f"{a['n_letters_scored']} letters scored from {a['n_words']} words of the model's vocabulary; {how}"
+    )
+    if a.get("saebench_would_report") is False:
+        note += (
+            f"; only {a['n_letters_probe_passed']} letters have probe F1 > 0.6, and SAEBench reports absorption "
+            "only from 20: read these numbers with care"
+        )
+    return note
+
+
 def probing_section(report: dict) -> dict:
     """SAEBench's llm/sae accuracies of one task: `llm_test_accuracy` (dense probe), `sae_test_accuracy`
     (all latents), `sae_top_{k}_test_accuracy` (k-sparse); the mean-pooled probes of a sequence task."""
@@ -96,10 +112,7 @@ def build_card(m: dict, explain_summary: dict | None = None) -> dict:
     em = card["eval_result_metrics"]
     if m.get("absorption"):
         em["absorption_first_letter"] = absorption_section(m["absorption"])
-        card["notes"]["absorption_first_letter"] = (
-            f"{m['absorption']['n_letters_scored']} letters scored from {m['absorption']['n_words']} words "
-            "of the model's vocabulary; main latents by mean-difference ranking (SAEBench: an L1 probe)"
-        )
+        card["notes"]["absorption_first_letter"] = absorption_note(m["absorption"])
     for task, report in (m.get("sparse_probing") or {}).items():
         em.setdefault("sparse_probing", {})[task] = probing_section(report)
     if explain_summary is not None:

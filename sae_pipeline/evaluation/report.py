@@ -78,6 +78,7 @@ def _benchmark_settings(e) -> dict | None:
         return None
     keys = (
         "absorption",
+        "absorption_method",
         "absorption_words",
         "absorption_examples",
         "absorption_min_words",

@@ -18,6 +18,7 @@ from .probe import probe_task_config
 from .source import SourceConfig
 
 DATA_SPLITS = ("eval", "train")
+ABSORPTION_METHODS = ("saebench", "mean_difference")  # evaluation/absorption.py
 
 
 @dataclass
@@ -36,9 +37,10 @@ class EvalConfig:
     # Feature absorption on the first-letter task (evaluation/absorption.py): single-token words of the
     # model's own vocabulary in a few-shot "<word> has the first letter:" prompt.
     absorption: bool = False
-    absorption_words: int = 1500  # words sampled (seeded) from the vocabulary; 30% of them are probe-test
-    absorption_examples: int = 4  # solved examples before each word in its prompt
-    absorption_min_words: int = 10  # probe-true-positive test words a letter needs to be scored
+    absorption_method: str = "saebench"  # saebench: its probes and L1-probe latent ranking | mean_difference
+    absorption_words: int = 1500  # words sampled (seeded) from the vocabulary; 20% of them are probe-test
+    absorption_examples: int = 10  # solved examples before each word in its prompt (SAEBench: 10)
+    absorption_min_words: int = 1  # probe-true-positive test words a letter needs to be scored (SAEBench: 1)
     # Sparse probing (sae-probe's tasks: genre, play, speaker, files) run inside the evaluation
     probe_tasks: list[str] = field(default_factory=list)
     probe: Optional[Any] = None  # sae-probe settings for every task, e.g. eval.probe={n_bootstrap:100}
@@ -65,6 +67,7 @@ def check_eval_config(cfg) -> None:
     if e.batch_size < 1:
         raise UserError(f"eval.batch_size must be >= 1, got {e.batch_size}.")
     check_choice("eval.data_split", e.data_split, DATA_SPLITS)
+    check_choice("eval.absorption_method", e.absorption_method, ABSORPTION_METHODS)
     if e.absorption and e.absorption_words < 26:
         raise UserError(
             f"eval.absorption_words must be >= 26 (one per letter at least), got {e.absorption_words}."

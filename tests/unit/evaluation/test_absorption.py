@@ -39,7 +39,9 @@ N_WORDS = {0: 40, 1: 30, 2: 30}
 FULL, PARTIAL, WEAK = list(range(0, 40, 4)), list(range(1, 40, 4)), list(range(2, 40, 4))
 TOKEN_WORDS = FULL + PARTIAL + WEAK
 D_IN = 3 + len(TOKEN_WORDS)
-SETTINGS = AbsorptionSettings(min_words=5)
+SETTINGS = {
+    m: AbsorptionSettings(method=m, test_fraction=0.3, min_words=5) for m in ("saebench", "mean_difference")
+}
 SPEC = {
     "full": (-4.0, 1.0),
     "partial": (-1.0, 0.5),
@@ -73,10 +75,12 @@ def planted(absorb: bool):
     return x_ND, letter_N, sae.eval()
 
 
-def test_planted_absorption_rate_is_exact():
+@pytest.mark.parametrize("method", SETTINGS)
+def test_planted_absorption_rate_is_exact(method):
     x_ND, letter_N, sae = planted(absorb=True)
-    report = absorption(x_ND, letter_N, sae, SETTINGS)
-    _, test = split_words(letter_N, SETTINGS.test_fraction, SETTINGS.seed)
+    report = absorption(x_ND, letter_N, sae, SETTINGS[method])
+    assert report["method"] == method
+    _, test = split_words(letter_N, SETTINGS[method].test_fraction, SETTINGS[method].seed)
     a_test = [i for i in test if letter_N[i] == 0]
     n_full, n_partial = sum(i in FULL for i in a_test), sum(i in PARTIAL for i in a_test)
     assert n_full and n_partial and any(i in WEAK for i in a_test)  # the split put every kind in probe-test
@@ -101,9 +105,10 @@ def test_planted_absorption_rate_is_exact():
     assert report["mean_num_split_features"] == 1.0
 
 
-def test_no_absorption_control():
+@pytest.mark.parametrize("method", SETTINGS)
+def test_no_absorption_control(method):
     x_ND, letter_N, sae = planted(absorb=False)
-    report = absorption(x_ND, letter_N, sae, SETTINGS)
+    report = absorption(x_ND, letter_N, sae, SETTINGS[method])
     assert report["n_letters_scored"] == 3
     assert report["mean_absorption_fraction_score"] == 0.0
     assert report["mean_full_absorption_score"] == 0.0
@@ -182,7 +187,9 @@ def test_sae_eval_writes_absorption_probing_and_the_card(letter_run):
     m = sae_eval.run(cfg)["metrics"]["run"]
     a = m["absorption"]
     assert set(a["letters"]) == set("abcde")  # the planted letters, and no other has enough words
-    assert all(e["probe_f1"] >= 0.9 for e in a["letters"].values())
+    assert a["method"] == "saebench" and a["saebench_would_report"] is False  # SAEBench needs 20 letters
+    # SAEBench's probe schedule gets ~200 Adam steps on these 218 train words: F1 0.76-0.94 (0.9+ when fit to convergence)
+    assert all(e["probe_f1"] > 0.7 for e in a["letters"].values())
     assert 0.0 <= a["mean_absorption_fraction_score"] <= 1.0
     assert (
         a["n_words"] == a["settings"]["words_in_vocabulary"] < 500
@@ -213,6 +220,7 @@ def test_sae_eval_writes_absorption_probing_and_the_card(letter_run):
     assert flat["eval/absorption/letters/a/probe_f1"] == a["letters"]["a"]["probe_f1"]
     top1 = em["sparse_probing"]["speaker"]["sae"]["sae_top_1_test_accuracy"]
     assert flat["eval/sparse_probing/speaker/sae_top_1_test_accuracy"] == top1
+    assert f"only {a['n_letters_probe_passed']} letters" in card["notes"]["absorption_first_letter"]
     md = (tmp / "run" / layout.EVAL / layout.CARD_MD).read_text()
     assert (
         "mean_absorption_fraction_score" in md
@@ -230,6 +238,7 @@ def test_sae_eval_writes_absorption_probing_and_the_card(letter_run):
             "eval.probe has unknown keys ['n_bootstraps']",
         ),
         ("eval.absorption_words=5", "eval.absorption_words must be >= 26"),
+        ("eval.absorption_method=l1", "eval.absorption_method"),
     ],
 )
 def test_bad_settings_are_one_sentence(override, named):

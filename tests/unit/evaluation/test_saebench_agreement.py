@@ -34,7 +34,7 @@ PER_LETTER = 20
 FULL, PARTIAL = list(range(0, PER_LETTER, 2)), list(range(1, PER_LETTER, 4))  # indices of a-words
 TOKEN_WORDS = FULL + PARTIAL
 D_IN = 26 + len(TOKEN_WORDS)
-SETTINGS = AbsorptionSettings(min_words=3)
+METHODS = ("saebench", "mean_difference")
 
 
 def planted():
@@ -62,22 +62,25 @@ def planted():
     return x_ND, letter_N, sae.eval()
 
 
-def test_ours_and_saebench_score_the_planted_absorption_alike(tmp_path):
+@pytest.mark.parametrize("method", METHODS)
+def test_ours_and_saebench_score_the_planted_absorption_alike(tmp_path, method):
+    # 6 of 20 a-words in probe-test: full and partial ones
+    settings = AbsorptionSettings(method=method, test_fraction=0.3, min_words=3)
     x_ND, letter_N, sae = planted()
-    report = absorption(x_ND, letter_N, sae, SETTINGS)
+    report = absorption(x_ND, letter_N, sae, settings)
     assert report["n_letters_scored"] == 26
     write_saelens(sae, tmp_path, {"hook_name": "blocks.0.hook_resid_post"})
     sb_sae = sae_lens.SAE.load_from_disk(str(tmp_path), device="cpu").eval()
     with torch.no_grad():
         z_ND = sae.encode(x_ND)
         torch.testing.assert_close(sb_sae.encode(x_ND), z_ND)
-    tr, te, ours = ours_internals(x_ND.numpy(), letter_N, z_ND.numpy(), SETTINGS, sorted(report["letters"]))
-    calc = calculator(GivenActivations(x_ND), SETTINGS, icl_word_list=[], word_token_pos=-1, batch_size=64)
+    tr, te, ours = ours_internals(x_ND.numpy(), letter_N, z_ND.numpy(), settings, sorted(report["letters"]))
+    calc = calculator(GivenActivations(x_ND), settings, icl_word_list=[], word_token_pos=-1, batch_size=64)
     sb_fraction, sb_full = {}, {}
     for name, o in ours.items():
         assert o.main == report["letters"][name]["main_latents"] == [ord(name) - ord("a")]
         rows = te[o.y_te & o.pred]
-        diff, same, res = word_agreement(calc, sb_sae, sae, x_ND, z_ND, rows, o.w, o.main, SETTINGS, 0)
+        diff, same, res = word_agreement(calc, sb_sae, sae, x_ND, z_ND, rows, o.w, o.main, settings, 0)
         assert diff <= 1e-6 and same == len(rows)
         fr = np.array([r.absorption_fraction for r in res], dtype=float)
         full = [r.is_full_absorption for r in res]
@@ -89,7 +92,7 @@ def test_ours_and_saebench_score_the_planted_absorption_alike(tmp_path):
         assert sum(full) == report["letters"][name]["num_full_absorption"]
 
     # both find the planted absorption: every a-word of the probe-test split, as planted
-    _, test = split_words(letter_N, SETTINGS.test_fraction, SETTINGS.seed)
+    _, test = split_words(letter_N, settings.test_fraction, settings.seed)
     a_test = [i for i in test if letter_N[i] == 0]
     assert any(i in FULL for i in a_test) and any(i in PARTIAL for i in a_test)
     assert set(sb_fraction["a"]) == set(a_test)
