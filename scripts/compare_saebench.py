@@ -244,6 +244,27 @@ def part2_probes(x, tr, te, ours, sb_probe) -> None:
             )
 
 
+def part23_floor(x, te, ours, sb_probe, sb_probe2, sb_split, sb_split2) -> None:
+    """SAEBench against itself at the next seed (its random init and batch order): the floor that parts 2
+    and 3 compare ours against."""
+    scored = [name for name, o in ours.items() if o.main is not None]
+    with torch.no_grad():
+        xt = torch.from_numpy(x[te]).float()
+        logits, logits2 = sb_probe(xt).numpy(), sb_probe2(xt).numpy()
+    cos, f1_diff, same = [], [], 0
+    for name in scored:
+        c, o = LETTERS.index(name), ours[name]
+        w, w2 = sb_probe.weights[c].detach().float(), sb_probe2.weights[c].detach().float()
+        cos.append(float(w @ w2 / (w.norm() * w2.norm())))
+        f1_diff.append(abs(f1(o.y_te, logits[:, c] > 0) - f1(o.y_te, logits2[:, c] > 0)))
+        same += int(set(sb_split.get(name, ([], 0))[0]) == set(sb_split2.get(name, ([], 0))[0]))
+    print(
+        f"\n2-3. SAEBench against itself at seed+1, letters ours scores ({len(scored)}): probes mean cos "
+        f"{statistics.mean(cos):.3f}, mean |F1 diff| {statistics.mean(f1_diff):.3f}; main latents the same set "
+        f"for {same} of {len(scored)}"
+    )
+
+
 def sb_main_latents(sb_sae, sb_probe, x, letters, words, tr, te, batch: int, max_k: int):
     """SAEBench's k-sparse probing on our split: {letter: (split feats, test F1 of the k-sparse probe on them)}."""
     train = [(words[i], int(letters[i])) for i in tr]
@@ -357,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     seed_all(a.seed)
     sb_split = sb_main_latents(sb_sae, sb_probe, x, letters, words, tr, te, steps(len(tr)), s.max_k)
     part3_main(ours, sb_split)
+    seed_all(a.seed + 1)
+    sb_probe2 = sb_gt_probe(x, letters, tr, te)
+    sb_split2 = sb_main_latents(sb_sae, sb_probe2, x, letters, words, tr, te, steps(len(tr)), s.max_k)
+    part23_floor(x, te, ours, sb_probe, sb_probe2, sb_split, sb_split2)
 
     if not a.skip_end_to_end:
         print(
@@ -379,6 +404,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"split {list(r.split_feats)} ({int(r.num_probe_true_positives)} words)")  # fmt: skip
         sb_frac = statistics.mean(gated["mean_absorption_fraction"]) if len(gated) else float("nan")
         sb_full = statistics.mean(gated["full_absorption_rate"]) if len(gated) else float("nan")
+        both = [r for r in gated.itertuples() if r.letter in report["letters"]]
+        if both:
+            ours_of = lambda key: statistics.mean(report["letters"][r.letter][key] for r in both)  # noqa: E731
+            print(
+                f"   on the {len(both)} letters both score ({' '.join(r.letter for r in both)}): mean absorption "
+                f"fraction ours {ours_of('mean_absorption_fraction'):.3f} vs SAEBench "
+                f"{statistics.mean(r.mean_absorption_fraction for r in both):.3f}, full absorption ours "
+                f"{ours_of('full_absorption_rate'):.3f} vs SAEBench {statistics.mean(r.full_absorption_rate for r in both):.3f}"
+            )
         print(
             f"   mean_absorption_fraction_score ours {report['mean_absorption_fraction_score']} "
             f"({report['n_letters_scored']} letters) vs SAEBench {sb_frac:.3f} ({len(gated)} letters)\n"
