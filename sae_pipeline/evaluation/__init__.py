@@ -10,5 +10,6 @@ card.py     the SAE card (card.md, card.json) in SAEBench's names
 benchmarks.py  the benchmarks sae-eval runs on request: first-letter absorption, sae-probe's tasks
 first_letter.py  the first-letter task: single-token words, prompts, activations at the hook
 absorption.py  first-letter probes, main latents by k-sparse probing, absorption scores
+letter_probes.py  SAEBench's probe training (Adam, class-weighted, L1) and its k-sparse main-latent rule
 sweep.py    tables and L0 <-> quality Pareto plots over many evaluated runs
 """
