@@ -125,6 +125,11 @@ def benchmark_lines(name: str, m: dict) -> list[str]:
             f"{name} absorption (first letter): mean fraction {a['mean_absorption_fraction_score']:.4f} | "
             f"full absorption {a['mean_full_absorption_score']:.4f} | split latents {a['mean_num_split_features']:.2f} | "
             f"probe F1 {a['mean_probe_f1']:.3f} | {a['n_letters_scored']} letters, {a['n_words']} words"
+            + (
+                " (SAEBench reports from 20 letters with probe F1 > 0.6)"
+                if a.get("saebench_would_report") is False
+                else ""
+            )
         )
     elif a is not None:
         lines.append(

@@ -17,7 +17,7 @@ from sae_pipeline import harvest, layout
 from sae_pipeline.data.store import read_manifest
 from sae_pipeline.errors import UserError
 from sae_pipeline.evaluation.absorption import AbsorptionSettings, absorption, split_words
-from sae_pipeline.evaluation.report import _benchmark_scalars
+from sae_pipeline.evaluation.report import _benchmark_scalars, benchmark_lines
 from sae_pipeline.sae import CONFIG_CLASSES, build_sae, save_sae
 from sae_pipeline.schema.eval import check_eval_config
 from tests.helpers import CHARS, SPECIALS, compose_config, save_tiny_model, tiny_overrides
@@ -188,6 +188,7 @@ def test_sae_eval_writes_absorption_probing_and_the_card(letter_run):
     a = m["absorption"]
     assert set(a["letters"]) == set("abcde")  # the planted letters, and no other has enough words
     assert a["method"] == "saebench" and a["saebench_would_report"] is False  # SAEBench needs 20 letters
+    assert "SAEBench reports from 20 letters" in benchmark_lines("run", m)[0]
     # SAEBench's probe schedule gets ~200 Adam steps on these 218 train words: F1 0.76-0.94 (0.9+ when fit to convergence)
     assert all(e["probe_f1"] > 0.7 for e in a["letters"].values())
     assert 0.0 <= a["mean_absorption_fraction_score"] <= 1.0
