@@ -2,7 +2,8 @@
 
     W_CD, b_C = adam_probes(x_ND, letter_N, 26, GROUND_TRUTH, seed=0)        # ground truth, dense activations
     W_CF, _ = adam_probes(z_NF, letter_N, 26, l1_ranking(len(z_NF)), seed=0)  # L1 probe that ranks latents
-    main, f1s = ranked_main_latents(W_CF[c], z_tr, y_tr, z_te, y_te, max_k=10, f1_jump=0.03)
+    order = np.argsort(-W_CF[c].numpy())                                      # letter c's latents, best first
+    main, f1s = ranked_main_latents(order, z_tr, y_tr, z_te, y_te, 10, 0.03, standardise=False)
 
 All letters at once: one-vs-rest logistic probes as one linear layer, a class-weighted binary cross-entropy
 (negatives / positives per letter), Adam with weight decay, the learning rate decayed exponentially from
