@@ -55,6 +55,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # SAEBench's bars left at tqdm's def
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from scipy import sparse  # noqa: E402
 
 try:
     import sae_bench.evals.absorption.common as sb_common
@@ -153,6 +154,7 @@ def seed_all(seed: int) -> None:
 def ours_internals(x, letters, z, s: AbsorptionSettings, scored: list[str]):
     """Per letter of ours: probe direction and test predictions, main latents; the split (as absorption())."""
     tr, te = split_words(letters, s.test_fraction, s.seed)
+    z = sparse.csr_matrix(z)  # as absorption() holds it (encode_sparse)
     probe_of, order_of = (
         ground_truth_probes(torch.from_numpy(x), letters, tr, te, s),
         latent_order(z, letters, tr, s),

@@ -105,18 +105,17 @@ def ground_truth_probes(x: Tensor, letter_N: np.ndarray, tr, te, s: AbsorptionSe
     return fit
 
 
-def latent_order(z_np: np.ndarray, letter_N: np.ndarray, tr, s: AbsorptionSettings):
-    """letter -> every latent, in the order the k-sparse probes take them."""
+def latent_order(z, letter_N: np.ndarray, tr, s: AbsorptionSettings):
+    """letter -> every latent, in the order the k-sparse probes take them (z: [N, F] sparse)."""
+    z_tr = z[tr]
     if s.method == "saebench":  # signed weights: only latents that predict the letter rank high
-        W_CF, _ = adam_probes(
-            torch.from_numpy(z_np[tr]), letter_N[tr], len(LETTERS), l1_ranking(len(tr)), s.seed
-        )
+        W_CF, _ = adam_probes(z_tr, letter_N[tr], len(LETTERS), l1_ranking(len(tr)), s.seed)
         return lambda c: np.argsort(-W_CF[c].numpy(), kind="stable")
-    z_tr = z_np[tr]
 
     def order(c: int):
         y = letter_N[tr] == c
-        return np.argsort(-(z_tr[y].mean(0) - z_tr[~y].mean(0)), kind="stable")  # latents firing *for* c
+        gap_F = np.asarray(z_tr[y].mean(0) - z_tr[~y].mean(0)).ravel()
+        return np.argsort(-gap_F, kind="stable")  # latents firing *for* c
 
     return order
 
@@ -148,15 +147,20 @@ def word_scores(p: float, c_F: Tensor, cos_F: Tensor, a_F: Tensor, main: list[in
     return fraction, full, (absorbers if fraction > 0 else []), (first if full else None)
 
 
-def _encode(sae, x_ND: Tensor, chunk: int = 1024) -> Tensor:
+def encode_sparse(sae, x_ND: Tensor, budget_bytes: int = 1 << 28):
+    """The SAE's latents of every row as a float32 scipy CSR matrix [N, F]: only firing latents are kept,
+    so a wide SAE costs N x L0 entries, not N x F (1,500 words x 1M latents would be 6 GB dense); rows are
+    encoded in chunks of at most `budget_bytes` of dense latents."""
+    from scipy import sparse
+
     p = next(sae.parameters())
+    chunk = max(1, min(1024, budget_bytes // (4 * sae.d_sae)))
+    parts = []
     with torch.no_grad():
-        return torch.cat(
-            [
-                sae.encode(x_ND[i : i + chunk].to(p.device, p.dtype)).float().cpu()
-                for i in range(0, len(x_ND), chunk)
-            ]
-        )
+        for i in range(0, len(x_ND), chunk):
+            z = sae.encode(x_ND[i : i + chunk].to(p.device, p.dtype)).float().cpu().numpy()
+            parts.append(sparse.csr_matrix(z))
+    return sparse.vstack(parts, format="csr")
 
 
 def _decoder(sae) -> Tensor:
@@ -170,7 +174,8 @@ def _score_words(x, z, positives, w_D, main, W_dec_FD, dec_norm_F, s, words) -> 
     cos_F = proj_F / dec_norm_F
     fractions, fulls, absorbers, full_latents, absorbed_words = [], 0, Counter(), Counter(), []
     for i in positives.tolist():
-        frac, full, by, first = word_scores(float(x[i] @ w_D), z[i] * proj_F, cos_F, z[i], main, s)
+        z_F = torch.from_numpy(z[i].toarray()[0])
+        frac, full, by, first = word_scores(float(x[i] @ w_D), z_F * proj_F, cos_F, z_F, main, s)
         fractions.append(frac)
         fulls += int(full)
         absorbers.update(by)
@@ -202,13 +207,13 @@ def absorption(
         raise ValueError(f"absorption method {s.method!r} is not one of {ABSORPTION_METHODS}")
     x = x_ND.float()
     tr, te = split_words(letter_N, s.test_fraction, s.seed)
-    z = _encode(sae, x)
-    z_np = z.numpy()
+    z = encode_sparse(sae, x)
     W_dec_FD = _decoder(sae)
     dec_norm_F = W_dec_FD.norm(dim=1).clamp_min(EPS)
-    probe_of, order_of = ground_truth_probes(x, letter_N, tr, te, s), latent_order(z_np, letter_N, tr, s)
+    probe_of, order_of = ground_truth_probes(x, letter_N, tr, te, s), latent_order(z, letter_N, tr, s)
     letters, skipped, passed = {}, {}, 0
     scaled = s.method != "saebench"  # SAEBench fits its k-sparse probes on raw latents
+    z_tr, z_te = z[tr], z[te]
     for c in sorted(set(letter_N.tolist())):
         name = LETTERS[c]
         y_tr, y_te = letter_N[tr] == c, letter_N[te] == c
@@ -223,7 +228,7 @@ def absorption(
             skipped[name] = f"probe F1 {f1:.3f}, {len(positives)} probe-true-positive test words"
             continue
         order = order_of(c)
-        main, f1s = ranked_main_latents(order, z_np[tr], y_tr, z_np[te], y_te, s.max_k, s.f1_jump, scaled)
+        main, f1s = ranked_main_latents(order, z_tr, y_tr, z_te, y_te, s.max_k, s.f1_jump, scaled)
         letters[name] = {
             "probe_f1": round(f1, 5),
             "n_test_words": int(y_te.sum()),

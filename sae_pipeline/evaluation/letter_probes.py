@@ -1,7 +1,7 @@
 """The probes of SAEBench's absorption eval, trained the way it trains them (written for this project):
 
     W_CD, b_C = adam_probes(x_ND, letter_N, 26, GROUND_TRUTH, seed=0)        # ground truth, dense activations
-    W_CF, _ = adam_probes(z_NF, letter_N, 26, l1_ranking(len(z_NF)), seed=0)  # L1 probe that ranks latents
+    W_CF, _ = adam_probes(z_NF, letter_N, 26, l1_ranking(z_NF.shape[0]), seed=0)  # L1 probe ranking latents
     order = np.argsort(-W_CF[c].numpy())                                      # letter c's latents, best first
     main, f1s = ranked_main_latents(order, z_tr, y_tr, z_te, y_te, 10, 0.03, standardise=False)
 
@@ -19,7 +19,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -46,10 +45,15 @@ def l1_ranking(n_rows: int) -> ProbeTraining:
     )
 
 
-def adam_probes(x_ND: Tensor, label_N: np.ndarray, n_classes: int, t: ProbeTraining, seed: int):
-    """(W [C, D], b [C]) of n_classes one-vs-rest probes on float32 rows; a class without training rows
-    gets weight 1 for its (absent) positives and stays an all-negative probe."""
-    x_ND = x_ND.float()
+def dense(m) -> np.ndarray:
+    """A scipy sparse matrix as a dense array; a dense array or tensor as it is."""
+    return m.toarray() if hasattr(m, "toarray") else m
+
+
+def adam_probes(x_ND, label_N: np.ndarray, n_classes: int, t: ProbeTraining, seed: int):
+    """(W [C, D], b [C]) of n_classes one-vs-rest probes on float32 rows (a tensor, or a scipy sparse
+    matrix whose batches are made dense one at a time: the same numbers, without N x D dense); a class
+    without training rows gets weight 1 for its (absent) positives and stays an all-negative probe."""
     y_NC = torch.nn.functional.one_hot(torch.as_tensor(label_N, dtype=torch.long), n_classes).float()
     pos_C = y_NC.sum(0)
     pos_weight_C = torch.where(pos_C > 0, (len(y_NC) - pos_C) / pos_C.clamp_min(1), torch.ones_like(pos_C))
@@ -59,8 +63,8 @@ def adam_probes(x_ND: Tensor, label_N: np.ndarray, n_classes: int, t: ProbeTrain
     gamma = math.exp(math.log(t.end_lr / t.lr) / t.epochs)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(t.epochs):
-        for idx in torch.randperm(len(x_ND), generator=gen).split(t.batch_size):
-            logits = x_ND[idx] @ W_CD.T + b_C
+        for idx in torch.randperm(x_ND.shape[0], generator=gen).split(t.batch_size):
+            logits = torch.as_tensor(dense(x_ND[idx.numpy()])).float() @ W_CD.T + b_C
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
                 logits, y_NC[idx], pos_weight=pos_weight_C
             )
@@ -104,11 +108,12 @@ def ranked_main_latents(
     best, chosen, f1s = -np.inf, [], []
     for k in range(1, min(max_k, z_tr.shape[1]) + 1):
         idx = order_F[:k]
-        if not np.any(z_tr[:, idx]):
+        cols_tr = dense(z_tr[:, idx])
+        if not np.any(cols_tr):
             f1 = 0.0
         else:
-            probe = fit_logistic(z_tr[:, idx], y_tr, standardise=standardise)
-            f1 = f1_score(y_te, probe.decision_function(z_te[:, idx]) > 0)
+            probe = fit_logistic(cols_tr, y_tr, standardise=standardise)
+            f1 = f1_score(y_te, probe.decision_function(dense(z_te[:, idx])) > 0)
         f1s.append(round(f1, 5))
         if f1 <= best + f1_jump:
             break

@@ -50,3 +50,24 @@ def test_l1_probe_ranks_the_latent_that_carries_the_letter_first():
 def test_l1_probe_batch_gives_a_full_vocabularys_steps(rows, batch):
     t = l1_ranking(rows)
     assert t.batch_size == batch and t.l1 == L1_PROBE.l1 and t.epochs == L1_PROBE.epochs
+
+
+def test_sparse_latents_are_the_dense_ones_in_any_chunking():
+    """encode_sparse keeps exactly the SAE's firing latents, whatever the chunk size its memory budget picks,
+    and adam_probes gives the same probes from them as from the dense matrix (batches are made dense)."""
+    from sae_pipeline.evaluation.absorption import encode_sparse
+    from sae_pipeline.sae import CONFIG_CLASSES, build_sae
+
+    sae = build_sae(CONFIG_CLASSES["topk"](d_sae=64, k=4), 8, seed=0).eval()
+    x_ND = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense_NF = sae.encode(x_ND).float().numpy()
+    one = encode_sparse(sae, x_ND)
+    three = encode_sparse(sae, x_ND, budget_bytes=4 * 64 * 3)  # chunks of 3 rows
+    assert np.array_equal(one.toarray(), dense_NF) and np.array_equal(three.toarray(), dense_NF)
+    assert one.nnz == int((dense_NF != 0).sum()) <= 50 * 4
+    label_N = np.arange(50) % 3
+    t = replace(L1_PROBE, batch_size=8, epochs=3)
+    W_sparse, b_sparse = adam_probes(one, label_N, 3, t, 0)
+    W_dense, b_dense = adam_probes(torch.from_numpy(dense_NF), label_N, 3, t, 0)
+    assert torch.equal(W_sparse, W_dense) and torch.equal(b_sparse, b_dense)
