@@ -78,7 +78,8 @@ from sae_pipeline.evaluation.absorption import (  # noqa: E402
 )
 from sae_pipeline.evaluation.benchmarks import Benchmarks  # noqa: E402
 from sae_pipeline.evaluation.first_letter import LETTERS  # noqa: E402
-from sae_pipeline.evaluation.letter_probes import l1_ranking, ranked_main_latents  # noqa: E402
+from sae_pipeline.evaluation.letter_probes import f1_score as f1  # noqa: E402
+from sae_pipeline.evaluation.letter_probes import l1_ranking, ranked_main_latents
 from sae_pipeline.runs import load_all, training_metadata  # noqa: E402
 from sae_pipeline.sae import write_saelens  # noqa: E402
 
@@ -172,11 +173,6 @@ def ours_internals(x, letters, z, s: AbsorptionSettings, scored: list[str]):
         main_f1 = f1s[len(main) - 1] if main else 0.0  # the k-sparse probe's test F1 on the main latents
         out[LETTERS[c]] = SimpleNamespace(w=w, pred=pred, y_te=y_te, main=main, main_f1=main_f1)
     return tr, te, out
-
-
-def f1(y, pred) -> float:
-    tp = int((y & pred).sum())
-    return 2 * tp / (int(y.sum()) + int(pred.sum())) if (y.sum() + pred.sum()) else 0.0
 
 
 def word_agreement(calc, sb_sae, sae, x_t, z_t, rows, w, main, s: AbsorptionSettings, layer: int):

@@ -227,8 +227,7 @@ def absorption(
         if f1 <= s.min_probe_f1 or len(positives) < s.min_words:
             skipped[name] = f"probe F1 {f1:.3f}, {len(positives)} probe-true-positive test words"
             continue
-        order = order_of(c)
-        main, f1s = ranked_main_latents(order, z_tr, y_tr, z_te, y_te, s.max_k, s.f1_jump, scaled)
+        main, f1s = ranked_main_latents(order_of(c), z_tr, y_tr, z_te, y_te, s.max_k, s.f1_jump, scaled)
         letters[name] = {
             "probe_f1": round(f1, 5),
             "n_test_words": int(y_te.sum()),

@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from sae_pipeline import layout
+from sae_pipeline.evaluation.absorption import AbsorptionSettings as GATE  # SAEBench's reporting gate
 from sae_pipeline.files import write_json_atomic, write_text_atomic
 
 
@@ -74,8 +75,8 @@ def absorption_note(a: dict) -> str:
     )
     if a.get("saebench_would_report") is False:
         note += (
-            f"; only {a['n_letters_probe_passed']} letters have probe F1 > 0.6, and SAEBench reports absorption "
-            "only from 20: read these numbers with care"
+            f"; only {a['n_letters_probe_passed']} letters have probe F1 > {GATE.min_probe_f1}, and SAEBench "
+            f"reports absorption only from {GATE.saebench_min_letters}: read these numbers with care"
         )
     return note
 

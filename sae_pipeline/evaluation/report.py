@@ -126,7 +126,7 @@ def benchmark_lines(name: str, m: dict) -> list[str]:
             f"full absorption {a['mean_full_absorption_score']:.4f} | split latents {a['mean_num_split_features']:.2f} | "
             f"probe F1 {a['mean_probe_f1']:.3f} | {a['n_letters_scored']} letters, {a['n_words']} words"
             + (
-                " (SAEBench reports from 20 letters with probe F1 > 0.6)"
+                f" (SAEBench reports from {C.GATE.saebench_min_letters} letters with probe F1 > {C.GATE.min_probe_f1})"
                 if a.get("saebench_would_report") is False
                 else ""
             )
